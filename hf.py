@@ -1,0 +1,162 @@
+"""
+Hugging Face GPT-2 checkpoints <-> our state dicts, with no dependency on transformers or
+safetensors: a .safetensors file is an 8-byte header size, a JSON header and raw bytes, and
+GPT-2's Conv1D layers store their weights transposed. Also the hub download (urllib).
+This file knows key names and shapes, not the model: gpt.py builds the GPT from what it returns.
+"""
+import hashlib
+import json
+import os
+import re
+import struct
+import sys
+import urllib.request
+
+import torch
+
+from data import UserError, atomic_write
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+# HF's GPT-2 uses Conv1D, whose weight is stored (in, out): the transpose of nn.Linear's (out, in)
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file: 8-byte little-endian header size, JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())
+    n = struct.unpack("<Q", bytes(buf[:8]))[0] if len(buf) >= 8 else len(buf)
+    try:
+        header = json.loads(bytes(buf[8:8 + n]))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: corrupt or truncated safetensors header") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, (a, b) = ST_DTYPES.get(info["dtype"]), info["data_offsets"]
+        if dtype is None:
+            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        if 8 + n + b > len(buf):
+            raise UserError(f"{path}: truncated at tensor {name!r} (file has {len(buf)} bytes, needs {8 + n + b})")
+        t = torch.frombuffer(buf, dtype=dtype, count=(b - a) // dtype.itemsize, offset=8 + n + a)
+        out[name] = t.view(info["shape"])
+    return out
+
+
+def write_safetensors(tensors, path):
+    """{name: tensor} -> a .safetensors file (atomically), readable by the safetensors package."""
+    names = {v: k for k, v in ST_DTYPES.items()}
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name, t in tensors.items():
+        blob = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)  # the format wants the data 8-byte aligned
+
+    def write(f):
+        f.write(struct.pack("<Q", len(h)) + h)
+        for blob in blobs:
+            f.write(blob)
+    atomic_write(path, write)
+
+
+def read_hf(src):
+    """Read a Hugging Face GPT-2 checkpoint: a directory holding config.json and model.safetensors
+    or pytorch_model.bin, or one of those files with config.json beside it. Returns (path, config
+    as GPTConfig fields, state dict in our naming: `transformer.` prefix, Linear (out, in) weights,
+    no mask buffers, no lm_head since it is tied to wte)."""
+    path = src
+    if os.path.isdir(src):
+        path = os.path.join(src, "model.safetensors")
+        if not os.path.exists(path):
+            path = os.path.join(src, "pytorch_model.bin")
+    if not os.path.exists(path):
+        raise UserError(f"{src}: no model.safetensors or pytorch_model.bin here")
+    cfg_path = os.path.join(os.path.dirname(path), "config.json")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"{cfg_path}: missing (a Hugging Face checkpoint comes with its config.json)")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise UserError(f"{cfg_path}: only GPT-2's gelu_new and layer_norm_epsilon=1e-5 are supported")
+    cfg = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+               n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    if path.endswith(".safetensors"):
+        sd = read_safetensors(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+        except Exception as e:
+            raise UserError(f"{path}: unreadable (truncated or corrupt?): {str(e).splitlines()[0][:200]}")
+    lm_head = sd.get("lm_head.weight")
+    # the hub's files for openai-community/gpt2 drop the "transformer." prefix; ours keep it
+    sd = {k if k.startswith("transformer.") else "transformer." + k: v.t() if k.endswith(TRANSPOSED) else v
+          for k, v in sd.items() if not SKIPPED.search(k) and k != "lm_head.weight"}
+    if lm_head is not None and not torch.equal(lm_head, sd.get("transformer.wte.weight", lm_head)):
+        raise UserError(f"{path}: lm_head.weight differs from wte.weight; GPT-2 ties them")
+    return path, cfg, sd
+
+
+def write_hf(cfg, sd, out_dir):
+    """The inverse of read_hf: our config fields and state dict -> out_dir/model.safetensors and
+    config.json, which transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads."""
+    sd = {k: v.t() if k.endswith(TRANSPOSED) else v for k, v in sd.items() if k != "lm_head.weight"}
+    write_safetensors(sd, os.path.join(out_dir, "model.safetensors"))
+    hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
+              vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], n_ctx=cfg["block_size"],
+              n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_inner=None,
+              layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+              tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256, scale_attn_weights=True)
+    atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(hf, indent=2).encode()))
+
+# -----------------------------------------------------------------------------
+# download from the Hugging Face hub (users have internet; tests use file:// URLs)
+
+HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "minrlhf")
+
+
+def fetch(url, dst):
+    """Download url to dst with a progress line; bytes go to dst.part, renamed only when the size
+    matches Content-Length (and the sha256 matches the hub's X-Linked-Etag when it sends one)."""
+    try:
+        r = urllib.request.urlopen(url)
+    except Exception as e:
+        raise UserError(f"download {url} failed: {e}")
+    total = int(r.headers.get("Content-Length") or 0)
+    etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
+    sha, got, part = hashlib.sha256(), 0, dst + ".part"
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with open(part, "wb") as f:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+            sha.update(chunk)
+            got += len(chunk)
+            print(f"\rdownload {os.path.basename(dst)}: {got / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
+        f.flush()
+        os.fsync(f.fileno())
+    print(file=sys.stderr)
+    if (total and got != total) or (re.fullmatch(r"[0-9a-f]{64}", etag) and sha.hexdigest() != etag):
+        os.remove(part)
+        raise UserError(f"download {url}: incomplete or corrupt ({got} of {total} bytes)")
+    os.replace(part, dst)
+
+
+def download(name, cache_dir=CACHE_DIR, url=HUB_URL):
+    """Fetch a published GPT-2's config.json and model.safetensors into cache_dir/name (once) and
+    return that directory. `url` is a template with {repo} and {file} (tests pass file://...)."""
+    if name not in HUB_NAMES:
+        raise UserError(f"unknown model {name!r}; known: {', '.join(HUB_NAMES)}")
+    hf_dir = os.path.join(cache_dir, name)
+    for file in ("config.json", "model.safetensors"):
+        if not os.path.exists(os.path.join(hf_dir, file)):
+            fetch(url.format(repo=HUB_NAMES[name], file=file), os.path.join(hf_dir, file))
+    return hf_dir

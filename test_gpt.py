@@ -1,0 +1,237 @@
+"""Tests of gpt.py against independent references: Hugging Face's recorded logits, naive loops,
+uncached decoding, and each prompt decoded alone."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpt
+import hf
+from data import UserError
+from gpt import GPT, GPTConfig, KVCache, generate, load_hf, sample_token
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
+TINY = os.path.join(FIX, "hf-gpt2-tiny")
+HUB = os.path.join(FIX, "hf-gpt2-tiny-hub-layout")
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_head=4, n_embd=32, block_size=48, vocab_size=97)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def check_expected(model, path):
+    exp = json.load(open(os.path.join(path, "expected.json")))
+    ids = torch.tensor(exp["input_ids"])
+    with torch.no_grad():
+        logits = model(ids)[0].double()  # (T, V)
+    err_last = (logits[-1] - torch.tensor(exp["logits_last"], dtype=torch.float64)).abs().max().item()
+    err_first5 = (logits[:, :5] - torch.tensor(exp["logits_first5"], dtype=torch.float64)).abs().max().item()
+    assert err_last <= 1e-4 and err_first5 <= 1e-4, f"logits differ from HF's: last {err_last:.2e}, first5 {err_first5:.2e}"
+    assert abs(logits.sum().item() - exp["logits_sum"]) <= 1e-4 * logits.numel() ** 0.5
+    assert logits[-1].abs().max() > 0.1  # the reference is far from zero: a zero model cannot pass
+
+
+@pytest.mark.parametrize("src", [TINY, os.path.join(TINY, "model.safetensors"),
+                                 os.path.join(TINY, "pytorch_model.bin"), HUB])
+def test_load_hf_matches_hf_logits(src):
+    check_expected(load_hf(src), TINY)
+
+
+def test_convert_cli_then_load_matches_hf_logits(tmp_path):
+    dst = str(tmp_path / "tiny.pt")
+    subprocess.run([sys.executable, "gpt.py", "convert", HUB, dst], check=True, capture_output=True)
+    check_expected(GPT.from_pretrained(dst), TINY)
+
+
+def test_export_convert_round_trip_exact(tmp_path):
+    model = load_hf(TINY)
+    gpt.export_hf(model, str(tmp_path))
+    back = load_hf(str(tmp_path))
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    check_expected(back, TINY)
+    try:
+        import transformers  # optional: the real consumer of the export
+    except ImportError:
+        return
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    ids = torch.tensor(json.load(open(os.path.join(TINY, "expected.json")))["input_ids"])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+
+
+def test_download_file_url(tmp_path):
+    src = tmp_path / "hub" / "openai-community" / "gpt2"
+    shutil.copytree(TINY, src)
+    url = "file://" + str(tmp_path / "hub") + "/{repo}/{file}"
+    path = hf.download("gpt2", cache_dir=str(tmp_path / "cache"), url=url)
+    check_expected(GPT.from_pretrained(path), TINY)
+    assert hf.download("gpt2", cache_dir=str(tmp_path / "cache"), url="file:///nonexistent/{repo}/{file}") == path
+    with pytest.raises(UserError, match="unknown model 'gpt3'"):
+        hf.download("gpt3", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="download .* failed"):
+        hf.download("gpt2-xl", cache_dir=str(tmp_path / "cache"), url=url)
+
+
+def naive_attention(attn, x):
+    """Loop over batch, head and query: softmax over keys j <= i of q.k/sqrt(hs)."""
+    B, T, C = x.shape
+    nh, hs = attn.n_head, C // attn.n_head
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    y = torch.zeros(B, T, C, dtype=x.dtype)
+    for b in range(B):
+        for h in range(nh):
+            sl = slice(h * hs, (h + 1) * hs)
+            for i in range(T):
+                w = torch.softmax(torch.stack([q[b, i, sl] @ k[b, j, sl] / hs ** 0.5 for j in range(i + 1)]), 0)
+                y[b, i, sl] = sum(w[j] * v[b, j, sl] for j in range(i + 1))
+    return attn.c_proj(y)
+
+
+def test_attention_matches_naive_loop():
+    model = tiny().double()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        assert torch.allclose(attn(x), naive_attention(attn, x), atol=1e-10)
+
+
+def test_kvcache_update_writes_in_place():
+    c = KVCache(n_layer=2, B=1, n_head=1, T_max=5, head_size=2, device="cpu", dtype=torch.float32)
+    k1, v1 = torch.ones(1, 1, 3, 2), 2 * torch.ones(1, 1, 3, 2)
+    k, v = c.update(1, k1, v1)
+    assert k.shape == (1, 1, 3, 2) and torch.equal(k, k1) and torch.equal(v, v1)
+    c.pos = 3
+    k, v = c.update(1, 3 * torch.ones(1, 1, 1, 2), 4 * torch.ones(1, 1, 1, 2))
+    assert k.shape == (1, 1, 4, 2) and k[0, 0, :, 0].tolist() == [1, 1, 1, 3] and v[0, 0, :, 0].tolist() == [2, 2, 2, 4]
+    assert c.k[0].abs().sum() == 0  # other layers untouched
+
+
+def test_position_ids_restart_after_left_padding():
+    model = tiny()
+    ids = torch.randint(0, 97, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    assert gpt.position_ids(mask).tolist() == [[0, 0, 0, 0, 1, 2, 3, 4, 5]]
+    with torch.no_grad():
+        assert torch.allclose(model(padded, mask)[:, 3:], model(ids), atol=1e-5)
+
+
+def test_generate_cached_equals_uncached():
+    model = tiny()
+    prompt = torch.randint(0, 97, (3, 5))
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    a, ga = generate(model, prompt, mask, 20, temperature=0)
+    b, gb = generate(model, prompt, mask, 20, temperature=0, use_cache=False)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    # and the logits of every decode step, fed the same tokens, agree to 1e-5
+    cache = KVCache(2, 3, 4, a.size(1), 8, "cpu", torch.float32)
+    full_mask = torch.cat([mask, torch.ones(3, a.size(1) - 5, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ref = model(a, full_mask)
+        step = [model(a[:, :5], full_mask[:, :5], cache)]
+        step += [model(a[:, t:t + 1], full_mask[:, :t + 1], cache) for t in range(5, a.size(1))]
+    assert (torch.cat(step, 1) - ref)[full_mask.bool()].abs().max() <= 1e-5
+
+
+def test_generate_left_padded_batch_equals_each_alone():
+    model = tiny(1)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22]]
+    P = max(map(len, prompts))
+    batch = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out, gen = generate(model, batch, mask, 12, temperature=0)
+    for i, p in enumerate(prompts):
+        alone, _ = generate(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 12, temperature=0)
+        assert out[i, P:].tolist() == alone[0, len(p):].tolist(), f"row {i} differs from its prompt alone"
+
+
+def test_generate_stops_at_eos_and_masks():
+    model = tiny(2)
+    with torch.no_grad():
+        model.lm_head.weight[7].zero_()
+        model.transformer.wte.weight[7].fill_(0.0)
+    prompt = torch.randint(0, 97, (4, 3))
+    eos = int(model(prompt)[0, -1].argmax())  # row 0's greedy first token is eos: it stops at once
+    out, gen = generate(model, prompt, torch.ones_like(prompt), 10, temperature=0, eos_id=eos)
+    assert out[0, 3] == eos and gen[0].tolist() == [0, 0, 0, 1] + [0] * (out.size(1) - 4)
+    for row, g in zip(out, gen):
+        ends = (row[3:] == eos).nonzero()
+        if len(ends):  # mask covers up to and including the first eos, padding after it
+            e = 3 + ends[0].item()
+            assert g[3:e + 1].all() and not g[e + 1:].any() and (row[e:] == eos).all()
+
+
+def test_generate_reproducible_with_generator():
+    model = tiny()
+    prompt = torch.randint(0, 97, (2, 4))
+    runs = [generate(model, prompt, torch.ones_like(prompt), 10, generator=torch.Generator().manual_seed(s))[0]
+            for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_sample_token_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_token(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(sample_token(logits, top_p=0.7, generator=g).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(sample_token(logits, top_p=0.85, generator=g).tolist()) == {0, 1, 2}
+    freq = torch.bincount(sample_token(logits, temperature=1.0, generator=g), minlength=4) / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    assert sample_token(logits[:1], temperature=0).item() == 0
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = tiny()
+    p = str(tmp_path / "m.pt")
+    gpt.save_checkpoint(p, model, "sft", step=3)
+    ck = gpt.load_checkpoint(p, "sft")
+    assert ck["step"] == 3 and torch.equal(gpt.model_from_checkpoint(ck).lm_head.weight, model.lm_head.weight)
+    assert not [f for f in os.listdir(tmp_path) if f != "m.pt"]  # no temp file left behind
+    with pytest.raises(UserError, match=r"a 'sft' checkpoint, expected 'reward'"):
+        gpt.load_checkpoint(p, "reward")
+    with pytest.raises(UserError, match=r"no such checkpoint; run `python sft.py` first"):
+        gpt.load_checkpoint(str(tmp_path / "none.pt"), hint="run `python sft.py` first")
+    other = tiny(n_embd=64)
+    with pytest.raises(UserError, match=r"n_embd': 64.*n_embd': 32"):
+        gpt.load_weights(other, ck["model"], p, ck["config"])
+    open(tmp_path / "cut.pt", "wb").write(open(p, "rb").read()[:1000])
+    with pytest.raises(UserError, match="unreadable checkpoint"):
+        gpt.load_checkpoint(str(tmp_path / "cut.pt"))
+
+
+def test_load_hf_bad_files_name_the_key(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(TINY, d)
+    data = open(d / "model.safetensors", "rb").read()
+    open(d / "model.safetensors", "wb").write(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"truncated at tensor 'transformer\."):
+        load_hf(str(d))
+    sd = hf.read_safetensors(os.path.join(TINY, "model.safetensors"))
+    hf.write_safetensors({k: v for k, v in sd.items() if "h.1.mlp.c_fc.bias" not in k}, str(d / "model.safetensors"))
+    with pytest.raises(UserError, match=r"key 'transformer\.h\.1\.mlp\.c_fc\.bias' missing"):
+        load_hf(str(d))
+    sd["transformer.h.0.ln_1.weight"] = torch.ones(65)
+    hf.write_safetensors(sd, str(d / "model.safetensors"))
+    with pytest.raises(UserError, match=r"'transformer\.h\.0\.ln_1\.weight' has shape \(65,\)"):
+        load_hf(str(d))
+    with pytest.raises(UserError, match="no model.safetensors"):
+        load_hf(str(tmp_path))
+
+
+def test_sample_cli_on_converted_fixture(tmp_path):
+    dst = str(tmp_path / "tiny.pt")
+    subprocess.run([sys.executable, "gpt.py", "convert", TINY, dst], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "gpt.py", "sample", f"--ckpt={dst}", "--prompt=Hello", "--n=2",
+                        "--max_new_tokens=8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Hello") == 2
+    r = subprocess.run([sys.executable, "gpt.py", "sample", "--ckpt=missing.pt"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: missing.pt: no such checkpoint"
