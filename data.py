@@ -35,11 +35,11 @@ def main_guard(main, argv=None):
     argv = [a for a in argv if a != "--debug"]
     try:
         return main(argv)
-    except UserError as e:
+    except (UserError, KeyboardInterrupt) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
 
 
 def _field_comments(cls):
@@ -137,40 +137,35 @@ def append_jsonl(obj, path):
 
 class Tokenizer:
     """GPT-2's byte-level BPE (tiktoken "gpt2"): encode(text) -> list[int], decode(ids) -> str.
-    Without `vocab`, ids are GPT-2's own (vocab_size 50257, eot 50256). With `vocab` (a list of
-    GPT-2 ids, which must hold 50256) GPT-2 id vocab[i] becomes id i, so a model on a small task
-    needs a softmax over len(vocab) outputs only; text producing a GPT-2 id outside it is a UserError.
+    Without `vocab`: GPT-2's ids, vocab_size 50257, eot 50256. With `vocab` (distinct GPT-2 ids,
+    50256 among them) GPT-2 id vocab[i] becomes id i, so a model on a small task needs a softmax
+    over len(vocab) outputs only; text giving a GPT-2 id outside `vocab` is a UserError.
     decode treats the eot like any token: stopping at it is the caller's job."""
 
     def __init__(self, vocab=None):
-        # offline here: use the BPE files in ../shared unless the user points tiktoken elsewhere
-        cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken-cache")
+        # offline here: the BPE files in ../shared, unless the user points tiktoken elsewhere
+        cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                             "tiktoken-cache")
         if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(cache):
             os.environ["TIKTOKEN_CACHE_DIR"] = os.path.normpath(cache)
-        try:
-            self.enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken downloads the BPE files once; offline it fails in many ways
-            raise UserError(f"cannot load the GPT-2 tokenizer (tiktoken needs internet once): {e}") from None
-        self.vocab = None if vocab is None else [int(i) for i in vocab]
-        if self.vocab is None:
-            self.eot, self.vocab_size = self.enc.eot_token, self.enc.n_vocab
-            return
-        self._local = {g: i for i, g in enumerate(self.vocab)}
-        if len(self._local) != len(self.vocab) or not all(0 <= g < self.enc.n_vocab for g in self.vocab):
-            raise UserError(f"tokenizer vocab: expected distinct GPT-2 ids in 0..{self.enc.n_vocab - 1}")
-        if self.enc.eot_token not in self._local:
-            raise UserError(f"tokenizer vocab: must hold the eot id {self.enc.eot_token}")
-        self.eot, self.vocab_size = self._local[self.enc.eot_token], len(self.vocab)
+        self.enc = tiktoken.get_encoding("gpt2")
+        self.vocab = None if vocab is None else [int(g) for g in vocab]
+        self.eot, self.vocab_size = self.enc.eot_token, self.enc.n_vocab
+        if self.vocab is not None:
+            self._local = {g: i for i, g in enumerate(self.vocab)}
+            if len(self._local) != len(self.vocab) or self.eot not in self._local:
+                raise UserError(f"tokenizer vocab: expected distinct GPT-2 ids, {self.eot} among them")
+            self.eot, self.vocab_size = self._local[self.eot], len(self.vocab)
 
     def encode(self, text):
-        # encode_ordinary: a literal "<|endoftext|>" in data is plain text; the real eot is added by
-        # encode_examples, so no document can end an example early
+        # encode_ordinary: a literal "<|endoftext|>" in data is plain text, so only encode_examples
+        # puts the real eot into a sequence
         ids = self.enc.encode_ordinary(text)
         if self.vocab is None:
             return ids
         for g in ids:
             if g not in self._local:
-                raise UserError(f"tokenizer: {text[:60]!r} has GPT-2 token {g} {self.enc.decode([g])!r}, "
+                raise UserError(f"tokenizer: {text[:60]!r} has GPT-2 token {self.enc.decode([g])!r}, "
                                 f"outside the {self.vocab_size}-token vocab")
         return [self._local[g] for g in ids]
 
@@ -188,18 +183,18 @@ FIELDS = {"sft": ("prompt", "response"), "pairs": ("prompt", "chosen", "rejected
 
 def _json_objects(path):
     """Yield ("FILE:LINE", dict) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    if not (path.endswith(".jsonl") or path.endswith(".jsonl.gz")):
+    if not path.endswith((".jsonl", ".jsonl.gz")):
         raise UserError(f"{path}: expected a .jsonl or .jsonl.gz file")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            for lineno, line in enumerate(f, 1):
                 where = f"{path}:{lineno}"
-                if not raw.strip():
+                if not line.strip():
                     continue
                 try:
-                    obj = json.loads(raw.decode("utf-8"))
+                    obj = json.loads(line.decode("utf-8"))
                 except UnicodeDecodeError:
                     raise UserError(f"{where}: not UTF-8 text") from None
                 except json.JSONDecodeError as e:
@@ -211,36 +206,32 @@ def _json_objects(path):
         raise UserError(f"{path}: cannot read ({e})") from None
 
 
-def _field(obj, key, where):
-    if key not in obj:
-        raise UserError(f"{where}: missing field {key!r} (found: {', '.join(map(repr, obj)) or 'none'})")
-    return obj[key]
-
-
 def _text(value, name, where):
-    """`value`, which must be a string with something besides whitespace in it."""
+    """`value` if it is a string with something besides whitespace; None means missing (or null)."""
+    if value is None:
+        raise UserError(f"{where}: missing field {name!r}")
     if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{where}: field {name!r} must be a non-empty string, got {json.dumps(value)[:40]}")
+        raise UserError(f"{where}: field {name!r} must be a non-empty string, "
+                        f"got {json.dumps(value)[:40]}")
     return value
 
 
 def read_jsonl(path, kind):
-    """Records of `kind` ("sft", "pairs" or "rankings", fields in FIELDS) from a .jsonl[.gz] file,
-    one JSON object a line; blank lines are skipped, other keys ignored. Rankings list their K >= 2
-    responses best first. Any bad line, or no record at all, is a UserError naming FILE:LINE."""
+    """Records of `kind` ("sft", "pairs" or "rankings", the fields in FIELDS, other keys ignored) from a
+    .jsonl[.gz] file, one JSON object a line, blank lines skipped. A ranking lists K >= 2 responses,
+    best first. A bad line is a UserError naming FILE:LINE and the field; so is a file with no record."""
     if kind not in FIELDS:
         raise UserError(f"{path}: unknown record kind {kind!r}; valid: {', '.join(FIELDS)}")
     records = []
     for where, obj in _json_objects(path):
-        if kind != "rankings":
-            records.append({k: _text(_field(obj, k, where), k, where) for k in FIELDS[kind]})
-            continue
-        responses = _field(obj, "responses", where)
-        if not isinstance(responses, list) or len(responses) < 2:
-            raise UserError(f"{where}: field 'responses' must be a list of >= 2 strings (best first), "
-                            f"got {json.dumps(responses)[:40]}")
-        records.append({"prompt": _text(_field(obj, "prompt", where), "prompt", where),
-                        "responses": [_text(r, f"responses[{i}]", where) for i, r in enumerate(responses)]})
+        rec = {k: _text(obj.get(k), k, where) for k in FIELDS[kind] if k != "responses"}
+        if kind == "rankings":
+            responses = obj.get("responses")
+            if not isinstance(responses, list) or len(responses) < 2:
+                got = "nothing (missing)" if responses is None else json.dumps(responses)[:40]
+                raise UserError(f"{where}: field 'responses' must be a list of >= 2 strings, got {got}")
+            rec["responses"] = [_text(r, f"responses[{i}]", where) for i, r in enumerate(responses)]
+        records.append(rec)
     if not records:
         raise UserError(f"{path}: no records")
     return records
@@ -248,56 +239,57 @@ def read_jsonl(path, kind):
 
 def rankings_to_pairs(records):
     """Each ranking {prompt, responses: [r_0 best, ..., r_{K-1} worst]} -> its K(K-1)/2 pairs
-    (chosen r_i, rejected r_j) for i < j, in order i then j, a prompt's pairs kept together (the
-    reward model batches all pairs of one prompt together: InstructGPT, arXiv:2203.02155 §3.5)."""
+    {prompt, chosen: r_i, rejected: r_j} for i < j, ordered by i then j, one prompt's pairs together
+    (the reward model batches all pairs of a prompt together: InstructGPT, arXiv:2203.02155 §3.5)."""
     return [{"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]}
-            for r in records for i in range(len(r["responses"])) for j in range(i + 1, len(r["responses"]))]
+            for r in records for i in range(len(r["responses"]))
+            for j in range(i + 1, len(r["responses"]))]
 
 
 # -----------------------------------------------------------------------------
-# Anthropic's HH-RLHF (arXiv:2204.05862): {"chosen", "rejected"} transcripts sharing all but the last reply
+# Anthropic's HH-RLHF (arXiv:2204.05862): {chosen, rejected} transcripts differing in the last reply
 
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HH_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
-_ASSISTANT = "\n\nAssistant:"
 
 
 def read_hh(path):
-    """HH-RLHF pairs -> [{prompt, chosen, rejected}]: prompt is the transcript up to and including its
-    last "\\n\\nAssistant:", chosen/rejected the two final replies after it (leading space kept, so
-    prompt + reply is the original text). Pairs whose prompts differ, that have no Assistant turn, or
-    an empty or identical final reply are skipped and counted in one printed line."""
-    records, skipped = [], dict.fromkeys(("prefixes differ", "no Assistant turn", "empty reply", "identical replies"), 0)
+    """HH-RLHF transcripts -> [{prompt, chosen, rejected}]: prompt is the text up to and including the
+    last "\\n\\nAssistant:", chosen/rejected the final replies after it (leading space kept, so prompt
+    + reply is the original). Pairs whose prompts differ, with no Assistant turn, or with an empty or
+    identical final reply are skipped, and counted in one printed line."""
+    records = []
+    skipped = dict.fromkeys(("prefixes differ", "no Assistant turn", "empty reply", "identical"), 0)
     for where, obj in _json_objects(path):
-        chosen, rejected = (_text(_field(obj, k, where), k, where) for k in ("chosen", "rejected"))
-        (head_c, sep_c, chosen), (head_r, sep_r, rejected) = (t.rpartition(_ASSISTANT) for t in (chosen, rejected))
+        (head_c, sep_c, chosen), (head_r, sep_r, rejected) = (
+            _text(obj.get(k), k, where).rpartition("\n\nAssistant:") for k in ("chosen", "rejected"))
         reason = ("no Assistant turn" if not (sep_c and sep_r) else
                   "prefixes differ" if head_c != head_r else
                   "empty reply" if not (chosen.strip() and rejected.strip()) else
-                  "identical replies" if chosen == rejected else None)
+                  "identical" if chosen == rejected else None)
         if reason:
             skipped[reason] += 1
         else:
             records.append({"prompt": head_c + sep_c, "chosen": chosen, "rejected": rejected})
-    print(f"data: hh-rlhf {path}: {len(records)} pairs, " + ", ".join(f"{k} skipped ({r})" for r, k in skipped.items()))
+    print(f"data: hh-rlhf {path}: {len(records)} pairs, "
+          + ", ".join(f"{k} skipped ({reason})" for reason, k in skipped.items()))
     if not records:
         raise UserError(f"{path}: no usable HH-RLHF pairs")
     return records
 
 
 def download_hh(subset="helpful-base", split="train", cache_dir=None, base_url=HH_URL):
-    """Path of {cache_dir}/hh-rlhf/{subset}/{split}.jsonl.gz (cache_dir default ~/.cache/minrlhf),
+    """Local path of {cache_dir}/hh-rlhf/{subset}/{split}.jsonl.gz (cache_dir default ~/.cache/minrlhf),
     downloaded from {base_url}/{subset}/{split}.jsonl.gz unless already there. The file appears only
-    once complete (atomic_write), so an interrupted download is retried, never half-read."""
-    if subset not in HH_SUBSETS:
-        raise UserError(f"unknown hh-rlhf subset {subset!r}; valid: {', '.join(HH_SUBSETS)}")
-    if split not in ("train", "test"):
-        raise UserError(f"unknown hh-rlhf split {split!r}; valid: train, test")
+    when complete (atomic_write), so an interrupted download is retried, never half-read."""
+    if subset not in HH_SUBSETS or split not in ("train", "test"):
+        raise UserError(f"unknown hh-rlhf {subset}/{split}; subsets: {', '.join(HH_SUBSETS)}; "
+                        "splits: train, test")
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "minrlhf")
     path = os.path.join(cache_dir, "hh-rlhf", subset, f"{split}.jsonl.gz")
+    url = f"{base_url}/{subset}/{split}.jsonl.gz"
     if os.path.exists(path):
         return path
-    url = f"{base_url}/{subset}/{split}.jsonl.gz"
 
     def fetch(f):
         with urllib.request.urlopen(url, timeout=60) as r:
@@ -305,22 +297,23 @@ def download_hh(subset="helpful-base", split="train", cache_dir=None, base_url=H
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                print(f"\rdata: downloading {url}: {done / 1e6:.1f} of {total / 1e6:.1f} MB", end="", flush=True)
+                print(f"\rdata: downloading {url}: {done / 1e6:.1f} of {total / 1e6:.1f} MB",
+                      end="", flush=True)
             print()
-            if total and done != total:  # urllib returns a short body when the connection drops
+            if total and done != total:  # a dropped connection gives a short body, not an error
                 raise UserError(f"download {url}: got {done} of {total} bytes; run again to retry")
     try:
         atomic_write(path, fetch)
-    except OSError as e:  # URLError, HTTPError, timeouts, a full disk
+    except OSError as e:  # URLError, HTTPError, a timeout, a full disk
         raise UserError(f"download {url} failed: {e}") from None
     return path
 
 
 # -----------------------------------------------------------------------------
-# the built-in task: "list 3 fruits without pear:" -> " apple plum cherry", with a gold labeler
-# standing in for the human, a noisy demonstrator, and preferences drawn from the gold scores
+# the built-in task: "list 3 fruits without pear:" -> " apple plum cherry", a gold labeler standing
+# in for the human, a careless demonstrator, and the labeler's noisy preferences between demonstrations
 
-CATEGORIES = {  # 8 words each, every " word" one GPT-2 token, no word in two categories
+CATEGORIES = {  # 8 words each, each " word" a single GPT-2 token, no word in two categories
     "fruits": "apple pear plum peach lemon mango grape cherry".split(),
     "animals": "cat dog horse cow pig sheep goat lion".split(),
     "colors": "red blue green yellow black white pink purple".split(),
@@ -330,8 +323,8 @@ CATEGORIES = {  # 8 words each, every " word" one GPT-2 token, no word in two ca
 }
 _CATEGORY_OF = {w: c for c, words in CATEGORIES.items() for w in words}
 _OTHER_WORDS = {c: [w for w in _CATEGORY_OF if _CATEGORY_OF[w] != c] for c in CATEGORIES}
-MAX_N = 5  # prompts ask for 1..MAX_N items; 8 words minus the excluded one leave room for MAX_N + 1
-PREFERENCE_BETA = 1.5  # labeler's inverse temperature: agrees with gold on ~72% of pairs that differ
+MAX_N = 5  # prompts ask for 1..MAX_N items; the 7 words left after the excluded one allow MAX_N + 1
+PREFERENCE_BETA = 1.5  # the labeler's inverse temperature: agrees with gold on ~72% of pairs that differ
 
 
 def task_prompt(n, category, excluded):
@@ -339,19 +332,18 @@ def task_prompt(n, category, excluded):
 
 
 def task_combos():
-    """All (n, category, excluded) combos -> (train, eval). A combo is held out iff
-    (n + 3 * category index + word index) % 5 == 0: exactly 20%, each (category, excluded) held out
-    for one n only, so every n, category and word is still seen in training. Fixed, not seeded, so
-    that runs with different seeds are evaluated on the same prompts."""
-    train, held_out = [], []
+    """All (n, category, excluded) -> (train, held out). Held out iff (n + 3*category index + word
+    index) % 5 == 0: exactly 20%, each (category, excluded) for one n only, so every n, category and
+    word is seen in training. Fixed, not seeded: runs of any seed are evaluated on the same prompts."""
+    split = ([], [])
     for n in range(1, MAX_N + 1):
         for ci, (category, words) in enumerate(CATEGORIES.items()):
             for wi, excluded in enumerate(words):
-                (held_out if (n + 3 * ci + wi) % 5 == 0 else train).append((n, category, excluded))
-    return train, held_out
+                split[(n + 3 * ci + wi) % 5 == 0].append((n, category, excluded))
+    return split
 
 
-@functools.lru_cache(maxsize=1024)  # the task has 240 prompts, each parsed thousands of times
+@functools.lru_cache(maxsize=1024)  # 240 distinct prompts, each parsed thousands of times
 def _parse_prompt(prompt):
     m = re.fullmatch(r"list (\d+) (\w+) without (\w+):", prompt)
     if not m or int(m[1]) < 1 or m[2] not in CATEGORIES or _CATEGORY_OF.get(m[3]) != m[2]:
@@ -362,9 +354,8 @@ def _parse_prompt(prompt):
 def gold_score(prompt, response):
     """The labeler. Over the response's space-separated words in order: +1 for each of the first n
     correct items (in the category, not the excluded word, not said before); -1 for an off-category
-    word, the excluded word, a repeat, a non-word, or a correct item beyond n (padding).
-    Score = total / n, so exactly n correct items score 1.0, the maximum. ValueError on a prompt
-    that is not a task prompt."""
+    word, the excluded word, a repeat, a non-word, or a correct item beyond the n-th (padding).
+    Score = total / n: exactly n correct items score 1.0, the maximum. ValueError on other prompts."""
     n, category, excluded = _parse_prompt(prompt)
     total, correct, seen = 0, 0, set()
     for w in response.split():
@@ -376,14 +367,14 @@ def gold_score(prompt, response):
 
 
 def demonstrate(prompt, rng):
-    """A demonstration of mixed quality, like a careless human's: usually too short (n, n-1, n-2
-    items w.p. 0.5, 0.3, 0.2, at least 1), w.p. 0.1 one too long (n+1); each item a fresh correct
-    word w.p. 0.8, else an off-category word, the excluded word or a repeat. Mean gold ~0.5."""
+    """A careless human's demonstration, " w1 w2 ...": usually too short (n, n-1, n-2 items w.p. 0.5,
+    0.3, 0.2, at least 1), w.p. 0.1 one too long (n+1); each item a fresh correct word w.p. 0.8, else
+    the excluded word, a repeat or an off-category word. Mean gold ~0.5, leaving room for RLHF."""
     n, category, excluded = _parse_prompt(prompt)
     k = n + 1 if rng.random() < 0.1 else max(1, n - rng.choice((0, 0, 0, 0, 0, 1, 1, 1, 2, 2)))
     fresh, items = [w for w in CATEGORIES[category] if w != excluded], []
     for _ in range(k):
-        u = rng.random()  # < 0.8: correct; else one of three mistakes, equally likely
+        u = rng.random()  # < 0.8: correct; else one of the three mistakes, equally likely
         items.append(fresh.pop(rng.randrange(len(fresh))) if u < 0.8 else
                      excluded if u < 0.8 + 0.2 / 3 else
                      rng.choice(items) if u < 0.8 + 0.4 / 3 and items else
@@ -391,21 +382,16 @@ def demonstrate(prompt, rng):
     return " " + " ".join(items)
 
 
-def _distinct_demos(prompt, k, rng):
-    demos = []
-    while len(demos) < k:
+def _ranked_demos(prompt, k, rng):
+    """k distinct demonstrations ranked by the labeler, best first, by Plackett-Luce: repeatedly take
+    the next with probability proportional to exp(PREFERENCE_BETA * gold) among those left. For k = 2
+    this is Bradley-Terry: P(a over b) = sigmoid(PREFERENCE_BETA * (gold_a - gold_b))."""
+    left, ranked = [], []
+    while len(left) < k:
         d = demonstrate(prompt, rng)
-        if d not in demos:
-            demos.append(d)
-    return demos
-
-
-def _plackett_luce(prompt, responses, rng):
-    """The labeler's ranking, best first: repeatedly pick the next response with probability
-    proportional to exp(PREFERENCE_BETA * gold) among those left (Plackett-Luce). For two responses
-    this is Bradley-Terry: P(a over b) = sigmoid(beta * (gold_a - gold_b))."""
-    left, ranked = list(responses), []
-    weights = [math.exp(PREFERENCE_BETA * gold_score(prompt, r)) for r in left]
+        if d not in left:
+            left.append(d)
+    weights = [math.exp(PREFERENCE_BETA * gold_score(prompt, d)) for d in left]
     while left:
         i = rng.choices(range(len(left)), weights)[0]
         ranked.append(left.pop(i))
@@ -414,38 +400,149 @@ def _plackett_luce(prompt, responses, rng):
 
 
 def builtin_task(seed=0, n_sft=20000, n_pairs=20000, n_rankings=4000):
-    """The offline default data, a pure function of `seed` (random.Random(seed), no global state):
-    sft [{prompt, response}] demonstrations, pairs [{prompt, chosen, rejected}] of two distinct
-    demonstrations, rankings [{prompt, responses}] of 4..6 distinct ones, all on train prompts;
-    train_prompts / eval_prompts (list[str], the task_combos split) for PPO and evaluation; and
-    vocab, the sorted GPT-2 ids of every task text plus the eot, for Tokenizer(vocab)."""
+    """The offline default data, a function of `seed` alone (random.Random(seed), no global state):
+    sft [{prompt, response}] demonstrations; pairs [{prompt, chosen, rejected}] of 2 distinct and
+    rankings [{prompt, responses}] of 4..6 distinct demonstrations, labeled by _ranked_demos, all on
+    train prompts; train_prompts and eval_prompts (list[str], task_combos' split); and vocab, the
+    sorted GPT-2 ids of every task text plus the eot, for Tokenizer(vocab)."""
     rng = random.Random(seed)
     train_prompts, eval_prompts = ([task_prompt(*c) for c in combos] for combos in task_combos())
-    sft = []
-    for _ in range(n_sft):
-        p = rng.choice(train_prompts)
-        sft.append({"prompt": p, "response": demonstrate(p, rng)})
-    pairs = []
-    for _ in range(n_pairs):
-        p = rng.choice(train_prompts)
-        chosen, rejected = _plackett_luce(p, _distinct_demos(p, 2, rng), rng)
-        pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
-    rankings = []
-    for _ in range(n_rankings):
-        p = rng.choice(train_prompts)
-        rankings.append({"prompt": p, "responses": _plackett_luce(p, _distinct_demos(p, rng.randint(4, 6), rng), rng)})
+
+    def prompts(count):
+        return (rng.choice(train_prompts) for _ in range(count))
+    sft = [{"prompt": p, "response": demonstrate(p, rng)} for p in prompts(n_sft)]
+    pairs = [dict(zip(("prompt", "chosen", "rejected"), (p, *_ranked_demos(p, 2, rng))))
+             for p in prompts(n_pairs)]
+    rankings = [{"prompt": p, "responses": _ranked_demos(p, rng.randint(4, 6), rng)}
+                for p in prompts(n_rankings)]
     return {"sft": sft, "pairs": pairs, "rankings": rankings, "train_prompts": train_prompts,
             "eval_prompts": eval_prompts, "vocab": list(_task_vocab())}
 
 
 @functools.lru_cache(maxsize=None)
 def _task_vocab():
-    # every prompt, and every word: a response is words joined by spaces, one token each
+    # a response is words joined by spaces, each " word" one token, so prompts and words cover all
     tok = Tokenizer()
-    texts = [task_prompt(*c) for combos in task_combos() for c in combos] + [" " + w for w in _CATEGORY_OF]
+    texts = [task_prompt(*c) for combos in task_combos() for c in combos]
+    texts += [" " + w for w in _CATEGORY_OF]
     return tuple(sorted({tok.eot}.union(*(tok.encode(t) for t in texts))))
 
 
 def task_tokenizer():
-    """Tokenizer over the built-in task's vocabulary (a few dozen ids instead of 50257)."""
+    """Tokenizer on the built-in task's vocabulary (63 ids instead of 50257)."""
     return Tokenizer(vocab=_task_vocab())
+
+
+# -----------------------------------------------------------------------------
+# loading by name: the stage scripts' --data setting
+
+def _file_kind(path):
+    """"sft", "pairs", "rankings" or "hh" (chosen and rejected but no prompt), from the first record."""
+    objects = _json_objects(path)
+    where, obj = next(objects, (path, None))
+    objects.close()
+    if obj is None:
+        raise UserError(f"{path}: no records")
+    for kind, keys in (("rankings", {"prompt", "responses"}),
+                       ("pairs", {"prompt", "chosen", "rejected"}),
+                       ("sft", {"prompt", "response"}), ("hh", {"chosen", "rejected"})):
+        if keys <= obj.keys():
+            return kind
+    raise UserError(f"{where}: cannot tell the record kind from the fields {sorted(obj)}; expected "
+                    "prompt+response, prompt+chosen+rejected, prompt+responses, or chosen+rejected (HH)")
+
+
+def _convert(records, have, kind, name):
+    """Records of kind `have` as `kind`: a preference's best response is a demonstration, a ranking
+    is a set of pairs, and every record has a prompt."""
+    if kind == have:
+        return records
+    if kind == "prompts":
+        return list(dict.fromkeys(r["prompt"] for r in records))  # distinct, in order
+    if kind == "sft" and have == "pairs":
+        return [{"prompt": r["prompt"], "response": r["chosen"]} for r in records]
+    if kind == "sft" and have == "rankings":
+        return [{"prompt": r["prompt"], "response": r["responses"][0]} for r in records]
+    if kind == "pairs" and have == "rankings":
+        return rankings_to_pairs(records)
+    raise UserError(f"{name}: holds {have} records, which cannot be used as {kind}")
+
+
+def load_records(data, kind, seed=0):
+    """(train, val) records of `kind` ("sft", "pairs", "rankings", or "prompts": list[str]) from `data`:
+    "builtin" (builtin_task(seed); its prompts are train_prompts, eval_prompts), "hh-rlhf" (helpful-base
+    train, downloaded once) or a .jsonl[.gz] path of any record kind or HH-RLHF's. Val is the last 5%
+    of the records (at least 1), split before converting: a ranking's pairs stay on one side."""
+    if kind not in ("sft", "pairs", "rankings", "prompts"):
+        raise UserError(f"unknown record kind {kind!r}; valid: sft, pairs, rankings, prompts")
+    if data == "builtin":
+        task = builtin_task(seed)
+        if kind == "prompts":
+            return task["train_prompts"], task["eval_prompts"]
+        records, have = task[kind], kind
+    else:
+        if data != "hh-rlhf" and not data.endswith((".jsonl", ".jsonl.gz")):
+            raise UserError(f"data {data!r}: expected builtin, hh-rlhf, or a .jsonl or .jsonl.gz file")
+        have = "hh" if data == "hh-rlhf" else _file_kind(data)
+        path = download_hh() if data == "hh-rlhf" else data
+        records = read_hh(path) if have == "hh" else read_jsonl(path, have)
+        have = "pairs" if have == "hh" else have
+    if len(records) < 2:
+        raise UserError(f"{data}: {len(records)} record(s); need 2 or more, for train and val")
+    n_val = max(1, len(records) // 20)
+    return _convert(records[:-n_val], have, kind, data), _convert(records[-n_val:], have, kind, data)
+
+
+# -----------------------------------------------------------------------------
+# encoding and collation
+
+def encode_examples(tok, prompts, responses, max_len, max_prompt_len, name="data"):
+    """[(prompt_ids, response_ids)] with response_ids = tok.encode(response) + [tok.eot]. A prompt is
+    left-truncated to max_prompt_len tokens (its end, nearest the response, matters most), then the
+    response right-truncated to fit max_len in all: a cut response loses its eot, so the model is
+    never taught to stop where the text did not. Prints the counts in one line."""
+    assert len(prompts) == len(responses)
+    if not prompts:
+        raise UserError(f"{name}: no examples")
+    examples, cut_prompts, cut_responses = [], 0, 0
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        p, r = tok.encode(prompt), tok.encode(response) + [tok.eot]
+        cut_prompts += len(p) > max_prompt_len
+        p = p[max(0, len(p) - max_prompt_len):]  # not p[-max_prompt_len:], which keeps everything at 0
+        if len(p) >= max_len:
+            raise UserError(f"{name}: example {i}: a {len(p)}-token prompt leaves no room for a "
+                            f"response in max_len={max_len}; set max_prompt_len below max_len")
+        cut_responses += len(p) + len(r) > max_len
+        examples.append((p, r[:max_len - len(p)]))
+    print(f"data: {name}: {len(examples)} examples, {cut_prompts} prompts left-truncated, "
+          f"{cut_responses} responses right-truncated")
+    return examples
+
+
+def pad_right(examples, pad_id):
+    """Batch [(prompt_ids, response_ids)] for training: row b is prompt + response, right-padded with
+    pad_id to T, the longest row. Returns a dict of (B, T) long tensors: tokens; attn_mask, 1 on real
+    tokens; loss_mask, 1 on response tokens only (targets: the logits at t-1 predict the token at t).
+    pad_id may be the eot: the masks, not the ids, tell padding apart."""
+    T = max(len(p) + len(r) for p, r in examples)
+    tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    attn_mask = torch.zeros_like(tokens)  # (B, T)
+    loss_mask = torch.zeros_like(tokens)  # (B, T)
+    for b, (p, r) in enumerate(examples):
+        tokens[b, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attn_mask[b, :len(p) + len(r)] = 1
+        loss_mask[b, len(p):len(p) + len(r)] = 1
+    return {"tokens": tokens, "attn_mask": attn_mask, "loss_mask": loss_mask}
+
+
+def pad_left(prompt_ids_list, pad_id):
+    """Batch prompts for generation, left-padded with pad_id so every row's last prompt token sits at
+    T-1 and new tokens append in one column. Returns (tokens, attn_mask), (B, T) long each, attn_mask
+    1 on real tokens; a model must restart positions at 0 after each row's padding."""
+    T = max(len(p) for p in prompt_ids_list)
+    tokens = torch.full((len(prompt_ids_list), T), pad_id, dtype=torch.long)  # (B, T)
+    attn_mask = torch.zeros_like(tokens)  # (B, T)
+    for b, p in enumerate(prompt_ids_list):
+        tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn_mask[b, T - len(p):] = 1
+    return tokens, attn_mask

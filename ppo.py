@@ -1,0 +1,440 @@
+"""
+Stage 3 of 3: PPO against the reward model, with a frozen reference (the SFT policy), a
+per-token KL penalty, an entropy bonus, a value function and GAE.
+References: Ziegler et al. 2019 (arXiv:1909.08593); Ouyang et al. 2022 (InstructGPT);
+Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (arXiv:2403.17031).
+
+    python ppo.py                       # after python sft.py && python reward.py
+    python ppo.py --kl_coef=0           # no KL penalty: watch the proxy reward and the gold score part
+"""
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+
+import data
+from data import UserError, append_jsonl, main_guard, parse_config, write_json
+from gpt import autocast, generate, get_device, load_checkpoint, make_optimizer, model_from_checkpoint, save_checkpoint
+from reward import last_index, load_reward_model
+from sft import sft_loss
+
+
+@dataclass
+class Config:
+    data: str = "builtin"  # builtin | hh-rlhf | path to a .jsonl whose prompts are used
+    sft_ckpt: str = "out/sft.pt"  # policy init and the frozen reference
+    reward_ckpt: str = "out/reward.pt"  # the frozen reward model; also the critic's init
+    out_dir: str = "out"  # writes ppo.pt, ppo_metrics.jsonl, ppo_eval.json
+    iters: int = 150  # PPO iterations (one rollout batch + its update epochs each)
+    rollout_batch: int = 64  # prompts sampled per iteration
+    minibatch: int = 16  # rollouts per gradient step; must divide rollout_batch
+    ppo_epochs: int = 4  # passes over each rollout batch
+    max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
+    max_new_tokens: int = 12  # response length cap
+    temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
+    lr: float = 1e-4  # policy learning rate (constant)
+    vf_lr: float = 3e-4  # critic learning rate (constant)
+    clip_eps: float = 0.2  # PPO ratio clip
+    vf_clip: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.5  # weight of the value loss
+    ent_coef: float = 0.0  # weight of the entropy bonus
+    gamma: float = 1.0  # discount; 1 for episodes of a dozen tokens
+    lam: float = 0.95  # GAE lambda
+    kl_coef: float = 0.1  # per-token KL penalty beta (the start value with adaptive_kl); 0 = off
+    adaptive_kl: bool = False  # Ziegler et al.'s controller drives the per-sequence KL to kl_target
+    kl_target: float = 0.0  # target KL per response (nats), with adaptive_kl only
+    kl_horizon: int = 10000  # controller horizon, in rollouts
+    kl_max: float = 50.0  # warn when the mean per-response KL exceeds this
+    missing_eos_penalty: float = 0.0  # subtracted from the score of responses that never end; 0 = off
+    score_norm: bool = False  # divide scores by their running std (after subtracting the running mean)
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the SFT loss on demonstrations mixed into each step
+    grad_clip: float = 1.0  # max global gradient norm per model; 0 = off
+    eval_interval: int = 25  # iterations between evaluations + checkpoints
+    eval_prompts: int = 256  # held-out prompts per evaluation (the built-in task has 48)
+    eval_samples: int = 4  # samples per held-out prompt
+    seed: int = 0  # prompts order and sampling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    resume: bool = False  # continue from out_dir/ppo.pt
+
+# -----------------------------------------------------------------------------
+# the math: each function is one object of the PPO objective
+
+def masked_mean(x, mask):
+    """sum(x * mask) / sum(mask) over every entry. x, mask: same shape. Returns a scalar."""
+    return (x * mask).sum() / mask.sum()
+
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits)[..., tokens]: the log-probability of each token under its logits.
+    logits: (B, T, V), tokens: (B, T) -> (B, T). No shift inside: the caller aligns them
+    (logits[:, :-1] with tokens[:, 1:])."""
+    return torch.gather(F.log_softmax(logits.float(), -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token rewards: r_t = -kl_coef * (logprobs_t - ref_logprobs_t) on valid tokens
+    (mask = 1), 0 elsewhere, plus scores[b] added at each row's last valid token.
+    scores: (B,); logprobs, ref_logprobs, mask: (B, T). Returns (B, T)."""
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = last_index(mask)  # (B,)
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016). rewards, values, mask: (B, T).
+    delta_t = r_t + gamma * V_{t+1} - V_t, with V = 0 after each row's last valid token;
+    A_t = sum_l (gamma * lam)^l * delta_{t+l} over valid positions; returns = A + V.
+    Returns (advantages, returns), both (B, T) and 0 where mask = 0."""
+    values, rewards = values * mask, rewards * mask
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_v = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):  # T is a response length: a short Python loop
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        adv[:, t] = next_adv
+        next_v = values[:, t]
+    return adv, (adv + values) * mask
+
+
+def whiten(x, mask, shift_mean=True):
+    """Normalise over valid entries: (x - mean) / sqrt(var + 1e-8), mean = masked_mean(x),
+    var = masked_mean((x - mean)^2). With shift_mean=False the mean is added back (only the
+    scale changes). Entries where mask = 0 are 0 in the output. x, mask: (B, T) -> (B, T)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+    """Clipped surrogate: masked mean of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)),
+    rho = exp(logprobs - old_logprobs). All (B, T); old_logprobs and advantages are constants of
+    the rollout. Returns a scalar (a loss: minimised)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    return masked_mean(torch.max(-advantages * ratio, -advantages * clipped), mask)
+
+
+def value_loss(values, old_values, returns, mask, clip_eps):
+    """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2).
+    values V, old_values V_old (the rollout's), returns R, mask: (B, T). Returns a scalar."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def entropy(logits, mask):
+    """Masked mean over tokens of the entropy H = -sum_v p_v log p_v, p = softmax(logits).
+    logits: (B, T, V), mask: (B, T). Returns a scalar."""
+    logp = F.log_softmax(logits.float(), -1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, logits, mask,
+             clip_eps, vf_clip, vf_coef, ent_coef, ptx_loss=None, ptx_coef=0.0):
+    """The full objective: ppo_policy_loss + vf_coef * value_loss - ent_coef * entropy(logits)
+    (+ ptx_coef * ptx_loss, the SFT loss on demonstrations, for PPO-ptx). Shapes as in those
+    functions; ptx_loss a scalar or None. Returns a scalar."""
+    loss = (ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
+            + vf_coef * value_loss(values, old_values, returns, mask, vf_clip)
+            - ent_coef * entropy(logits, mask))
+    if ptx_loss is not None:
+        loss = loss + ptx_coef * ptx_loss
+    return loss
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, §2.2: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)
+    after each batch of n rollouts whose mean per-response KL is KL."""
+
+    def __init__(self, value, target, horizon):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl, n):
+        self.value *= 1 + max(-0.2, min(0.2, kl / self.target - 1)) * n / self.horizon
+
+
+class RunningMoments:
+    """Running mean and std of all scores seen (Chan et al.'s parallel variance update)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x):
+        n, mean, m2 = x.numel(), x.mean().item(), ((x - x.mean()) ** 2).sum().item()
+        delta, tot = mean - self.mean, self.n + n
+        self.mean += delta * n / tot
+        self.m2 += m2 + delta ** 2 * self.n * n / tot
+        self.n = tot
+
+    @property
+    def std(self):
+        return math.sqrt(self.m2 / max(1, self.n - 1)) if self.n > 1 else 1.0
+
+# -----------------------------------------------------------------------------
+# rollouts, update, evaluation
+
+def policy_logprobs(model, tokens, attn, temperature):
+    """Log-probs (B, T-1) of tokens[:, 1:] at the sampling temperature (the distribution the
+    tokens were drawn from), and the tempered logits (B, T-1, V) they came from."""
+    logits = model(tokens, attn)[:, :-1] / temperature
+    return token_logprobs(logits, tokens[:, 1:]), logits
+
+
+@torch.no_grad()
+def rollout(policy, ref, rm, critic, prompt_ids, tok, cfg, ctx, gen):
+    """Sample responses to prompt_ids (list of token lists) and score them: everything PPO needs,
+    aligned on actions (B, T-1): mask[:, t] = 1 where token t+1 was generated."""
+    x, pm = data.pad_left(prompt_ids, tok.eot)
+    device = next(policy.parameters()).device
+    x, pm = x.to(device), pm.to(device)
+    policy.eval()
+    with ctx:
+        tokens, gen_mask = generate(policy, x, pm, cfg.max_new_tokens, cfg.temperature, eos_id=tok.eot, generator=gen)
+        attn = torch.cat([pm, gen_mask[:, x.size(1):]], 1)  # (B, T) prompt + response, no padding
+        logprobs, logits = policy_logprobs(policy, tokens, attn, cfg.temperature)
+        ref_logprobs, _ = policy_logprobs(ref, tokens, attn, cfg.temperature)
+        scores = rm.score(tokens, attn).float()
+        values = critic(tokens, attn)[:, :-1].float() if critic is not None else None
+    policy.train()
+    mask = gen_mask[:, 1:].float()  # (B, T-1)
+    return dict(tokens=tokens, attn=attn, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                values=values, scores=scores, entropy=entropy(logits, mask),
+                ended=((tokens == tok.eot) & gen_mask.bool()).any(1), prompt_len=x.size(1))
+
+
+def responses(batch, tok):
+    return [tok.decode([t for t in row[m.bool()].tolist() if t != tok.eot])
+            for row, m in zip(batch["tokens"][:, 1:].cpu(), batch["mask"].cpu())]
+
+
+def kl_stats(b):
+    """KL(policy || reference) on the policy's own samples: k1 = mean of log p - log q per token
+    (unbiased, but single samples go negative), k3 = mean of (r - 1) - log r, r = q / p (never
+    negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html), and the
+    per-response sum of k1, which the adaptive controller targets."""
+    d = (b["logprobs"] - b["ref_logprobs"]) * b["mask"]
+    k3 = (torch.exp(-d) - 1 + d) * b["mask"]
+    return masked_mean(d, b["mask"]).item(), masked_mean(k3, b["mask"]).item(), d.sum(1).mean().item()
+
+
+def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
+    """ppo_epochs passes over the rollout batch b in shuffled minibatches; returns mean stats."""
+    stats, B = [], b["tokens"].size(0)
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=g)
+        for i in range(0, B, cfg.minibatch):
+            mb = perm[i:i + cfg.minibatch].to(b["tokens"].device)
+            m = b["mask"][mb]
+            with ctx:
+                logprobs, logits = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], cfg.temperature)
+                values = critic(b["tokens"][mb], b["attn"][mb])[:, :-1].float()
+                ptx_loss = None
+                if ptx is not None:
+                    p = ptx()
+                    ptx_loss = sft_loss(policy(p["tokens"]), p["tokens"], p["loss_mask"])
+            loss = ppo_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], values, b["values"][mb],
+                            b["returns"][mb], logits, m, cfg.clip_eps, cfg.vf_clip, cfg.vf_coef, cfg.ent_coef,
+                            ptx_loss, cfg.ptx_coef)
+            loss.backward()
+            norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                     for model in (policy, critic)]
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                log_ratio = logprobs.detach() - b["logprobs"][mb]
+                stats.append(torch.stack([
+                    loss.detach(), masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_eps).float(), m),
+                    masked_mean(0.5 * log_ratio ** 2, m),
+                    value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip), *norms]))
+    s = torch.stack(stats).mean(0).tolist()  # one host sync for the whole update
+    return dict(loss=s[0], clipfrac=s[1], approx_kl=s[2], value_loss=s[3], grad_norm=s[4], vf_grad_norm=s[5])
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 = a perfect critic, 0 = no better than a constant."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    d = returns - values
+    return (1 - masked_mean((d - masked_mean(d, mask)) ** 2, mask) / var_r).item()
+
+
+@torch.no_grad()
+def evaluate(policy, ref, rm, prompt_ids, prompts, tok, cfg, ctx, builtin):
+    """Held-out prompts: reward-model score and KL of the policy; win rate against the SFT policy
+    (ties count half) by the reward model, and on the built-in task by the gold labeler."""
+    device = next(policy.parameters()).device
+    out = {k: [] for k in ("score", "sft_score", "kl", "k3", "kl_seq", "gold", "sft_gold", "length")}
+    prompt_ids, prompts = prompt_ids * cfg.eval_samples, prompts * cfg.eval_samples
+    for i in range(0, len(prompt_ids), cfg.rollout_batch):
+        # both sides draw with the same seed: at iteration 0 they sample the same responses (win rate 0.5)
+        seed = lambda: torch.Generator(device=device).manual_seed(cfg.seed + i)
+        pol = rollout(policy, ref, rm, None, prompt_ids[i:i + cfg.rollout_batch], tok, cfg, ctx, seed())
+        sft = rollout(ref, ref, rm, None, prompt_ids[i:i + cfg.rollout_batch], tok, cfg, ctx, seed())
+        out["score"].append(pol["scores"].cpu())
+        out["sft_score"].append(sft["scores"].cpu())
+        k1, k3, kl_seq = kl_stats(pol)
+        out["kl"].append(k1), out["k3"].append(k3), out["kl_seq"].append(kl_seq)
+        out["length"].append(pol["mask"].sum(1).cpu())
+        if builtin:
+            ps = prompts[i:i + cfg.rollout_batch]
+            out["gold"].append(torch.tensor([data.gold_score(p, r) for p, r in zip(ps, responses(pol, tok))]))
+            out["sft_gold"].append(torch.tensor([data.gold_score(p, r) for p, r in zip(ps, responses(sft, tok))]))
+    cat = {k: torch.cat(v) if v and torch.is_tensor(v[0]) else torch.tensor(v) for k, v in out.items()}
+    win = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()
+    res = dict(score=cat["score"].mean().item(), sft_score=cat["sft_score"].mean().item(),
+               win_rate=win(cat["score"], cat["sft_score"]), kl=cat["kl"].mean().item(), k3=cat["k3"].mean().item(),
+               kl_seq=cat["kl_seq"].mean().item(), length=cat["length"].mean().item(), n=len(prompt_ids))
+    if builtin:
+        res.update(gold=cat["gold"].mean().item(), sft_gold=cat["sft_gold"].mean().item(),
+                   gold_win_rate=win(cat["gold"], cat["sft_gold"]))
+    return res
+
+
+def default_log(out_dir):
+    """The logging hook: one printed line, and the full dict appended to out_dir/ppo_metrics.jsonl.
+    Pass your own log(metrics: dict) to train() for wandb or TensorBoard."""
+    def log(m):
+        append_jsonl(m, os.path.join(out_dir, "ppo_metrics.jsonl"))
+        keys = [k for k in ("score", "kl", "k3", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_var",
+                            "length", "gold", "win_rate", "gold_win_rate", "kl_coef") if k in m]
+        line = " | ".join(f"{k} {m[k]:.3g}" for k in keys)
+        timing = f" | rollout {m['rollout_s'] * 1000:.0f} ms | update {m['update_s'] * 1000:.0f} ms | {m['tok_s']:.0f} tok/s" \
+            if "rollout_s" in m else ""
+        print(f"ppo {m['kind']} {m['iter']}/{m['iters']} | {line}{timing}")
+    return log
+
+# -----------------------------------------------------------------------------
+# the loop
+
+def check_config(cfg):
+    """Impossible settings are one-line errors before anything loads."""
+    for key in ("iters", "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "eval_interval", "max_prompt_len"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
+    if cfg.rollout_batch % cfg.minibatch:
+        raise UserError(f"--rollout_batch={cfg.rollout_batch} is not divisible into --minibatch={cfg.minibatch}")
+    for key in ("clip_eps", "vf_clip", "temperature", "lr", "vf_lr"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be > 0")
+    if cfg.kl_coef < 0 or cfg.ent_coef < 0 or cfg.ptx_coef < 0:
+        raise UserError("--kl_coef, --ent_coef and --ptx_coef must be >= 0")
+    if cfg.adaptive_kl != (cfg.kl_target > 0):
+        raise UserError("--adaptive_kl=True needs --kl_target > 0, and --kl_target needs --adaptive_kl=True")
+    if cfg.adaptive_kl and cfg.kl_coef <= 0:
+        raise UserError("--adaptive_kl=True needs a starting --kl_coef > 0")
+
+
+def train(cfg, log=None):
+    """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation."""
+    check_config(cfg)
+    device = get_device(cfg.device)
+    log = log or default_log(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    sft_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
+    policy = model_from_checkpoint(sft_ck, cfg.sft_ckpt).to(device)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the KL anchor
+    rm, rm_ck = load_reward_model(cfg.reward_ckpt)
+    rm = rm.to(device).eval().requires_grad_(False)  # frozen: the proxy reward
+    # The critic is a separate copy of the reward model (InstructGPT §3.5): initialised to predict
+    # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
+    critic = copy.deepcopy(rm).train().requires_grad_(True)
+    if rm_ck.get("vocab") != sft_ck.get("vocab"):
+        raise UserError(f"{cfg.reward_ckpt} and {cfg.sft_ckpt} use different vocabularies")
+    tok = data.Tokenizer(sft_ck.get("vocab"))
+    if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
+        raise UserError(f"--max_prompt_len + --max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} "
+                        f"exceeds the model's block_size {policy.config.block_size}")
+    train_prompts, eval_prompts = data.load_records(cfg.data, "prompts", cfg.seed)
+    eval_prompts = eval_prompts[:cfg.eval_prompts]
+    encode = lambda ps: [tok.encode(p)[-cfg.max_prompt_len:] for p in ps]  # keep the end, nearest the response
+    train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)
+    ptx = None
+    if cfg.ptx_coef > 0:
+        demos = data.load_records(cfg.data, "sft", cfg.seed)[0]
+        demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
+                                     cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len, "ptx")
+        ptx_g = torch.Generator().manual_seed(cfg.seed + 2)
+        ptx = lambda: {k: v.to(device) for k, v in data.pad_right(
+            [demos[j] for j in torch.randint(len(demos), (cfg.minibatch,), generator=ptx_g).tolist()], tok.eot).items()}
+    opts = [make_optimizer(policy.parameters(), cfg.lr, 0.0, device), make_optimizer(critic.parameters(), cfg.vf_lr, 0.0, device)]
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
+    moments = RunningMoments()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling
+    g = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch shuffles
+    ctx, builtin, start = autocast(device, cfg.dtype), cfg.data == "builtin", 0
+    path = os.path.join(cfg.out_dir, "ppo.pt")
+    if cfg.resume:
+        ck = load_checkpoint(path, "ppo", "nothing to resume: run `python ppo.py` without --resume")
+        policy.load_state_dict(ck["model"]), critic.load_state_dict(ck["critic"])
+        for opt, state in zip(opts, ck["optimizers"]):
+            opt.load_state_dict(state)
+        start, moments.__dict__ = ck["iter"], ck["moments"]
+        if kl_ctl:
+            kl_ctl.value = ck["kl_coef"]
+        gen.set_state(ck["gen_state"]), g.set_state(ck["g_state"])
+        print(f"resumed from {path} at iteration {start}")
+    print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}")
+
+    def save(it, **extra):
+        save_checkpoint(path, policy, "ppo", critic=critic.state_dict(), vocab=tok.vocab, cfg=asdict(cfg), iter=it,
+                        optimizers=[o.state_dict() for o in opts], moments=dict(moments.__dict__),
+                        kl_coef=kl_ctl.value if kl_ctl else cfg.kl_coef, gen_state=gen.get_state(),
+                        g_state=g.get_state(), **extra)
+
+    from sft import batch_indices
+    for it in range(start, cfg.iters + 1):
+        if it % cfg.eval_interval == 0 or it == cfg.iters:
+            ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, cfg, ctx, builtin)
+            log(dict(kind="eval", iter=it, iters=cfg.iters, **ev))
+            save(it, eval=ev)
+        if it == cfg.iters:
+            break
+        t0 = time.time()
+        b = rollout(policy, ref, rm, critic, [train_ids[j] for j in batch_indices(len(train_ids), it, cfg.rollout_batch, cfg.seed)],
+                    tok, cfg, ctx, gen)
+        scores = b["scores"]
+        if cfg.missing_eos_penalty:
+            scores = scores - cfg.missing_eos_penalty * (~b["ended"]).float()
+        if cfg.score_norm:
+            moments.update(scores)
+            scores = (scores - moments.mean) / moments.std
+        kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
+        rewards = kl_penalized_rewards(scores, b["logprobs"], b["ref_logprobs"], b["mask"], kl_coef)
+        adv, b["returns"] = gae(rewards, b["values"], b["mask"], cfg.gamma, cfg.lam)
+        b["advantages"] = whiten(adv, b["mask"])
+        t1 = time.time()
+        stats = ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx)
+        t2 = time.time()
+        k1, k3, kl_seq = kl_stats(b)
+        if kl_ctl:
+            kl_ctl.update(kl_seq, cfg.rollout_batch)
+        m = dict(kind="train", iter=it, iters=cfg.iters, score=b["scores"].mean().item(), kl=k1, k3=k3, kl_seq=kl_seq,
+                 kl_coef=kl_coef, entropy=b["entropy"].item(), length=b["mask"].sum(1).mean().item(),
+                 ended=b["ended"].float().mean().item(), explained_var=explained_variance(b["values"], b["returns"], b["mask"]),
+                 rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
+        if not all(math.isfinite(m[k]) for k in ("score", "loss", "kl", "grad_norm", "vf_grad_norm")):
+            bad = [k for k in ("score", "loss", "kl", "grad_norm", "vf_grad_norm") if not math.isfinite(m[k])]
+            raise UserError(f"ppo iteration {it}: non-finite {', '.join(bad)}; the last good checkpoint is {path}")
+        if kl_seq > cfg.kl_max:
+            print(f"warning: ppo iteration {it}: KL per response {kl_seq:.1f} > --kl_max={cfg.kl_max}: the policy is running away")
+        log(m)
+    write_json(dict(eval=ev, cfg=asdict(cfg)), os.path.join(cfg.out_dir, "ppo_eval.json"))
+    return ev
+
+
+def main(argv):
+    ev = train(parse_config(Config, argv))
+    print("final evaluation on held-out prompts:", json.dumps({k: round(v, 4) for k, v in ev.items()}))
+
+
+if __name__ == "__main__":
+    main_guard(main)

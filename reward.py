@@ -1,0 +1,248 @@
+"""
+Stage 2 of 3: a Bradley-Terry reward model trained on human preferences.
+A GPT trunk initialised from the SFT checkpoint plus a scalar head read at the last token of
+the response (its <|endoftext|>). Trained on pairs {prompt, chosen, rejected}, or on K-way
+rankings with all K(K-1)/2 pairs of a prompt in one batch, each response scored once
+(InstructGPT, Ouyang et al. 2022, §3.5).
+
+    python reward.py                        # after python sft.py
+    python reward.py --kind=rankings        # the built-in task's 4..6-way rankings
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import data
+from data import UserError, main_guard, parse_config
+from gpt import (autocast, generate, get_device, load_checkpoint, lr_at, make_optimizer, model_from_checkpoint,
+                 save_checkpoint)
+from sft import batch_indices
+
+
+@dataclass
+class Config:
+    data: str = "builtin"  # builtin | hh-rlhf | path to a .jsonl of pairs or rankings
+    kind: str = "pairs"  # pairs | rankings (K-way, best first)
+    sft_ckpt: str = "out/sft.pt"  # the trunk starts from the SFT policy
+    out_dir: str = "out"  # writes reward.pt (best validation accuracy) and reward_last.pt (for --resume)
+    max_len: int = 24  # prompt + response tokens
+    max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
+    batch_size: int = 32  # prompts per step (each with its 2..K responses)
+    max_iters: int = 400  # optimizer steps
+    lr: float = 1e-3  # peak learning rate; ~1e-5 for GPT-2
+    warmup_iters: int = 40  # linear warmup, then cosine decay to lr/10
+    weight_decay: float = 0.1  # AdamW, on matrices only
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    eval_interval: int = 100  # steps between validation accuracy + checkpoint
+    eval_batches: int = 8  # validation batches per evaluation
+    log_interval: int = 20  # steps between log lines
+    norm_samples: int = 256  # SFT samples whose mean score is shifted to 0 at the end; 0 = off
+    seed: int = 0  # data order and sampling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    resume: bool = False  # continue from out_dir/reward_last.pt
+
+
+def preference_loss(r_chosen, r_rejected):
+    """Bradley-Terry negative log-likelihood that the chosen response wins.
+    r_chosen, r_rejected: (N,) rewards of N (chosen, rejected) pairs.
+    loss = mean over the N pairs of -log sigmoid(r_chosen - r_rejected), computed with logsigmoid
+    (stable for large differences). Returns a scalar."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def last_index(mask):
+    """(B, T) 0/1 mask -> (B,) index of each row's last 1 (left or right padding alike)."""
+    T = mask.size(1)
+    return T - 1 - mask.flip(1).long().argmax(1)
+
+
+class RewardModel(nn.Module):
+    """A GPT trunk and a scalar head on its final hidden states. forward -> (B, T), one scalar per
+    position: the reward of a sequence is the entry at its last token; as a critic, every entry
+    is a value estimate."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(gpt.config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, tokens, attention_mask=None):
+        return self.head(self.gpt.hidden(tokens, attention_mask)).squeeze(-1)  # (B, T)
+
+    def score(self, tokens, attention_mask, left_padded=True):
+        """Rewards (B,) read at each row's last real token. Right-padded rows need no mask."""
+        r = self(tokens, attention_mask if left_padded else None)
+        return r.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
+
+
+def load_reward_model(path, hint="run `python reward.py` first"):
+    ck = load_checkpoint(path, "reward", hint)
+    rm = RewardModel(model_from_checkpoint(ck, path))
+    rm.head.load_state_dict(ck["head"])
+    return rm, ck
+
+
+def rank_groups(records, kind):
+    """Records -> [(prompt, [response best, ..., worst])]: a pair is a ranking of K=2."""
+    if kind == "pairs":
+        return [(r["prompt"], [r["chosen"], r["rejected"]]) for r in records]
+    return [(r["prompt"], r["responses"]) for r in records]
+
+
+def encode_groups(groups, tok, cfg, name):
+    flat = [(p, r) for p, rs in groups for r in rs]
+    ex = data.encode_examples(tok, [p for p, _ in flat], [r for _, r in flat], cfg.max_len, cfg.max_prompt_len, name)
+    out, i = [], 0
+    for _, rs in groups:
+        out.append(ex[i:i + len(rs)])
+        i += len(rs)
+    return out
+
+
+def group_batch(groups, idx, pad_id):
+    """Groups idx -> padded sequences (every response once) and the (chosen, rejected) row
+    indices of all K(K-1)/2 pairs of each group: response i beats response j when i < j."""
+    seqs, ci, ri = [], [], []
+    for g in (groups[j] for j in idx):
+        base = len(seqs)
+        seqs += g
+        for i in range(len(g)):
+            for j in range(i + 1, len(g)):
+                ci.append(base + i)
+                ri.append(base + j)
+    return data.pad_right(seqs, pad_id), torch.tensor(ci), torch.tensor(ri)
+
+
+def pair_rewards(rm, b, ci, ri, device):
+    r = rm.score(b["tokens"].to(device), b["attn_mask"].to(device), left_padded=False)  # (N_seq,)
+    return r[ci.to(device)], r[ri.to(device)]
+
+
+@torch.no_grad()
+def evaluate(rm, val, val_gold, cfg, ctx, device, pad_id):
+    """Validation loss and accuracy (chosen scored above rejected); with val_gold (the gold score of
+    each response, built-in task) also the agreement with the gold labeler on pairs it separates."""
+    rm.eval()
+    loss = acc = agree = n_gold = n = 0
+    for i in range(cfg.eval_batches):
+        idx = batch_indices(len(val), i, cfg.batch_size, cfg.seed + 1)
+        b, ci, ri = group_batch(val, idx, pad_id)
+        with ctx:
+            rc, rr = pair_rewards(rm, b, ci, ri, device)
+        rc, rr = rc.float().cpu(), rr.float().cpu()
+        loss += preference_loss(rc, rr).item() * len(ci)
+        acc += (rc > rr).sum().item()
+        n += len(ci)
+        if val_gold:
+            gold = torch.tensor([g for j in idx for g in val_gold[j]])  # (N_seq,) in group_batch's order
+            gc, gr = gold[ci], gold[ri]
+            agree += ((rc > rr) == (gc > gr))[gc != gr].sum().item()
+            n_gold += (gc != gr).sum().item()
+    rm.train()
+    return loss / n, acc / n, (agree / n_gold if n_gold else float("nan"))
+
+
+@torch.no_grad()
+def normalize(rm, policy, prompts, tok, cfg, device):
+    """Shift the head's bias so that the SFT policy's own samples score 0 on average
+    (InstructGPT §C.2): PPO's rewards then start centred, whatever scale training left."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    scores = []
+    for i in range(0, cfg.norm_samples, cfg.batch_size):
+        ids = [tok.encode(p)[-cfg.max_prompt_len:] for p in prompts[i % len(prompts):][:cfg.batch_size]]
+        x, m = data.pad_left(ids, tok.eot)
+        out, gen = generate(policy, x.to(device), m.to(device), cfg.max_len - x.size(1), eos_id=tok.eot, generator=g)
+        mask = torch.cat([m.to(device), gen[:, x.size(1):]], 1)
+        scores.append(rm.score(out, mask))
+    mean = torch.cat(scores).mean()
+    rm.head.bias.sub_(mean)
+    return mean.item()
+
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    if cfg.kind not in ("pairs", "rankings"):
+        raise UserError(f"--kind={cfg.kind}: expected pairs or rankings")
+    for key in ("batch_size", "max_iters", "eval_interval", "eval_batches", "log_interval"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
+    device = get_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    last_path, best_path = os.path.join(cfg.out_dir, "reward_last.pt"), os.path.join(cfg.out_dir, "reward.pt")
+    if cfg.resume:
+        rm, ck = load_reward_model(last_path, "nothing to resume: run `python reward.py` without --resume")
+        policy_ck = ck
+    else:
+        policy_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
+        rm = RewardModel(model_from_checkpoint(policy_ck, cfg.sft_ckpt))
+    tok = data.Tokenizer(policy_ck.get("vocab"))
+    train_rec, val_rec = data.load_records(cfg.data, cfg.kind, cfg.seed)
+    train_groups, val_groups = rank_groups(train_rec, cfg.kind), rank_groups(val_rec, cfg.kind)
+    train, val = encode_groups(train_groups, tok, cfg, "rm train"), encode_groups(val_groups, tok, cfg, "rm val")
+    val_gold = [[data.gold_score(p, r) for r in rs] for p, rs in val_groups] if cfg.data == "builtin" else None
+    rm.to(device).train()
+    opt = make_optimizer(rm.parameters(), cfg.lr, cfg.weight_decay, device)
+    start, best = 0, -1.0
+    if cfg.resume:
+        opt.load_state_dict(ck["optimizer"])
+        start, best = ck["iter"], ck["best_acc"]
+        torch.set_rng_state(ck["rng"])
+        print(f"resumed from {last_path} at step {start}")
+    ctx = autocast(device, cfg.dtype)
+    print(f"reward: {len(train)} train / {len(val)} val {cfg.kind}, device {device}")
+
+    def save(path, it, best_acc, **extra):
+        save_checkpoint(path, rm.gpt, "reward", head=rm.head.state_dict(), vocab=tok.vocab, cfg=asdict(cfg),
+                        iter=it, best_acc=best_acc, optimizer=opt.state_dict(), rng=torch.get_rng_state(), **extra)
+
+    t0 = time.time()
+    for it in range(start, cfg.max_iters + 1):
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            vloss, vacc, vgold = evaluate(rm, val, val_gold, cfg, ctx, device, tok.eot)
+            print(f"reward {it}/{cfg.max_iters} | val loss {vloss:.4f} | val acc {vacc:.3f} | gold agreement {vgold:.3f}")
+            if vacc > best:
+                best = vacc
+                save(best_path, it, best, val_acc=vacc, gold_agreement=vgold)
+            save(last_path, it, best)
+        if it == cfg.max_iters:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
+        b, ci, ri = group_batch(train, batch_indices(len(train), it, cfg.batch_size, cfg.seed), tok.eot)
+        with ctx:
+            rc, rr = pair_rewards(rm, b, ci, ri, device)
+            loss = preference_loss(rc.float(), rr.float())  # one mean over all pairs of the batch
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            raise UserError(f"reward step {it}: non-finite gradient norm (loss {loss.item():.4g}); "
+                            f"the last good checkpoint is {last_path}; try a lower --lr")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if it % cfg.log_interval == 0:
+            print(f"reward {it}/{cfg.max_iters} | loss {loss.item():.4f} | acc {(rc > rr).float().mean().item():.3f} "
+                  f"| {(time.time() - t0) * 1000 / cfg.log_interval:.0f} ms/step")
+            t0 = time.time()
+    # normalise the best model, and freeze it for PPO
+    rm, ck = load_reward_model(best_path)
+    rm.to(device).eval()
+    if cfg.norm_samples > 0:
+        policy = model_from_checkpoint(policy_ck if not cfg.resume else load_checkpoint(cfg.sft_ckpt, "sft"))
+        prompts = data.load_records(cfg.data, "prompts", cfg.seed)[0]
+        shift = normalize(rm, policy.to(device).eval(), prompts, tok, cfg, device)
+        print(f"reward: shifted the head bias by {-shift:+.4f} so SFT samples score 0 on average")
+    save_checkpoint(best_path, rm.gpt, "reward", head=rm.head.state_dict(), vocab=tok.vocab, cfg=asdict(cfg),
+                    val_acc=ck.get("val_acc"), gold_agreement=ck.get("gold_agreement"), normalized=True)
+    print(f"reward: best val acc {best:.3f}, saved {best_path}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

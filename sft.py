@@ -1,0 +1,198 @@
+"""
+Stage 1 of 3: supervised fine-tuning (SFT) on demonstrations {prompt, response}.
+The loss is next-token cross-entropy on the response tokens only: the prompt is context, not
+something the policy should learn to produce (InstructGPT, Ouyang et al. 2022, §3.5).
+
+    python sft.py                                   # the built-in task, a small GPT from scratch
+    python sft.py --init=gpt2 --data=hh-rlhf --max_len=512 --max_prompt_len=384 --batch_size=8
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+
+import data
+from data import UserError, main_guard, parse_config
+from gpt import (GPT, GPTConfig, autocast, generate, get_device, load_checkpoint, lr_at, make_optimizer,
+                 model_from_checkpoint, save_checkpoint)
+
+
+@dataclass
+class Config:
+    data: str = "builtin"  # builtin | hh-rlhf | path to a .jsonl of {prompt, response}
+    init: str = "scratch"  # scratch (sized below) | gpt2 | gpt2-medium | ... | path to a .pt or HF dir
+    out_dir: str = "out"  # writes sft.pt (best validation loss) and sft_last.pt (for --resume)
+    n_layer: int = 4  # with init=scratch only
+    n_head: int = 4  # with init=scratch only
+    n_embd: int = 128  # with init=scratch only
+    max_len: int = 24  # prompt + response tokens; longer responses are cut (counts printed)
+    max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
+    batch_size: int = 64  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 500  # optimizer steps
+    lr: float = 2e-3  # peak learning rate; 1e-5..5e-5 when fine-tuning GPT-2
+    warmup_iters: int = 50  # linear warmup, then cosine decay to lr/10
+    weight_decay: float = 0.1  # AdamW, on matrices only
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    eval_interval: int = 100  # steps between validation loss + samples + checkpoint
+    eval_batches: int = 8  # validation micro-batches per evaluation
+    log_interval: int = 20  # steps between log lines
+    seed: int = 0  # data order, init and sampling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model (CUDA)
+    resume: bool = False  # continue from out_dir/sft_last.pt
+
+
+def sft_loss(logits, tokens, loss_mask):
+    """Response-only next-token cross-entropy.
+    logits: (B, T, V) = model(tokens); tokens: (B, T) long; loss_mask: (B, T), 1 on response tokens.
+    Position t-1 predicts token t, so the loss is the mean, over positions t >= 1 with
+    loss_mask[:, t] = 1, of -log softmax(logits[:, t-1])[tokens[:, t]]. Prompt and padding
+    tokens contribute nothing. Returns a scalar."""
+    B, T, V = logits.shape
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1), reduction="none")
+    m = loss_mask[:, 1:].reshape(-1).to(nll.dtype)  # (B*(T-1),)
+    return (nll * m).sum() / m.sum()
+
+
+def batch_indices(n, it, batch_size, seed):
+    """The example indices of batch number `it`: epoch e = it // (n // batch_size) walks a
+    permutation seeded by (seed, e). A pure function of `it`, so a resumed run sees the same data."""
+    per_epoch = max(1, n // batch_size)
+    g = torch.Generator().manual_seed(seed * 1000003 + it // per_epoch)
+    j = it % per_epoch
+    return torch.randperm(n, generator=g)[j * batch_size:(j + 1) * batch_size].tolist()
+
+
+def load_tokenizer(name):
+    """The built-in task uses a small renumbered vocabulary; everything else GPT-2's."""
+    return data.task_tokenizer() if name == "builtin" else data.Tokenizer()
+
+
+def init_model(cfg, tok):
+    if cfg.init == "scratch":
+        gcfg = GPTConfig(block_size=cfg.max_len, vocab_size=tok.vocab_size,
+                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        return GPT(gcfg)
+    model = GPT.from_pretrained(cfg.init)
+    if model.config.vocab_size != tok.vocab_size:
+        raise UserError(f"--init={cfg.init} has vocab_size {model.config.vocab_size}, --data={cfg.data} needs "
+                        f"{tok.vocab_size}: use --init=scratch for the built-in task")
+    return model
+
+
+def check_config(cfg):
+    for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_batches", "log_interval", "max_len"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
+    if not 0 < cfg.max_prompt_len < cfg.max_len:
+        raise UserError(f"--max_prompt_len={cfg.max_prompt_len}: must be in 1..max_len-1 ({cfg.max_len - 1})")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr={cfg.lr}: must be positive")
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, tok, ctx, device):
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_batches):
+        b = data.pad_right([val[j] for j in batch_indices(len(val), i, cfg.batch_size, cfg.seed + 1)], tok.eot)
+        with ctx:
+            logits = model(b["tokens"].to(device))
+        losses.append(sft_loss(logits, b["tokens"].to(device), b["loss_mask"].to(device)).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def print_samples(model, prompts, tok, cfg, device, n=3):
+    """A few greedy completions of validation prompts, and their gold score on the built-in task."""
+    model.eval()
+    ids = [tok.encode(p)[-cfg.max_prompt_len:] for p in prompts[:n]]
+    x, m = data.pad_left(ids, tok.eot)
+    out, gen = generate(model, x.to(device), m.to(device), cfg.max_len - x.size(1), temperature=0, eos_id=tok.eot)
+    for p, row, g in zip(prompts, out.cpu(), gen.cpu()):
+        text = tok.decode([t for t in row[g.bool()].tolist() if t != tok.eot])
+        gold = f"  (gold {data.gold_score(p, text):+.2f})" if cfg.data == "builtin" else ""
+        print(f"  {p!r} -> {text!r}{gold}")
+    model.train()
+
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    check_config(cfg)
+    device = get_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg.data)
+    train_rec, val_rec = data.load_records(cfg.data, "sft", cfg.seed)
+    encode = lambda recs, name: data.encode_examples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs],
+                                                    cfg.max_len, cfg.max_prompt_len, name)
+    train, val = encode(train_rec, "sft train"), encode(val_rec, "sft val")
+    last_path, best_path = os.path.join(cfg.out_dir, "sft_last.pt"), os.path.join(cfg.out_dir, "sft.pt")
+    if cfg.resume:
+        ck = load_checkpoint(last_path, "sft", hint="nothing to resume: run `python sft.py` without --resume")
+        model = model_from_checkpoint(ck, last_path)
+    else:
+        model = init_model(cfg, tok)
+    if model.config.block_size < cfg.max_len:
+        raise UserError(f"--max_len={cfg.max_len} exceeds the model's block_size {model.config.block_size}")
+    model.to(device).train()
+    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, device)
+    start, best = 0, math.inf
+    if cfg.resume:
+        opt.load_state_dict(ck["optimizer"])
+        start, best = ck["iter"], ck["best_val"]
+        torch.set_rng_state(ck["rng"])
+        print(f"resumed from {last_path} at step {start}")
+    ctx = autocast(device, cfg.dtype)
+    fmodel = torch.compile(model) if cfg.compile else model
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"sft: {n_params / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val examples, device {device}")
+
+    def save(path, it, best_val):
+        save_checkpoint(path, model, "sft", vocab=tok.vocab, cfg=asdict(cfg), iter=it, best_val=best_val,
+                        optimizer=opt.state_dict(), rng=torch.get_rng_state())
+
+    t0, tokens_seen = time.time(), 0
+    for it in range(start, cfg.max_iters + 1):
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            val_loss = evaluate(fmodel, val, cfg, tok, ctx, device)
+            print(f"sft {it}/{cfg.max_iters} | val loss {val_loss:.4f}")
+            print_samples(model, [r["prompt"] for r in val_rec], tok, cfg, device)
+            if val_loss < best:
+                best = val_loss
+                save(best_path, it, best)
+            save(last_path, it, best)
+        if it == cfg.max_iters:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
+        for micro in range(cfg.grad_accum):
+            b = data.pad_right([train[j] for j in batch_indices(len(train), it * cfg.grad_accum + micro,
+                                                                cfg.batch_size, cfg.seed)], tok.eot)
+            x, m = b["tokens"].to(device), b["loss_mask"].to(device)
+            with ctx:
+                # dividing by grad_accum makes the summed gradient the mean over micro-batches
+                loss = sft_loss(fmodel(x), x, m) / cfg.grad_accum
+            loss.backward()
+            tokens_seen += int(b["attn_mask"].sum())
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):  # one host sync per step: a NaN must never reach the weights
+            raise UserError(f"sft step {it}: non-finite gradient norm (loss {loss.item() * cfg.grad_accum:.4g}); "
+                            f"the last good checkpoint is {last_path}; try a lower --lr")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if it % cfg.log_interval == 0:
+            dt = time.time() - t0
+            print(f"sft {it}/{cfg.max_iters} | loss {loss.item() * cfg.grad_accum:.4f} | lr {opt.param_groups[0]['lr']:.2e} "
+                  f"| {dt * 1000 / cfg.log_interval:.0f} ms/step | {tokens_seen / dt:.0f} tok/s")
+            t0, tokens_seen = time.time(), 0
+    print(f"sft: best val loss {best:.4f}, saved {best_path}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

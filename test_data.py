@@ -1,0 +1,353 @@
+"""Tests for data.py: expected values are written by hand or computed independently (a json parse of
+the raw file, a formula), never by the function under test. Run: python -m pytest -q test_data.py"""
+import gzip
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import urllib.request
+
+import pytest
+import torch
+
+from data import (CATEGORIES, PREFERENCE_BETA, Tokenizer, UserError, builtin_task, download_hh,
+                  encode_examples, gold_score, load_records, pad_left, pad_right, rankings_to_pairs,
+                  read_hh, read_jsonl, task_tokenizer)
+
+HH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "hh-rlhf",
+                       "harmless-base-test.jsonl.gz")
+needs_hh = pytest.mark.skipif(not os.path.exists(HH_FILE), reason="needs ../shared/data/hh-rlhf")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return builtin_task(seed=0)
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_known_ids():
+    tok = Tokenizer()
+    assert tok.encode("Hello world") == [15496, 995]
+    assert (tok.eot, tok.vocab_size, tok.vocab) == (50256, 50257, None)
+    assert 50256 not in tok.encode("<|endoftext|>")  # data text never yields the real eot
+
+
+def test_tokenizer_round_trip():
+    tok = Tokenizer()
+    for text in ["Hello world", "\n\nHuman: café – ok?\n\nAssistant: 日本 🙂", " apple pear"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_vocab_remap_round_trip():
+    tok = Tokenizer(vocab=[995, 15496, 50256])  # " world", "Hello", eot
+    assert (tok.vocab_size, tok.eot) == (3, 2)
+    assert tok.encode("Hello world") == [1, 0]
+    assert tok.decode([1, 0, 2]) == "Hello world<|endoftext|>"
+
+
+def test_tokenizer_vocab_out_of_vocab_error():
+    tok = Tokenizer(vocab=[995, 15496, 50256])
+    with pytest.raises(UserError, match="outside the 3-token vocab"):
+        tok.encode("Hello there")
+    with pytest.raises(UserError, match="50256"):
+        Tokenizer(vocab=[995, 15496])
+
+
+# ----------------------------------------------------------------------------- jsonl records
+
+@pytest.mark.parametrize("kind, bad, expect", [
+    ("sft", '{"prompt": "a", ', "not valid JSON"),
+    ("sft", '["a", "b"]', "expected a JSON object"),
+    ("sft", '{"prompt": "a"}', "missing field 'response'"),
+    ("sft", '{"prompt": "", "response": "b"}', "'prompt' must be a non-empty string"),
+    ("sft", '{"prompt": "a", "response": "  "}', "'response' must be a non-empty string"),
+    ("sft", '{"prompt": "a", "response": 3}', "'response' must be a non-empty string, got 3"),
+    ("pairs", '{"prompt": "a", "chosen": "b"}', "missing field 'rejected'"),
+    ("rankings", '{"prompt": "a", "responses": ["x"]}', "'responses' must be a list of >= 2"),
+    ("rankings", '{"prompt": "a", "responses": "xy"}', "'responses' must be a list of >= 2"),
+    ("rankings", '{"prompt": "a", "responses": ["x", 5]}', "'responses[1]' must be a non-empty"),
+])
+def test_read_jsonl_bad_line_names_file_line_field(tmp_path, kind, bad, expect):
+    good = {"sft": '{"prompt": "p", "response": "r"}', "pairs": '{"prompt": "p", "chosen": "c", '
+            '"rejected": "r"}', "rankings": '{"prompt": "p", "responses": ["a", "b"]}'}[kind]
+    path = write_lines(tmp_path / "d.jsonl", [good, "", bad])  # line 2 blank: still counted
+    with pytest.raises(UserError) as e:
+        read_jsonl(path, kind)
+    assert f"{path}:3:" in str(e.value) and expect in str(e.value)
+
+
+def test_read_jsonl_gz_and_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"prompt": "p1", "responses": ["a", "b", "c"], "extra": 1}\n\n  \n'
+                '{"prompt": "p2", "responses": ["d", "e"]}\n')
+    assert read_jsonl(str(path), "rankings") == [{"prompt": "p1", "responses": ["a", "b", "c"]},
+                                                 {"prompt": "p2", "responses": ["d", "e"]}]
+
+
+def test_read_jsonl_empty_or_missing_file_error(tmp_path):
+    with pytest.raises(UserError, match="no records"):
+        read_jsonl(write_lines(tmp_path / "e.jsonl", ["", ""]), "sft")
+    with pytest.raises(UserError, match="no such file"):
+        read_jsonl(str(tmp_path / "missing.jsonl"), "sft")
+    with pytest.raises(UserError, match="not-gzip.jsonl.gz: cannot read"):
+        read_jsonl(write_lines(tmp_path / "not-gzip.jsonl.gz", ['{"a": 1}']), "sft")
+
+
+def test_rankings_to_pairs_count_and_order():
+    pairs = rankings_to_pairs([{"prompt": "p", "responses": ["a", "b", "c"]},
+                               {"prompt": "q", "responses": ["w", "x", "y", "z"]}])
+    assert len(pairs) == 3 * 2 // 2 + 4 * 3 // 2
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in pairs] == [
+        ("p", "a", "b"), ("p", "a", "c"), ("p", "b", "c"),
+        ("q", "w", "x"), ("q", "w", "y"), ("q", "w", "z"),
+        ("q", "x", "y"), ("q", "x", "z"), ("q", "y", "z")]
+
+
+# ----------------------------------------------------------------------------- HH-RLHF
+
+@needs_hh
+def test_read_hh_real_file_count(capsys):
+    records = read_hh(HH_FILE)
+    assert len(records) == 2303  # of 2,312 lines, measured: 5 prefixes differ, 4 empty replies
+    out = capsys.readouterr().out
+    assert "2303 pairs, 5 skipped (prefixes differ)" in out and "4 skipped (empty reply)" in out
+    with gzip.open(HH_FILE, "rt") as f:
+        raw = [json.loads(line) for line in f]
+    first = raw[0]
+    assert records[0]["prompt"] + records[0]["chosen"] == first["chosen"]
+    assert records[0]["prompt"] + records[0]["rejected"] == first["rejected"]
+
+
+@needs_hh
+def test_read_hh_record_by_hand():
+    r = read_hh(HH_FILE)[0]
+    assert r["prompt"].startswith("\n\nHuman: ")
+    assert r["prompt"].endswith("\n\nHuman: okay some of these do not have anything to do with pens"
+                                "\n\nAssistant:")
+    assert r["chosen"] == (" No, sorry!  All of these involve a pen, the point is that you can get funny"
+                           " results by doing pranks with pens.")
+    assert r["rejected"].startswith(" There are lots of funny things you can do with pens, here’s one")
+
+
+def test_read_hh_skips_counted(tmp_path, capsys):
+    h, a = "\n\nHuman: hi", "\n\nAssistant:"
+    lines = [{"chosen": h + a + " good", "rejected": h + a + " bad"},
+             {"chosen": h + " no reply", "rejected": h + " none"},
+             {"chosen": h + a + " x", "rejected": "\n\nHuman: other" + a + " y"},
+             {"chosen": h + a + " ", "rejected": h + a + " y"},
+             {"chosen": h + a + " same", "rejected": h + a + " same"}]
+    records = read_hh(write_lines(tmp_path / "hh.jsonl", map(json.dumps, lines)))
+    assert records == [{"prompt": h + a, "chosen": " good", "rejected": " bad"}]
+    out = capsys.readouterr().out
+    for reason in ["prefixes differ", "no Assistant turn", "empty reply", "identical"]:
+        assert f"1 skipped ({reason})" in out
+
+
+@needs_hh
+def test_download_hh_file_url_then_cached(tmp_path, capsys):
+    mirror = tmp_path / "mirror" / "harmless-base"
+    mirror.mkdir(parents=True)
+    (mirror / "test.jsonl.gz").write_bytes(pathlib.Path(HH_FILE).read_bytes())
+    base_url, cache = (tmp_path / "mirror").as_uri(), str(tmp_path / "cache")
+    path = download_hh("harmless-base", "test", cache_dir=cache, base_url=base_url)
+    assert path == os.path.join(cache, "hh-rlhf", "harmless-base", "test.jsonl.gz")
+    assert pathlib.Path(path).read_bytes() == pathlib.Path(HH_FILE).read_bytes()
+    assert os.listdir(os.path.dirname(path)) == ["test.jsonl.gz"]  # no temp file left behind
+    assert "downloading" in capsys.readouterr().out
+    (mirror / "test.jsonl.gz").unlink()  # a second download would now fail
+    assert download_hh("harmless-base", "test", cache_dir=cache, base_url=base_url) == path
+    assert "downloading" not in capsys.readouterr().out
+
+
+def test_download_hh_errors(tmp_path):
+    with pytest.raises(UserError, match="helpful-base"):
+        download_hh("harmless", "train", cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match="failed"):
+        download_hh("helpful-base", "train", cache_dir=str(tmp_path / "c"), base_url=tmp_path.as_uri())
+    assert not os.path.exists(tmp_path / "c" / "hh-rlhf" / "helpful-base" / "train.jsonl.gz")
+
+
+def test_download_hh_short_body_error(tmp_path, monkeypatch):
+    class ShortResponse(io.BytesIO):  # a connection that drops after 5 of 10 bytes
+        headers = {"Content-Length": "10"}
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: ShortResponse(b"12345"))
+    with pytest.raises(UserError, match="got 5 of 10 bytes"):
+        download_hh("helpful-base", "train", cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "hh-rlhf" / "helpful-base") == []  # nothing half-written kept
+
+
+# ----------------------------------------------------------------------------- the built-in task
+
+@pytest.mark.parametrize("prompt, response, expected", [
+    ("list 3 fruits without pear:", " apple plum cherry", 1.0),          # perfect
+    ("list 3 fruits without pear:", " cherry apple plum", 1.0),          # any order
+    ("list 3 fruits without pear:", " apple plum", 2 / 3),               # too short
+    ("list 3 fruits without pear:", "", 0.0),
+    ("list 3 fruits without pear:", " apple plum cherry lemon", 2 / 3),  # padding beyond n: -1
+    ("list 3 fruits without pear:", " apple pear plum", 1 / 3),          # the excluded word
+    ("list 3 fruits without pear:", " apple apple plum", 1 / 3),         # a repeat
+    ("list 3 fruits without pear:", " apple dog plum", 1 / 3),           # off-category
+    ("list 3 fruits without pear:", " apple xyz, plum", 1 / 3),          # a non-word
+    ("list 3 fruits without pear:", " Apple plum", 0.0),                 # case matters
+    ("list 1 colors without red:", " blue blue blue", -1.0),
+    ("list 5 tools without axe:", " drill knife axe dog drill hammer brush needle wrench", 0.2),
+])
+def test_gold_score_hand_computed(prompt, response, expected):
+    assert gold_score(prompt, response) == pytest.approx(expected)
+
+
+def test_gold_score_bad_prompt_valueerror():
+    for prompt in ["list 3 fruits without dog:", "list 0 fruits without pear:",
+                   "list 3 cars without bus:", "Hello"]:
+        with pytest.raises(ValueError):
+            gold_score(prompt, " apple")
+
+
+def test_builtin_task_deterministic():
+    small = dict(n_sft=300, n_pairs=300, n_rankings=50)
+    a, b, c = builtin_task(0, **small), builtin_task(0, **small), builtin_task(1, **small)
+    assert a == b
+    for key in ["sft", "pairs", "rankings"]:
+        assert a[key] != c[key]
+    assert (len(a["sft"]), len(a["pairs"]), len(a["rankings"])) == (300, 300, 50)
+
+
+def test_builtin_task_eval_prompts_disjoint(task):
+    train, held = set(task["train_prompts"]), set(task["eval_prompts"])
+    assert (len(train), len(held)) == (192, 48) and not train & held
+    used = {r["prompt"] for key in ["sft", "pairs", "rankings"] for r in task[key]}
+    assert used == train  # 20000 draws reach every training prompt and no held-out one
+    combos = [re.fullmatch(r"list (\d) (\w+) without (\w+):", p).groups() for p in held]
+    assert len(set(combos)) == 48
+    parts = [re.fullmatch(r"list (\d) (\w+) without (\w+):", p).groups() for p in train]
+    all_words = {w for ws in CATEGORIES.values() for w in ws}
+    for i, seen in enumerate([set("12345"), set(CATEGORIES), all_words]):
+        assert {p[i] for p in parts} == seen  # every n, category, word still trained on
+
+
+def test_builtin_task_words_single_tokens():
+    tok = Tokenizer()
+    words = [w for ws in CATEGORIES.values() for w in ws]
+    assert len(CATEGORIES) == 6 and len(words) == len(set(words)) == 48
+    for w in words:
+        assert len(tok.encode(" " + w)) == 1, w
+
+
+def test_builtin_task_texts_encode_within_vocab(task):
+    tok = task_tokenizer()
+    assert task["vocab"] == sorted(set(task["vocab"])) and 50256 in task["vocab"]
+    assert tok.vocab == task["vocab"] and tok.vocab_size == 63
+    assert tok.decode([tok.eot]) == "<|endoftext|>"
+    texts = set(task["train_prompts"] + task["eval_prompts"])
+    texts |= {r[k] for r in task["sft"] + task["pairs"] for k in r}
+    texts |= {x for r in task["rankings"] for x in r["responses"]}
+    for t in texts:
+        assert tok.decode(tok.encode(t)) == t
+
+
+def test_demonstrate_mean_gold_in_range(task):
+    golds = [gold_score(r["prompt"], r["response"]) for r in task["sft"]]
+    mean = sum(golds) / len(golds)
+    assert 0.4 <= mean <= 0.6, mean
+    assert 0.2 < sum(g == 1.0 for g in golds) / len(golds) < 0.5  # some perfect, most not
+    n_of = {r["prompt"]: int(r["prompt"].split()[1]) for r in task["sft"]}
+    lengths = [len(r["response"].split()) - n_of[r["prompt"]] for r in task["sft"]]
+    assert min(lengths) >= -2 and max(lengths) == 1
+    assert 0.05 < sum(d == 1 for d in lengths) / len(lengths) < 0.15  # rarely too long
+
+
+def test_builtin_task_preferences_agree_with_gold(task):
+    for pairs in [task["pairs"], rankings_to_pairs(task["rankings"])]:
+        agree, expected, differ = 0, 0.0, 0
+        for r in pairs:
+            assert r["chosen"] != r["rejected"]
+            delta = gold_score(r["prompt"], r["chosen"]) - gold_score(r["prompt"], r["rejected"])
+            if delta != 0:
+                differ += 1
+                agree += delta > 0
+                expected += 1 / (1 + math.exp(-PREFERENCE_BETA * abs(delta)))  # Bradley-Terry
+        assert 0.65 <= agree / differ <= 0.80, agree / differ
+        assert abs(agree - expected) / differ < 0.02  # the labels follow sigmoid(beta * delta)
+    for r in task["rankings"]:
+        assert 4 <= len(r["responses"]) <= 6 and len(set(r["responses"])) == len(r["responses"])
+
+
+# ----------------------------------------------------------------------------- loading by name
+
+def test_load_records_builtin_split():
+    train, val = load_records("builtin", "sft")
+    assert (len(train), len(val)) == (19000, 1000)
+    train, val = load_records("builtin", "prompts")
+    assert (len(train), len(val)) == (192, 48)
+
+
+def test_load_records_rankings_file_as_pairs(tmp_path):
+    rankings = [{"prompt": f"p{i}", "responses": ["a", "b", "c"]} for i in range(20)]
+    path = write_lines(tmp_path / "r.jsonl", map(json.dumps, rankings))
+    train, val = load_records(path, "pairs")
+    assert (len(train), len(val)) == (19 * 3, 3)  # the last ranking, all 3 of its pairs, is val
+    assert {r["prompt"] for r in val} == {"p19"}
+    train, val = load_records(path, "sft")
+    assert train[0] == {"prompt": "p0", "response": "a"}
+    with pytest.raises(UserError, match="cannot be used as rankings"):
+        sft_file = write_lines(tmp_path / "s.jsonl", ['{"prompt": "p", "response": "r"}'] * 3)
+        load_records(sft_file, "rankings")
+
+
+@needs_hh
+def test_load_records_hh_format_file():
+    train, val = load_records(HH_FILE, "pairs")
+    assert (len(train), len(val)) == (2303 - 115, 115)
+    sft, _ = load_records(HH_FILE, "sft")
+    assert sft[0]["prompt"] == train[0]["prompt"] and sft[0]["response"] == train[0]["chosen"]
+    prompts, _ = load_records(HH_FILE, "prompts")
+    assert prompts[0] == train[0]["prompt"] and len(prompts) == len(set(prompts))
+
+
+# ----------------------------------------------------------------------------- encoding and collation
+
+def test_encode_examples_truncation_counts(capsys):
+    tok = Tokenizer()
+    long_prompt = " one two three four five six"  # 6 tokens
+    examples = encode_examples(tok, [long_prompt, " hi", " hi"],
+                               [" a b", " a b c d e f g h", " a b c d e f"],
+                               max_len=8, max_prompt_len=4, name="sft train")
+    assert examples[0] == (tok.encode(" three four five six"), tok.encode(" a b") + [50256])
+    assert examples[1] == (tok.encode(" hi"), tok.encode(" a b c d e f g"))  # cut: no eot
+    assert examples[2] == (tok.encode(" hi"), tok.encode(" a b c d e f") + [50256])  # exactly 8
+    out = capsys.readouterr().out
+    assert "data: sft train: 3 examples, 1 prompts left-truncated, 1 responses right-truncated" in out
+
+
+def test_encode_examples_no_room_error():
+    tok = Tokenizer()
+    assert encode_examples(tok, [" hi"], [" a"], max_len=4, max_prompt_len=4)  # short prompt: room
+    with pytest.raises(UserError, match=r"example 1: .*max_len=4.*max_prompt_len"):
+        encode_examples(tok, [" hi", " one two three four five"], [" a", " a"],
+                        max_len=4, max_prompt_len=4)
+    with pytest.raises(UserError, match="no examples"):
+        encode_examples(tok, [], [], max_len=4, max_prompt_len=2)
+
+
+def test_pad_right_shapes_masks_by_hand():
+    batch = pad_right([([1, 2], [3, 4]), ([5], [6, 7, 8, 9]), ([10, 11, 12], [13])], pad_id=99)
+    assert batch["tokens"].dtype == torch.long and batch["tokens"].shape == (3, 5)
+    assert batch["tokens"].tolist() == [[1, 2, 3, 4, 99], [5, 6, 7, 8, 9], [10, 11, 12, 13, 99]]
+    assert batch["attn_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 1, 0]]
+
+
+def test_pad_left_shapes_masks_by_hand():
+    tokens, attn_mask = pad_left([[1, 2], [3], [4, 5, 6]], pad_id=99)
+    assert tokens.dtype == torch.long and tokens.shape == (3, 3)
+    assert tokens.tolist() == [[99, 1, 2], [99, 99, 3], [4, 5, 6]]
+    assert attn_mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
