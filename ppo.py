@@ -74,7 +74,7 @@ def token_logprobs(logits, tokens):
     """log softmax(logits)[..., tokens]: the log-probability of each token under its logits.
     logits: (B, T, V), tokens: (B, T) -> (B, T). No shift inside: the caller aligns them
     (logits[:, :-1] with tokens[:, 1:])."""
-    return torch.gather(F.log_softmax(logits.float(), -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
@@ -134,7 +134,7 @@ def value_loss(values, old_values, returns, mask, clip_eps):
 def entropy(logits, mask):
     """Masked mean over tokens of the entropy H = -sum_v p_v log p_v, p = softmax(logits).
     logits: (B, T, V), mask: (B, T). Returns a scalar."""
-    logp = F.log_softmax(logits.float(), -1)
+    logp = F.log_softmax(logits, -1)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
 
 
@@ -258,6 +258,22 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
                     value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip), *norms]))
     s = torch.stack(stats).mean(0).tolist()  # one host sync for the whole update
     return dict(loss=s[0], clipfrac=s[1], approx_kl=s[2], value_loss=s[3], grad_norm=s[4], vf_grad_norm=s[5])
+
+
+def add_advantages(b, cfg, kl_coef, moments):
+    """Rollout batch b -> b["rewards"], b["advantages"] (whitened over the batch's valid tokens)
+    and b["returns"]: scores (with the optional no-eos penalty and running normalisation) become
+    per-token KL-penalised rewards, then GAE."""
+    scores = b["scores"]
+    if cfg.missing_eos_penalty:
+        scores = scores - cfg.missing_eos_penalty * (~b["ended"]).float()
+    if cfg.score_norm:
+        moments.update(scores)
+        scores = (scores - moments.mean) / moments.std
+    b["rewards"] = kl_penalized_rewards(scores, b["logprobs"], b["ref_logprobs"], b["mask"], kl_coef)
+    adv, b["returns"] = gae(b["rewards"], b["values"], b["mask"], cfg.gamma, cfg.lam)
+    b["advantages"] = whiten(adv, b["mask"])  # per batch, so the policy step size does not follow the reward scale
+    return b
 
 
 def explained_variance(values, returns, mask):
@@ -401,16 +417,8 @@ def train(cfg, log=None):
         t0 = time.time()
         b = rollout(policy, ref, rm, critic, [train_ids[j] for j in batch_indices(len(train_ids), it, cfg.rollout_batch, cfg.seed)],
                     tok, cfg, ctx, gen)
-        scores = b["scores"]
-        if cfg.missing_eos_penalty:
-            scores = scores - cfg.missing_eos_penalty * (~b["ended"]).float()
-        if cfg.score_norm:
-            moments.update(scores)
-            scores = (scores - moments.mean) / moments.std
         kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
-        rewards = kl_penalized_rewards(scores, b["logprobs"], b["ref_logprobs"], b["mask"], kl_coef)
-        adv, b["returns"] = gae(rewards, b["values"], b["mask"], cfg.gamma, cfg.lam)
-        b["advantages"] = whiten(adv, b["mask"])
+        add_advantages(b, cfg, kl_coef, moments)
         t1 = time.time()
         stats = ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx)
         t2 = time.time()

@@ -54,7 +54,7 @@ def sft_loss(logits, tokens, loss_mask):
     loss_mask[:, t] = 1, of -log softmax(logits[:, t-1])[tokens[:, t]]. Prompt and padding
     tokens contribute nothing. Returns a scalar."""
     B, T, V = logits.shape
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1), reduction="none")
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none")
     m = loss_mask[:, 1:].reshape(-1).to(nll.dtype)  # (B*(T-1),)
     return (nll * m).sum() / m.sum()
 

@@ -1,0 +1,214 @@
+"""ppo.py: each function of the PPO objective against hand-computed values or a naive loop."""
+import math
+from types import SimpleNamespace
+
+import torch
+
+import data
+from gpt import GPT, GPTConfig
+from ppo import (AdaptiveKLController, add_advantages, entropy, gae, kl_penalized_rewards, kl_stats, policy_logprobs,
+                 ppo_loss, ppo_policy_loss, rollout, token_logprobs, value_loss, whiten)
+from reward import RewardModel
+
+# two rows of different lengths: row 0 is left-padded and ends early, row 1 runs to the end
+MASK = torch.tensor([[0., 1., 1., 1., 0.], [1., 1., 1., 1., 1.]])
+
+
+def test_token_logprobs_matches_hand_computed():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0]]])  # (1, 2, 2)
+    got = token_logprobs(logits, torch.tensor([[1, 1]]))
+    want = torch.tensor([[math.log(3 / 4), math.log(1 / 5)]])
+    assert got.shape == (1, 2) and torch.allclose(got, want, atol=1e-6), f"token_logprobs {got} != {want}"
+
+
+def test_token_logprobs_stable_for_large_logits():
+    logits = torch.tensor([[[1000.0, 0.0, -1000.0]]])
+    got = token_logprobs(logits, torch.tensor([[1]]))
+    assert torch.isfinite(got).all() and abs(got.item() + 1000.0) < 1e-3
+
+
+def test_policy_logprobs_use_the_sampling_temperature():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=5, n_layer=1, n_head=1, n_embd=8)).eval()
+    tokens, attn = torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        got, _ = policy_logprobs(model, tokens, attn, temperature=0.5)
+        logits = model(tokens)[:, :-1]
+        want = torch.log_softmax(logits / 0.5, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        at_one = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    assert not torch.allclose(want, at_one, atol=1e-3)
+    assert torch.allclose(got, want, atol=1e-6), "log-probs must be taken at the sampling temperature"
+
+
+def test_kl_penalized_rewards_matches_hand_computed():
+    logprobs = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[0.0, -2.0, -1.0, -1.5, 0.0], [-1.0, -0.5, -1.0, -1.0, -3.0]])
+    got = kl_penalized_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, MASK, kl_coef=0.5)
+    want = torch.tensor([[0.0, -0.5, 0.5, -0.25 + 10.0, 0.0], [0.0, 0.25, 0.0, 0.0, -1.0 + 20.0]])
+    assert torch.allclose(got, want), f"got {got}, want {want}" + (
+        " (KL sign flipped? r_t = -kl_coef * (logprobs - ref_logprobs))"
+        if torch.allclose(got[:, :3], -want[:, :3]) else "")
+
+
+def naive_gae(rewards, values, mask, gamma, lam):
+    B, T = rewards.shape
+    adv = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        valid = [t for t in range(T) if mask[b, t]]
+        for t in valid:
+            total = 0.0
+            for l, u in enumerate(x for x in valid if x >= t):
+                v_next = values[b, u + 1].item() if u + 1 in valid else 0.0  # V = 0 after the end
+                delta = rewards[b, u].item() + gamma * v_next - values[b, u].item()
+                total += (gamma * lam) ** l * delta
+            adv[b][t] = total
+    adv = torch.tensor(adv)
+    return adv, (adv + values) * mask
+
+
+def test_gae_matches_naive_loop():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(2, 5), torch.randn(2, 5) * 3  # values on padding must not leak in
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.8), (1.0, 1.0)):
+        adv, ret = gae(rewards, values, MASK, gamma, lam)
+        want_adv, want_ret = naive_gae(rewards, values, MASK, gamma, lam)
+        assert torch.allclose(adv, want_adv, atol=1e-5), f"gae advantages (gamma={gamma}, lam={lam}):\n{adv}\nwant\n{want_adv}"
+        assert torch.allclose(ret, want_ret, atol=1e-5), "returns = advantages + values on valid tokens, 0 elsewhere"
+
+
+def test_gae_does_not_bootstrap_past_the_end():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5, 100.0]])  # position 3 is padding: its value must not count
+    adv, ret = gae(rewards, values, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.5, 0.5, 0.0]])), f"got {adv}: bootstrapped past the end?"
+    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_whiten_matches_hand_computed():
+    x = torch.tensor([[99.0, 1.0, 2.0, 3.0, -50.0], [4.0, 5.0, 6.0, 7.0, 8.0]])
+    valid = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])  # padding (99, -50) excluded
+    mean, var = valid.mean(), valid.var(unbiased=False)
+    got = whiten(x, MASK)
+    want = (x - mean) / torch.sqrt(var + 1e-8) * MASK
+    over_padding = (x - x.mean()) / x.std() * MASK
+    assert torch.allclose(got, want, atol=1e-6), f"whiten got {got}" + (
+        " (statistics include padding?)" if torch.allclose(got, over_padding, atol=1e-4) else "")
+    assert torch.allclose(whiten(x, MASK, shift_mean=False), ((x - mean) / torch.sqrt(var + 1e-8) + mean) * MASK, atol=1e-6)
+
+
+# the four corners of the clip plus the inside: log ratio, advantage, clipped?  (eps = 0.2)
+CASES = [(math.log(1.1), 1.0, False), (math.log(1.5), 2.0, True), (math.log(0.5), -1.0, True),
+         (math.log(1.5), -1.0, False), (math.log(0.5), 3.0, False)]
+
+
+def test_ppo_policy_loss_matches_hand_computed_each_branch():
+    for log_r, a, clipped in CASES:
+        r = math.exp(log_r)
+        want = -a * (min(max(r, 0.8), 1.2) if clipped else r)
+        got = ppo_policy_loss(torch.tensor([[log_r]]), torch.zeros(1, 1), torch.tensor([[a]]), torch.ones(1, 1), 0.2).item()
+        assert abs(got - want) < 1e-6, f"ratio {r:.2f}, advantage {a}: loss {got:.4f}, want {want:.4f} " \
+            f"(the loss is max(-A*ratio, -A*clip(ratio)): the pessimistic one)"
+
+
+def test_ppo_policy_loss_masked_mean():
+    logp = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.0, 0.1, -0.1, 0.05, 0.0]])
+    adv = torch.tensor([[5.0, 1.0, -1.0, 2.0, 7.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    got = ppo_policy_loss(logp, torch.zeros_like(logp), adv, MASK, 0.2).item()
+    terms = [max(-a * math.exp(l), -a * min(max(math.exp(l), 0.8), 1.2))
+             for l, a, m in zip(logp.flatten().tolist(), adv.flatten().tolist(), MASK.flatten().tolist()) if m]
+    assert abs(got - sum(terms) / len(terms)) < 1e-6
+
+
+def test_ppo_policy_loss_gradient_flows_through_the_ratio():
+    logp = torch.tensor([[0.05, -0.05]], requires_grad=True)
+    ppo_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -2.0]]), torch.ones(1, 2), 0.2).backward()
+    want = torch.tensor([[-1.0 * math.exp(0.05), 2.0 * math.exp(-0.05)]]) / 2
+    assert torch.allclose(logp.grad, want, atol=1e-6), f"grad {logp.grad}, want {want} (ratio detached?)"
+
+
+def test_value_loss_matches_hand_computed_both_regimes():
+    old, ret = torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[2.0, 0.0, 1.5]])
+    v = torch.tensor([[1.1, 1.5, 3.0]])  # inside the clip; clipped and worse; clipped
+    # entry 0: (1.1-2)^2=0.81 both; entry 1: max((1.5-0)^2, (1.2-0)^2)=2.25; entry 2: max(2.25, (1.2-1.5)^2)=2.25
+    want = 0.5 * (0.81 + 2.25 + 2.25) / 3
+    got = value_loss(v, old, ret, torch.ones(1, 3), 0.2).item()
+    assert abs(got - want) < 1e-6, f"value_loss {got:.5f}, want {want:.5f} (clip V around V_old, take the max)"
+    v2 = torch.tensor([[0.0, -1.0, 2.0]])  # entry 1 clipped to 0.8: max(1, 0.64) = 1; entry 2: max(0.25, 0.09)
+    want2 = 0.5 * (4.0 + 1.0 + 0.25) / 3
+    assert abs(value_loss(v2, old, ret, torch.ones(1, 3), 0.2).item() - want2) < 1e-6
+    v3 = torch.tensor([[2.0, 2.0, 2.0]])  # far from old: only the clipped term at 1.2 can be the max
+    want3 = 0.5 * (max(0, 0.64) + max(4, 1.44) + max(0.25, 0.09)) / 3
+    assert abs(value_loss(v3, old, ret, torch.ones(1, 3), 0.2).item() - want3) < 1e-6
+
+
+def test_entropy_matches_hand_computed():
+    p = torch.tensor([0.5, 0.25, 0.25])
+    logits = torch.log(p).expand(2, 5, 3)
+    want = -(p * p.log()).sum().item()  # 1.0397
+    assert abs(entropy(logits, MASK).item() - want) < 1e-6
+    logits = torch.zeros(2, 5, 3)
+    logits[0, 0] = torch.tensor([100.0, 0.0, 0.0])  # a padding position with zero entropy: excluded
+    assert abs(entropy(logits, MASK).item() - math.log(3)) < 1e-6, "entropy is a masked mean over valid tokens"
+
+
+def test_ppo_loss_combines_its_terms():
+    torch.manual_seed(0)
+    logp, old, adv = torch.randn(2, 5) * 0.1, torch.randn(2, 5) * 0.1, torch.randn(2, 5)
+    v, old_v, ret, logits = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5, 4)
+    pg = ppo_policy_loss(logp, old, adv, MASK, 0.2)
+    vf = value_loss(v, old_v, ret, MASK, 0.3)
+    h = entropy(logits, MASK)
+    got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01)
+    assert torch.allclose(got, pg + 0.5 * vf - 0.01 * h, atol=1e-6), "policy + vf_coef * value - ent_coef * entropy"
+    got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01, torch.tensor(2.0), 0.25)
+    assert torch.allclose(got, pg + 0.5 * vf - 0.01 * h + 0.5, atol=1e-6), "PPO-ptx adds ptx_coef * ptx_loss"
+
+
+def test_adaptive_kl_controller_matches_ziegler():
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(9.0, 64)  # error 0.5 clipped to 0.2
+    assert abs(c.value - 0.1 * (1 + 0.2 * 64 / 10000)) < 1e-12
+    c.update(5.4, 100)  # error -0.1
+    assert abs(c.value - 0.1 * (1 + 0.2 * 64 / 10000) * (1 - 0.1 * 100 / 10000)) < 1e-12
+
+
+def test_kl_stats_per_token_k1_and_nonnegative_k3():
+    b = dict(logprobs=torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0], [-1.0] * 5]),
+             ref_logprobs=torch.tensor([[0.0, -2.0, -1.0, -1.5, 0.0], [-1.0, -0.5, -1.0, -1.0, -3.0]]), mask=MASK)
+    k1, k3, kl_seq = kl_stats(b)
+    d = [1.0, -1.0, 0.5, 0.0, -0.5, 0.0, 0.0, 2.0]  # log p - log q on the 8 valid tokens
+    assert abs(k1 - sum(d) / 8) < 1e-6, "k1 is a mean per token, not a sum per sequence"
+    assert abs(k3 - sum(math.exp(-x) - 1 + x for x in d) / 8) < 1e-6
+    assert abs(kl_seq - (0.5 + 1.5) / 2) < 1e-6
+    assert k3 >= 0
+
+
+def tiny_models(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16)
+    return GPT(cfg).eval(), GPT(cfg).eval(), RewardModel(GPT(cfg)).eval()
+
+
+def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
+    policy, ref, rm = tiny_models()
+    cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0)
+    tok = SimpleNamespace(eot=10)
+    b = rollout(policy, ref, rm, rm, [[1, 2, 3, 4], [5, 6]], tok, cfg, torch.no_grad(), torch.Generator().manual_seed(0))
+    row = b["tokens"][1][b["attn"][1].bool()][None]  # row 1 without its padding
+    with torch.no_grad():
+        alone, _ = policy_logprobs(policy, row, torch.ones_like(row), 1.0)
+    got = b["logprobs"][1][b["attn"][1, 1:].bool()]
+    assert torch.allclose(got[-alone.size(1):], alone[0], atol=1e-5), "positions must restart after left padding"
+    assert torch.allclose(b["scores"][1], rm(row)[0, -1], atol=1e-5)
+
+
+def test_add_advantages_whitens_over_valid_tokens():
+    policy, ref, rm = tiny_models(1)
+    cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0, missing_eos_penalty=0.0, score_norm=False, gamma=1.0, lam=0.95)
+    b = rollout(policy, ref, rm, rm, [[1, 2, 3], [4, 5], [6], [7, 8, 9]], SimpleNamespace(eot=10), cfg,
+                torch.no_grad(), torch.Generator().manual_seed(0))
+    add_advantages(b, cfg, 0.1, None)
+    m = b["mask"]
+    assert abs((b["advantages"] * m).sum() / m.sum()) < 1e-5
+    assert abs(((b["advantages"] ** 2) * m).sum() / m.sum() - 1) < 1e-3, "advantages are whitened"
+    assert (b["advantages"][m == 0] == 0).all()

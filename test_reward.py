@@ -1,0 +1,59 @@
+"""reward.py: the Bradley-Terry loss by hand, K-way pairs, and where the reward is read."""
+import math
+
+import torch
+
+import data
+from gpt import GPT, GPTConfig
+from reward import RewardModel, group_batch, last_index, preference_loss
+
+
+def test_preference_loss_matches_hand_computed():
+    rc, rr = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.5, 1.0])
+    want = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(0.5)) + math.log(1 + math.exp(2))) / 3
+    reversed_ = (math.log(1 + math.exp(2)) + math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(-2))) / 3
+    got = preference_loss(rc, rr).item()
+    assert abs(got - want) < 1e-6, f"preference_loss = {got:.6f}, want {want:.6f}" + \
+        (" (the difference is reversed: it is r_chosen - r_rejected)" if abs(got - reversed_) < 1e-6 else "")
+
+
+def test_preference_loss_direction():
+    # the chosen response far ahead -> loss near 0; far behind -> loss near the gap
+    assert preference_loss(torch.tensor([10.0]), torch.tensor([0.0])).item() < 1e-4
+    assert abs(preference_loss(torch.tensor([0.0]), torch.tensor([10.0])).item() - 10.0) < 1e-3
+
+
+def test_preference_loss_stable_for_large_differences():
+    got = preference_loss(torch.tensor([0.0, 0.0]), torch.tensor([1000.0, -1000.0]))
+    assert torch.isfinite(got) and abs(got.item() - 500.0) < 1e-3
+
+
+def test_group_batch_k_way_pairs_and_single_division():
+    ex = lambda n: ([1, 2], [3] * n + [0])
+    groups = [[ex(1), ex(2), ex(3), ex(4)], [ex(2), ex(1)]]  # K=4 then K=2
+    b, ci, ri = group_batch(groups, [0, 1], pad_id=0)
+    assert b["tokens"].shape == (6, 7)  # each response scored once
+    assert list(zip(ci.tolist(), ri.tolist())) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3), (4, 5)]
+    r = torch.tensor([3.0, 1.0, 0.5, -2.0, 0.2, 0.1])
+    loss = preference_loss(r[ci], r[ri]).item()
+    want = sum(math.log(1 + math.exp(-(r[i] - r[j]).item())) for i, j in zip(ci.tolist(), ri.tolist())) / 7
+    assert abs(loss - want) < 1e-6, "the K-way loss is one mean over all K(K-1)/2 pairs (InstructGPT divides once)"
+
+
+def test_last_index_left_and_right_padding():
+    m = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert last_index(m).tolist() == [2, 4, 3, 4]
+
+
+def test_reward_model_score_same_left_or_right_padded():
+    torch.manual_seed(0)
+    rm = RewardModel(GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16))).eval()
+    seqs = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 2, 3]]
+    right = data.pad_right([(s[:1], s[1:]) for s in seqs], 0)
+    left_tokens, left_mask = data.pad_left(seqs, 0)
+    with torch.no_grad():
+        a = rm.score(right["tokens"], right["attn_mask"], left_padded=False)
+        b = rm.score(left_tokens, left_mask)
+        alone = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs])
+    assert torch.allclose(a, alone, atol=1e-5) and torch.allclose(b, alone, atol=1e-5), \
+        "the reward must be read at each row's last real token, with positions restarted after left padding"
