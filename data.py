@@ -1,17 +1,16 @@
 """
 Text in, tensors out: the tokenizer, the three JSONL record kinds, the HH-RLHF reader, the
-built-in task, and collation into padded (B, T) tensors. Also the few things every script shares:
-one-line errors, `--key=value` config overrides and atomic file writes (imports run
-data -> gpt -> sft / reward -> ppo, so this is the one place all of them can import).
+built-in task's vocabulary (the task itself, as text, is task.py), and collation into padded (B, T)
+tensors. Also the few things every script shares: one-line errors, `--key=value` config overrides
+and atomic file writes (imports run task -> data -> gpt -> sft / reward -> ppo, so this is the one
+place all of them can import).
 """
 import dataclasses
 import functools
 import gzip
 import inspect
 import json
-import math
 import os
-import random
 import re
 import sys
 import tempfile
@@ -19,6 +18,9 @@ import urllib.request
 
 import tiktoken
 import torch
+
+from task import CATEGORIES, gold_score, task_combos, task_prompt  # data.gold_score: sft, reward, ppo
+from task import builtin_task as _builtin_task_text  # builtin_task below adds the vocab
 
 # -----------------------------------------------------------------------------
 # shared by every script: errors, config, atomic writes
@@ -310,113 +312,12 @@ def download_hh(subset="helpful-base", split="train", cache_dir=None, base_url=H
 
 
 # -----------------------------------------------------------------------------
-# the built-in task: "list 3 fruits without pear:" -> " apple plum cherry", a gold labeler standing
-# in for the human, a careless demonstrator, and the labeler's noisy preferences between demonstrations
+# the built-in task (task.py) and its vocabulary, which needs the tokenizer
 
-CATEGORIES = {  # 8 words each, each " word" a single GPT-2 token, no word in two categories
-    "fruits": "apple pear plum peach lemon mango grape cherry".split(),
-    "animals": "cat dog horse cow pig sheep goat lion".split(),
-    "colors": "red blue green yellow black white pink purple".split(),
-    "tools": "hammer drill knife wrench axe shovel brush needle".split(),
-    "metals": "iron copper steel tin zinc nickel bronze brass".split(),
-    "drinks": "water tea coffee milk juice beer wine soda".split(),
-}
-_CATEGORY_OF = {w: c for c, words in CATEGORIES.items() for w in words}
-_OTHER_WORDS = {c: [w for w in _CATEGORY_OF if _CATEGORY_OF[w] != c] for c in CATEGORIES}
-MAX_N = 5  # prompts ask for 1..MAX_N items; the 7 words left after the excluded one allow MAX_N + 1
-PREFERENCE_BETA = 1.5  # the labeler's inverse temperature: agrees with gold on ~72% of pairs that differ
-
-
-def task_prompt(n, category, excluded):
-    return f"list {n} {category} without {excluded}:"
-
-
-def task_combos():
-    """All (n, category, excluded) -> (train, held out). Held out iff (n + 3*category index + word
-    index) % 5 == 0: exactly 20%, each (category, excluded) for one n only, so every n, category and
-    word is seen in training. Fixed, not seeded: runs of any seed are evaluated on the same prompts."""
-    split = ([], [])
-    for n in range(1, MAX_N + 1):
-        for ci, (category, words) in enumerate(CATEGORIES.items()):
-            for wi, excluded in enumerate(words):
-                split[(n + 3 * ci + wi) % 5 == 0].append((n, category, excluded))
-    return split
-
-
-@functools.lru_cache(maxsize=1024)  # 240 distinct prompts, each parsed thousands of times
-def _parse_prompt(prompt):
-    m = re.fullmatch(r"list (\d+) (\w+) without (\w+):", prompt)
-    if not m or int(m[1]) < 1 or m[2] not in CATEGORIES or _CATEGORY_OF.get(m[3]) != m[2]:
-        raise ValueError(f"not a built-in task prompt: {prompt!r}")
-    return int(m[1]), m[2], m[3]
-
-
-def gold_score(prompt, response):
-    """The labeler. Over the response's space-separated words in order: +1 for each of the first n
-    correct items (in the category, not the excluded word, not said before); -1 for an off-category
-    word, the excluded word, a repeat, a non-word, or a correct item beyond the n-th (padding).
-    Score = total / n: exactly n correct items score 1.0, the maximum. ValueError on other prompts."""
-    n, category, excluded = _parse_prompt(prompt)
-    total, correct, seen = 0, 0, set()
-    for w in response.split():
-        ok = _CATEGORY_OF.get(w) == category and w != excluded and w not in seen
-        seen.add(w)
-        correct += ok
-        total += 1 if ok and correct <= n else -1
-    return total / n
-
-
-def demonstrate(prompt, rng):
-    """A careless human's demonstration, " w1 w2 ...": usually too short (n, n-1, n-2 items w.p. 0.5,
-    0.3, 0.2, at least 1), w.p. 0.1 one too long (n+1); each item a fresh correct word w.p. 0.8, else
-    the excluded word, a repeat or an off-category word. Mean gold ~0.5, leaving room for RLHF."""
-    n, category, excluded = _parse_prompt(prompt)
-    k = n + 1 if rng.random() < 0.1 else max(1, n - rng.choice((0, 0, 0, 0, 0, 1, 1, 1, 2, 2)))
-    fresh, items = [w for w in CATEGORIES[category] if w != excluded], []
-    for _ in range(k):
-        u = rng.random()  # < 0.8: correct; else one of the three mistakes, equally likely
-        items.append(fresh.pop(rng.randrange(len(fresh))) if u < 0.8 else
-                     excluded if u < 0.8 + 0.2 / 3 else
-                     rng.choice(items) if u < 0.8 + 0.4 / 3 and items else
-                     rng.choice(_OTHER_WORDS[category]))
-    return " " + " ".join(items)
-
-
-def _ranked_demos(prompt, k, rng):
-    """k distinct demonstrations ranked by the labeler, best first, by Plackett-Luce: repeatedly take
-    the next with probability proportional to exp(PREFERENCE_BETA * gold) among those left. For k = 2
-    this is Bradley-Terry: P(a over b) = sigmoid(PREFERENCE_BETA * (gold_a - gold_b))."""
-    left, ranked = [], []
-    while len(left) < k:
-        d = demonstrate(prompt, rng)
-        if d not in left:
-            left.append(d)
-    weights = [math.exp(PREFERENCE_BETA * gold_score(prompt, d)) for d in left]
-    while left:
-        i = rng.choices(range(len(left)), weights)[0]
-        ranked.append(left.pop(i))
-        weights.pop(i)
-    return ranked
-
-
-def builtin_task(seed=0, n_sft=20000, n_pairs=20000, n_rankings=4000):
-    """The offline default data, a function of `seed` alone (random.Random(seed), no global state):
-    sft [{prompt, response}] demonstrations; pairs [{prompt, chosen, rejected}] of 2 distinct and
-    rankings [{prompt, responses}] of 4..6 distinct demonstrations, labeled by _ranked_demos, all on
-    train prompts; train_prompts and eval_prompts (list[str], task_combos' split); and vocab, the
-    sorted GPT-2 ids of every task text plus the eot, for Tokenizer(vocab)."""
-    rng = random.Random(seed)
-    train_prompts, eval_prompts = ([task_prompt(*c) for c in combos] for combos in task_combos())
-
-    def prompts(count):
-        return (rng.choice(train_prompts) for _ in range(count))
-    sft = [{"prompt": p, "response": demonstrate(p, rng)} for p in prompts(n_sft)]
-    pairs = [dict(zip(("prompt", "chosen", "rejected"), (p, *_ranked_demos(p, 2, rng))))
-             for p in prompts(n_pairs)]
-    rankings = [{"prompt": p, "responses": _ranked_demos(p, rng.randint(4, 6), rng)}
-                for p in prompts(n_rankings)]
-    return {"sft": sft, "pairs": pairs, "rankings": rankings, "train_prompts": train_prompts,
-            "eval_prompts": eval_prompts, "vocab": list(_task_vocab())}
+def builtin_task(seed=0, **sizes):
+    """task.builtin_task(seed, **sizes) plus vocab, the sorted GPT-2 ids of every task text plus the
+    eot, for Tokenizer(vocab)."""
+    return {**_builtin_task_text(seed, **sizes), "vocab": list(_task_vocab())}
 
 
 @functools.lru_cache(maxsize=None)
@@ -424,7 +325,7 @@ def _task_vocab():
     # a response is words joined by spaces, each " word" one token, so prompts and words cover all
     tok = Tokenizer()
     texts = [task_prompt(*c) for combos in task_combos() for c in combos]
-    texts += [" " + w for w in _CATEGORY_OF]
+    texts += [" " + w for words in CATEGORIES.values() for w in words]
     return tuple(sorted({tok.eot}.union(*(tok.encode(t) for t in texts))))
 
 

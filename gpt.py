@@ -243,7 +243,8 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
                         prompt.device, dtype)
     for t in range(P, P + max_new_tokens):
         start = cache.pos if use_cache else 0  # with a cache, feed only the tokens it has not seen
-        logits = model(tokens[:, start:t], mask[:, :t], cache)[:, -1]  # (B, V)
+        h = model.hidden(tokens[:, start:t], mask[:, :t], cache)[:, -1]  # (B, C)
+        logits = model.lm_head(h)  # (B, V): only the last position, the prefill's other logits are never used
         nxt = sample_token(logits.float(), temperature, top_k, top_p, generator)
         tokens[:, t] = torch.where(done, pad, nxt)
         mask[:, t] = (~done).long()
