@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -42,6 +43,27 @@ def main_guard(main, argv=None):
             raise
         print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or SIGTERM during training sets .requested instead of interrupting a step
+    half-done; the loop checks it between steps, saves a checkpoint and calls exit(). A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def exit(self, message):
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _field_comments(cls):

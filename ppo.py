@@ -18,10 +18,10 @@ import torch
 from torch.nn import functional as F
 
 import data
-from data import UserError, append_jsonl, main_guard, parse_config, write_json
+from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config, write_json
 from gpt import autocast, generate, get_device, load_checkpoint, make_optimizer, model_from_checkpoint, save_checkpoint
 from reward import last_index, load_reward_model
-from sft import sft_loss
+from sft import batch_indices, sft_loss
 
 
 @dataclass
@@ -373,12 +373,11 @@ def train(cfg, log=None):
     eval_prompts = eval_prompts[:cfg.eval_prompts]
     encode = lambda ps: [tok.encode(p)[-cfg.max_prompt_len:] for p in ps]  # keep the end, nearest the response
     train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)
-    ptx = None
+    ptx, ptx_g = None, torch.Generator().manual_seed(cfg.seed + 2)
     if cfg.ptx_coef > 0:
         demos = data.load_records(cfg.data, "sft", cfg.seed)[0]
         demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
                                      cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len, "ptx")
-        ptx_g = torch.Generator().manual_seed(cfg.seed + 2)
         ptx = lambda: {k: v.to(device) for k, v in data.pad_right(
             [demos[j] for j in torch.randint(len(demos), (cfg.minibatch,), generator=ptx_g).tolist()], tok.eot).items()}
     opts = [make_optimizer(policy.parameters(), cfg.lr, 0.0, device), make_optimizer(critic.parameters(), cfg.vf_lr, 0.0, device)]
@@ -396,7 +395,7 @@ def train(cfg, log=None):
         start, moments.__dict__ = ck["iter"], ck["moments"]
         if kl_ctl:
             kl_ctl.value = ck["kl_coef"]
-        gen.set_state(ck["gen_state"]), g.set_state(ck["g_state"])
+        gen.set_state(ck["gen_state"]), g.set_state(ck["g_state"]), ptx_g.set_state(ck["ptx_state"])
         print(f"resumed from {path} at iteration {start}")
     print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}")
 
@@ -404,10 +403,13 @@ def train(cfg, log=None):
         save_checkpoint(path, policy, "ppo", critic=critic.state_dict(), vocab=tok.vocab, cfg=asdict(cfg), iter=it,
                         optimizers=[o.state_dict() for o in opts], moments=dict(moments.__dict__),
                         kl_coef=kl_ctl.value if kl_ctl else cfg.kl_coef, gen_state=gen.get_state(),
-                        g_state=g.get_state(), **extra)
+                        g_state=g.get_state(), ptx_state=ptx_g.get_state(), **extra)
 
-    from sft import batch_indices
+    stop = GracefulStop()
     for it in range(start, cfg.iters + 1):
+        if stop.requested:
+            save(it)
+            stop.exit(f"ppo: stopped before iteration {it}; saved {path}; continue with --resume")
         if it % cfg.eval_interval == 0 or it == cfg.iters:
             ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, cfg, ctx, builtin)
             log(dict(kind="eval", iter=it, iters=cfg.iters, **ev))

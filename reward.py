@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import data
-from data import UserError, main_guard, parse_config
+from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config
 from gpt import (autocast, generate, get_device, load_checkpoint, lr_at, make_optimizer, model_from_checkpoint,
                  save_checkpoint)
 from sft import batch_indices
@@ -203,8 +203,11 @@ def main(argv):
         save_checkpoint(path, rm.gpt, "reward", head=rm.head.state_dict(), vocab=tok.vocab, cfg=asdict(cfg),
                         iter=it, best_acc=best_acc, optimizer=opt.state_dict(), rng=torch.get_rng_state(), **extra)
 
-    t0 = time.time()
+    t0, stop = time.time(), GracefulStop()
     for it in range(start, cfg.max_iters + 1):
+        if stop.requested:
+            save(last_path, it, best)
+            stop.exit(f"reward: stopped before step {it}; saved {last_path}; continue with --resume")
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             vloss, vacc, vgold = evaluate(rm, val, val_gold, cfg, ctx, device, tok.eot)
             print(f"reward {it}/{cfg.max_iters} | val loss {vloss:.4f} | val acc {vacc:.3f} | gold agreement {vgold:.3f}")
@@ -228,6 +231,7 @@ def main(argv):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if it % cfg.log_interval == 0:
+            append_jsonl(dict(iter=it, loss=loss.item()), os.path.join(cfg.out_dir, "reward_metrics.jsonl"))
             print(f"reward {it}/{cfg.max_iters} | loss {loss.item():.4f} | acc {(rc > rr).float().mean().item():.3f} "
                   f"| {(time.time() - t0) * 1000 / cfg.log_interval:.0f} ms/step")
             t0 = time.time()

@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 import data
-from data import UserError, main_guard, parse_config
+from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config
 from gpt import (GPT, GPTConfig, autocast, generate, get_device, load_checkpoint, lr_at, make_optimizer,
                  model_from_checkpoint, save_checkpoint)
 
@@ -157,8 +157,11 @@ def main(argv):
         save_checkpoint(path, model, "sft", vocab=tok.vocab, cfg=asdict(cfg), iter=it, best_val=best_val,
                         optimizer=opt.state_dict(), rng=torch.get_rng_state())
 
-    t0, tokens_seen = time.time(), 0
+    t0, tokens_seen, stop = time.time(), 0, GracefulStop()
     for it in range(start, cfg.max_iters + 1):
+        if stop.requested:
+            save(last_path, it, best)
+            stop.exit(f"sft: stopped before step {it}; saved {last_path}; continue with --resume")
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             val_loss = evaluate(fmodel, val, cfg, tok, ctx, device)
             print(f"sft {it}/{cfg.max_iters} | val loss {val_loss:.4f}")
@@ -188,6 +191,8 @@ def main(argv):
         opt.zero_grad(set_to_none=True)
         if it % cfg.log_interval == 0:
             dt = time.time() - t0
+            append_jsonl(dict(iter=it, loss=loss.item() * cfg.grad_accum, lr=opt.param_groups[0]["lr"]),
+                         os.path.join(cfg.out_dir, "sft_metrics.jsonl"))
             print(f"sft {it}/{cfg.max_iters} | loss {loss.item() * cfg.grad_accum:.4f} | lr {opt.param_groups[0]['lr']:.2e} "
                   f"| {dt * 1000 / cfg.log_interval:.0f} ms/step | {tokens_seen / dt:.0f} tok/s")
             t0, tokens_seen = time.time(), 0

@@ -1,0 +1,151 @@
+"""Robustness as a user meets it: one-line errors with exit code 2, runs that survive SIGKILL and
+Ctrl-C, and resumed runs that match uninterrupted ones step for step."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data import UserError
+from gpt import load_checkpoint
+from ppo import Config as PPOConfig, check_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SFT = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--batch_size=8", "--warmup_iters=2", "--eval_batches=1", "--log_interval=1"]
+RM = ["--batch_size=4", "--eval_batches=1", "--log_interval=1", "--warmup_iters=2", "--norm_samples=0"]
+PPO = ["--rollout_batch=8", "--minibatch=4", "--ppo_epochs=2", "--eval_prompts=4", "--eval_samples=1", "--max_new_tokens=6"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, f"exit code {r.returncode}\n{r.stdout[-1000:]}\n{r.stderr[-2000:]}"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ck"))
+    assert run("sft.py", f"--out_dir={out}", *SFT, "--max_iters=4", "--eval_interval=2").returncode == 0
+    r = run("reward.py", f"--out_dir={out}", f"--sft_ckpt={out}/sft.pt", *RM, "--max_iters=4", "--eval_interval=2")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_bad_jsonl_is_one_line_naming_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    one_line_error(run("sft.py", f"--data={bad}", f"--out_dir={tmp_path}"), f"{bad}:2", "response")
+    r = run("sft.py", f"--data={bad}", f"--out_dir={tmp_path}", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr  # --debug keeps the traceback
+
+
+def test_settings_errors_list_valid_keys(tmp_path):
+    one_line_error(run("sft.py", "--lr_max=1"), "unknown setting --lr_max", "--max_iters")
+    one_line_error(run("sft.py", "--lr=fast"), "--lr=fast", "float")
+    one_line_error(run("ppo.py", "--rollout_batch=10", "--minibatch=4"), "not divisible")
+
+
+@pytest.mark.parametrize("kw, needle", [(dict(clip_eps=0.0), "clip_eps"), (dict(temperature=-1.0), "temperature"),
+                                        (dict(kl_target=6.0), "adaptive_kl"), (dict(adaptive_kl=True), "kl_target"),
+                                        (dict(rollout_batch=6, minibatch=4), "divisible"), (dict(kl_coef=-0.1), "kl_coef")])
+def test_impossible_ppo_settings(kw, needle):
+    with pytest.raises(UserError, match=needle):
+        check_config(PPOConfig(**kw))
+
+
+def test_missing_and_wrong_checkpoints(tmp_path, ckpts):
+    one_line_error(run("reward.py", f"--sft_ckpt={tmp_path}/none.pt"), "run `python sft.py` first")
+    one_line_error(run("ppo.py", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={tmp_path}/none.pt"), "run `python reward.py` first")
+    one_line_error(run("ppo.py", f"--sft_ckpt={ckpts}/reward.pt", f"--reward_ckpt={ckpts}/reward.pt"), "'reward' checkpoint, expected 'sft'")
+    open(tmp_path / "cut.pt", "wb").write(open(f"{ckpts}/sft.pt", "rb").read()[:5000])
+    one_line_error(run("reward.py", f"--sft_ckpt={tmp_path}/cut.pt"), "unreadable checkpoint")
+    one_line_error(run("sft.py", f"--out_dir={tmp_path}", "--max_len=8", "--max_prompt_len=8"),
+                   "--max_prompt_len=8")  # a prompt budget that leaves no room for a response
+
+
+def test_nonfinite_loss_stops_with_step_and_quantity(tmp_path):
+    line = one_line_error(run("sft.py", f"--out_dir={tmp_path}", *SFT, "--lr=1e8", "--max_iters=50", "--eval_interval=50"),
+                          "non-finite")
+    assert re.search(r"step \d+", line)
+    load_checkpoint(f"{tmp_path}/sft_last.pt", "sft")  # the last good checkpoint still loads
+
+
+def test_kl_runaway_warns(tmp_path, ckpts):
+    r = run("ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}/reward.pt", *PPO,
+            "--iters=1", "--kl_max=-1")
+    assert r.returncode == 0 and "warning: ppo iteration 0: KL" in r.stdout
+
+
+def test_every_torch_load_is_weights_only():
+    for path in glob.glob(os.path.join(HERE, "*.py")):
+        for line in open(path):
+            if re.search(r"\btorch\.load\(\w", line):  # a call, not this test's own string
+                assert "weights_only=True" in line, f"{os.path.basename(path)}: {line.strip()}"
+
+
+def interrupt_when(args, pattern, sig):
+    """Start a run, send `sig` once a stdout line matches `pattern`, wait for the exit."""
+    p = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if re.search(pattern, line):
+            p.send_signal(sig)
+            break
+    out, err = p.communicate(timeout=600)
+    return p.returncode, err
+
+
+def losses(path, key="loss"):
+    """iter -> loss, the last entry for each iteration (a resumed run appends)."""
+    out = {}
+    for line in open(path):
+        m = json.loads(line)
+        if m.get("kind", "train") == "train":
+            out[m["iter"]] = m[key]
+    return out
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, ckpts, stage):
+    args = {"sft": ["sft.py", *SFT, "--max_iters=30", "--eval_interval=10"],
+            "reward": ["reward.py", f"--sft_ckpt={ckpts}/sft.pt", *RM, "--max_iters=30", "--eval_interval=10"],
+            "ppo": ["ppo.py", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}/reward.pt", *PPO, "--iters=8",
+                    "--eval_interval=4", "--adaptive_kl", "--kl_target=0.5", "--score_norm", "--ptx_coef=0.1"]}[stage]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run(*args, f"--out_dir={a}")
+    assert r.returncode == 0, r.stderr
+    rc, err = interrupt_when([*args, f"--out_dir={b}"], rf"^{stage} (train )?3/", signal.SIGINT)
+    assert rc == 130 and "continue with --resume" in err, err
+    stopped_at = load_checkpoint(f"{b}/{stage}{'_last' if stage != 'ppo' else ''}.pt", stage)["iter"]
+    assert 3 < stopped_at < {"sft": 30, "reward": 30, "ppo": 8}[stage]
+    r = run(*args, f"--out_dir={b}", "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    name = {"sft": "sft_metrics", "reward": "reward_metrics", "ppo": "ppo_metrics"}[stage]
+    la, lb = losses(f"{a}/{name}.jsonl"), losses(f"{b}/{name}.jsonl")
+    assert la.keys() == lb.keys() and max(lb) > stopped_at
+    for it in la:
+        assert abs(la[it] - lb[it]) <= 1e-6 * max(1.0, abs(la[it])), f"{stage} step {it}: {la[it]} vs resumed {lb[it]}"
+
+
+def test_sigkill_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
+    out = str(tmp_path)
+    args = ["sft.py", *SFT, "--max_iters=400", "--eval_interval=5", f"--out_dir={out}"]
+    rc, _ = interrupt_when(args, r"^sft 12/", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    ck = load_checkpoint(f"{out}/sft_last.pt", "sft")  # whatever moment the kill hit, this is complete
+    assert ck["iter"] >= 10
+    r = run(*args[:-2], "--max_iters=20", "--eval_interval=5", f"--out_dir={out}", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(f"{out}/sft_last.pt", "sft")["iter"] == 20
