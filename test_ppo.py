@@ -42,7 +42,7 @@ def test_policy_logprobs_use_the_sampling_temperature():
 
 def test_kl_penalized_rewards_matches_hand_computed():
     logprobs = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0, -1.0]])
-    ref = torch.tensor([[0.0, -2.0, -1.0, -1.5, 0.0], [-1.0, -0.5, -1.0, -1.0, -3.0]])
+    ref = torch.tensor([[1.0, -2.0, -1.0, -1.5, -2.0], [-1.0, -0.5, -1.0, -1.0, -3.0]])  # padding differs too
     got = kl_penalized_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, MASK, kl_coef=0.5)
     want = torch.tensor([[0.0, -0.5, 0.5, -0.25 + 10.0, 0.0], [0.0, 0.25, 0.0, 0.0, -1.0 + 20.0]])
     assert torch.allclose(got, want), f"got {got}, want {want}" + (

@@ -1,0 +1,420 @@
+"""The course skeleton (make_exercises.py) and the strength of the tests, by running pytest on copies:
+1. the skeleton imports, `python ppo.py --help` works, every test that touches an exercise fails with
+   NotImplementedError and every other test passes;
+2. putting one reference function back (with the exercises it needs) makes its own tests pass (its
+   `-k` line in EXERCISES.md), and no other exercise's;
+3. each planted bug of BUGS, a typical student mistake patched into a copy of the reference, makes
+   the suite fail, with a test that passes on the reference.
+The ~50 pytest runs are forks of one process that has imported torch, run side by side (~1 min on 2
+cores). `python test_exercises.py` prints the planted-bug table and its caught/total figure."""
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import make_exercises as mx
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NOT_RERUN = {"test_scripts.py", "test_robust.py", "test_exercises.py"}  # runs of the scripts (minutes), and this file
+BROKEN = {"SyntaxError", "IndentationError", "ImportError", "ModuleNotFoundError", "NameError"}  # a bad patch
+
+BUGS = [  # (typical student mistake, file, reference snippet, the mistake); each snippet occurs once
+    ("sft_loss: logits/labels shift missing", "sft.py",
+     "logits[:, :-1].reshape(-1, V), tokens[:, 1:]", "logits[:, 1:].reshape(-1, V), tokens[:, 1:]"),
+    ("sft_loss: averaged over prompt and padding tokens", "sft.py",
+     "return (nll * m).sum() / m.sum()", "return nll.mean()"),
+    ("preference_loss: difference reversed", "reward.py",
+     "F.logsigmoid(r_chosen - r_rejected)", "F.logsigmoid(r_rejected - r_chosen)"),
+    ("preference_loss: sum over pairs, not mean", "reward.py",
+     "-F.logsigmoid(r_chosen - r_rejected).mean()", "-F.logsigmoid(r_chosen - r_rejected).sum()"),
+    ("token_logprobs: log of softmax (overflows)", "ppo.py", "F.log_softmax(logits, -1), -1,",
+     "torch.softmax(logits, -1).log(), -1,"),
+    ("kl_penalized_rewards: KL sign flipped", "ppo.py",
+     "rewards = -kl_coef * (logprobs - ref_logprobs)", "rewards = kl_coef * (logprobs - ref_logprobs)"),
+    ("kl_penalized_rewards: KL penalty on padding", "ppo.py",
+     "rewards = -kl_coef * (logprobs - ref_logprobs) * mask", "rewards = -kl_coef * (logprobs - ref_logprobs)"),
+    ("kl_penalized_rewards: score at the last column, not each row's last token", "ppo.py",
+     "last = last_index(mask)", "last = torch.full_like(last_index(mask), mask.size(1) - 1)"),
+    ("gae: bootstraps past the end of a response", "ppo.py",
+     "values, rewards = values * mask, rewards * mask", "rewards = rewards * mask"),
+    ("gae: lambda forgotten in the recursion", "ppo.py", "gamma * lam * next_adv", "gamma * next_adv"),
+    ("whiten: statistics over padding", "ppo.py",
+     "mean = masked_mean(x, mask)\n    var = masked_mean((x - mean) ** 2, mask)",
+     "mean = x.mean()\n    var = ((x - mean) ** 2).mean()"),
+    ("whiten: padding not zeroed", "ppo.py", "        out = out + mean\n    return out * mask",
+     "        out = out + mean\n    return out"),
+    ("ppo_policy_loss: ratio detached", "ppo.py",
+     "ratio = torch.exp(logprobs - old_logprobs)", "ratio = torch.exp(logprobs - old_logprobs).detach()"),
+    ("ppo_policy_loss: ratio inverted", "ppo.py",
+     "ratio = torch.exp(logprobs - old_logprobs)", "ratio = torch.exp(old_logprobs - logprobs)"),
+    ("ppo_policy_loss: min instead of max", "ppo.py",
+     "torch.max(-advantages * ratio, -advantages * clipped)", "torch.min(-advantages * ratio, -advantages * clipped)"),
+    ("ppo_policy_loss: clip on one side only", "ppo.py",
+     "torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)", "torch.clamp(ratio, max=1 + clip_eps)"),
+    ("ppo_policy_loss: mean over padding", "ppo.py",
+     "masked_mean(torch.max(-advantages * ratio, -advantages * clipped), mask)",
+     "torch.max(-advantages * ratio, -advantages * clipped).mean()"),
+    ("value_loss: clipped around the returns, not the old values", "ppo.py",
+     "old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)",
+     "returns + torch.clamp(values - returns, -clip_eps, clip_eps)"),
+    ("value_loss: min instead of max", "ppo.py", "torch.max((values - returns) ** 2", "torch.min((values - returns) ** 2"),
+    ("value_loss: the 0.5 forgotten", "ppo.py", "return 0.5 * masked_mean(", "return masked_mean("),
+    ("entropy: sign flipped", "ppo.py", "-(logp.exp() * logp).sum(-1)", "(logp.exp() * logp).sum(-1)"),
+    ("entropy: mean over the vocabulary, not sum", "ppo.py", "-(logp.exp() * logp).sum(-1)",
+     "-(logp.exp() * logp).mean(-1)"),
+    ("ppo_loss: entropy bonus added to the loss", "ppo.py", "- ent_coef * entropy(logits, mask)",
+     "+ ent_coef * entropy(logits, mask)"),
+    ("ppo_loss: PPO-ptx term detached", "ppo.py", "loss + ptx_coef * ptx_loss", "loss + ptx_coef * ptx_loss.detach()"),
+    ("entropy: computed from detached logits", "ppo.py", "logp = F.log_softmax(logits, -1)",
+     "logp = F.log_softmax(logits.detach(), -1)"),
+    ("attention: no causal mask", "gpt.py", "F.scaled_dot_product_attention(q, k, v, is_causal=True)",
+     "F.scaled_dot_product_attention(q, k, v)"),
+    ("attention: scores scaled by 1/hs, not 1/sqrt(hs)", "gpt.py", "(q, k, v, is_causal=True)",
+     "(q, k, v, is_causal=True, scale=1.0 / k.size(-1))"),
+    ("attention: padding mask ignored", "gpt.py", "F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
+     "F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) == k.size(2))"),
+    ("attention: heads split without the transpose", "gpt.py",
+     "q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)", "q = q.view(B, self.n_head, T, C // self.n_head)"),
+    ("KV cache: every step written at position 0", "gpt.py",
+     "self.k[layer, :, :, self.pos:end] = k", "self.k[layer, :, :, :k.size(2)] = k"),
+    ("position ids ignore left padding", "gpt.py", "return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
+     "return torch.arange(attention_mask.size(1), device=attention_mask.device).expand_as(attention_mask)"),
+    ("reward read at sum(mask) - 1 (wrong under left padding)", "reward.py",
+     "return T - 1 - mask.flip(1).long().argmax(1)", "return mask.long().sum(1) - 1"),
+    ("sft_loss_grad: shifted the wrong way", "grads.py", "grad[:, :-1] = (p - onehot)", "grad[:, 1:] = (p - onehot)"),
+    ("preference_loss_grad: same sign for both rewards", "grads.py", "return -g, g", "return -g, -g"),
+    ("ppo_policy_loss_grad: clip ignored for negative advantages", "grads.py",
+     "clipped = ((advantages > 0) & (rho > 1 + clip_eps)) | ((advantages < 0) & (rho < 1 - clip_eps))",
+     "clipped = (advantages > 0) & (rho > 1 + clip_eps)"),
+]
+
+# -----------------------------------------------------------------------------
+# copies of the repo, and pytest runs on them read back from --junitxml
+
+
+def copy_repo(dst, bug=None):
+    """The repo's files (but NOT_IN_SKELETON) to dst, with a planted bug (name, file, old, new) applied;
+    an old text that is not exactly once in its file is an error (a stale table), not a silent pass."""
+    for rel in mx.repo_files(ROOT):
+        if rel not in mx.NOT_IN_SKELETON:
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, rel), os.path.join(dst, rel))
+    if bug:
+        name, file, old, new = bug
+        text = open(os.path.join(dst, file)).read()
+        assert text.count(old) == 1, f"planted bug {name!r}: {file} has {text.count(old)} times {old!r}, not once"
+        text = text.replace(old, new)
+        compile(text, file, "exec")
+        open(os.path.join(dst, file), "w").write(text)
+
+
+def unit_tests(tree):
+    return sorted(f for f in os.listdir(tree) if f.startswith("test_") and f.endswith(".py") and f not in NOT_RERUN)
+
+
+def seen_by(tree, module):
+    """The unit test files that import `module` directly or through other modules of the tree,
+    its own test file first (so that -x stops early)."""
+    local = {f[:-3] for f in os.listdir(tree) if f.endswith(".py")}
+    deps = {}
+    for m in local:
+        tree_ast = ast.parse(open(os.path.join(tree, m + ".py")).read())
+        names = {a.name for n in ast.walk(tree_ast) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree_ast) if isinstance(n, ast.ImportFrom) and n.module}
+        deps[m] = names & local
+
+    def reaches(m, seen=()):
+        return m == module or any(reaches(d, seen + (m,)) for d in deps[m] if d not in seen)
+    files = [f for f in unit_tests(tree) if reaches(f[:-3])]
+    return sorted(files, key=lambda f: f != f"test_{module}.py")
+
+
+def key(tree, classname, name):
+    """A test's id as junitxml writes it, with the copy's path (in parametrize ids) made generic."""
+    for path in {str(tree), os.path.realpath(tree)}:
+        name = name.replace(path, "<tree>")
+    return f"{classname}::{name}"
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # import the copy's modules, never ROOT's
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",  # copies run side by side, one core each
+             PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")  # no third-party plugins: hypothesis alone costs 1.4 s a run
+    return e
+
+
+RUNNER = r"""import json, os, signal, sys, traceback
+import pytest, torch  # loaded once (1.5 s); each job is a fork of this process that imports its copy's modules
+jobs, workers, running, codes = json.load(open(sys.argv[1])), int(sys.argv[2]), {}, {}
+
+
+class Grab:
+    def pytest_collection_finish(self, session):
+        self.ids = [item.nodeid for item in session.items]
+
+
+def job(j):
+    os.chdir(j["tree"])
+    sys.path.insert(0, j["tree"])
+    signal.alarm(j["timeout"])  # a planted bug may loop forever
+    if "exec" in j:
+        os.execv(sys.executable, [sys.executable, *j["exec"]])
+    if "collect" not in j:
+        return pytest.main(j["args"])
+    out = {}
+    for expr in j["collect"]:  # -k expressions -> the test ids pytest itself selects
+        grab = Grab()
+        pytest.main(["--collect-only", "-q", "-k", expr, *j["args"]], plugins=[grab])
+        out[expr] = grab.ids
+    json.dump(out, open(j["out"], "w"))
+    return 0
+
+
+while jobs or running:
+    while jobs and len(running) < workers:
+        j = jobs.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            log = os.open(j["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(log, 1), os.dup2(log, 2)
+            try:
+                code = int(job(j))
+            except BaseException:
+                traceback.print_exc()
+                code = 99
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+        running[pid] = j
+    pid, status = os.wait()
+    codes[running.pop(pid)["log"]] = os.waitstatus_to_exitcode(status)
+json.dump(codes, open(sys.argv[3], "w"))
+"""
+
+
+def run_jobs(tmp, jobs):
+    """{name: (tree, kind, args)} with kind pytest | collect (args: exprs, then files) | exec -> {name: result}:
+    pytest -> {test key: (outcome, message)}, outcome passed | failed | error | skipped;
+    collect -> {-k expression: set of test keys}; exec -> (exit code, output). Run os.cpu_count() at a time."""
+    specs = []
+    for name, (tree, kind, args) in jobs.items():
+        spec = dict(tree=tree, log=tree + f".{len(specs)}.log", timeout=600)
+        if kind == "pytest":
+            spec["args"] = ["-q", "-p", "no:cacheprovider", "--tb=native", f"--junitxml={tree}.xml", *args]
+        elif kind == "collect":
+            spec.update(collect=args[0], args=["-p", "no:cacheprovider", *args[1]], out=tree + ".collected.json")
+        else:
+            spec["exec"] = args
+        specs.append(spec)
+    with open(os.path.join(tmp, "jobs.json"), "w") as f:
+        json.dump(specs, f)
+    workers = min(8, max(2, os.cpu_count() or 2))  # each fork holds ~200 MB of its own
+    subprocess.run([sys.executable, "-c", RUNNER, "jobs.json", str(workers), "codes.json"],
+                   cwd=tmp, env=env(), check=True, timeout=1800)
+    codes = json.load(open(os.path.join(tmp, "codes.json")))
+    out = {}
+    for (name, (tree, kind, _)), spec in zip(jobs.items(), specs):
+        log = open(spec["log"], errors="replace").read()
+        if kind == "exec":
+            out[name] = (codes[spec["log"]], log)
+        elif kind == "collect":
+            if codes[spec["log"]] != 0:
+                raise RuntimeError(f"collecting the tests in {tree} failed:\n{log[-3000:]}")
+            junit = lambda n: (n.split("::")[0][:-3].replace("/", "."), n.split("::", 1)[1].replace("::", "."))
+            out[name] = {e: {key(tree, *junit(n)) for n in ids} for e, ids in json.load(open(spec["out"])).items()}
+        elif not os.path.exists(tree + ".xml"):  # killed by its alarm, or pytest could not start
+            out[name] = {"<no report>": ("error", f"exit code {codes[spec['log']]}:\n{log[-3000:]}")}
+        else:
+            out[name] = {}
+            for case in ET.parse(tree + ".xml").getroot().iter("testcase"):
+                bad = [c for c in case if c.tag in ("failure", "error", "skipped")]
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[bad[0].tag] if bad else "passed"
+                msg = (bad[0].get("message", "") + "\n" + (bad[0].text or "")) if bad else ""
+                out[name][key(tree, case.get("classname", ""), case.get("name", ""))] = (outcome, msg)
+    return out
+
+
+def stub_hit(msg):
+    """A test failed on an exercise's stub: raised in the test's process, or (CLI tests) in a
+    subprocess whose output the test's assertion message shows."""
+    return msg.startswith("NotImplementedError") or "NotImplementedError: exercise " in msg
+
+
+def closure(name):
+    """The exercise and all it needs, recursively: what a restore check puts back."""
+    needs = {n: set(ns) for _, n, ns, _, _ in mx.EXERCISES}
+    out, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo += needs[n]
+    return out
+
+
+def run_all(tmp, parts=("skeleton", "restore", "bugs")):
+    """Make the copies under tmp (beside a link to ../shared) and run every check's pytest."""
+    shared = os.path.join(ROOT, "..", "shared")
+    if os.path.isdir(shared):
+        os.symlink(os.path.abspath(shared), os.path.join(tmp, "shared"))
+    skel, ref_tree = os.path.join(tmp, "skeleton"), os.path.join(tmp, "reference")
+    mx.make_skeleton(ROOT, skel)
+    copy_repo(ref_tree)  # now, with the others: the repo may change while the checks run
+    exprs = [k for *_, k in mx.EXERCISES]
+    jobs = {}
+    if "skeleton" in parts:
+        jobs["skeleton"] = (skel, "pytest", unit_tests(skel))
+        jobs["help"] = (skel, "exec", ["ppo.py", "--help"])
+    if "skeleton" in parts or "restore" in parts:
+        jobs["collect"] = (skel, "collect", (exprs, unit_tests(skel)))
+    if "bugs" in parts:
+        for i, bug in enumerate(BUGS):
+            tree = os.path.join(tmp, f"bug{i:02d}")
+            copy_repo(tree, bug)
+            jobs[bug[0]] = (tree, "pytest", ["-x", *seen_by(tree, bug[1][:-3])])
+    if "restore" in parts:
+        ref = {file: open(os.path.join(ROOT, file), newline="").read() for file, *_ in mx.EXERCISES}
+        for file, name, *_ in mx.EXERCISES:
+            tree, restored = os.path.join(tmp, "restore-" + name.replace(".", "-")), closure(name)
+            shutil.copytree(skel, tree)
+            for f, n, *_ in mx.EXERCISES:
+                if n in restored:
+                    text = open(os.path.join(tree, f), newline="").read()
+                    open(os.path.join(tree, f), "w", newline="").write(mx.restore(text, ref[f], f, n))
+            jobs[("restore", name)] = (tree, "pytest", [*unit_tests(tree), "-k", " or ".join(f"({k})" for k in exprs)])
+    res = run_jobs(tmp, jobs)
+    if "bugs" in parts:  # the tests that caught a bug must pass on the reference, or they caught nothing
+        catchers = sorted({k for name, *_ in BUGS for k, (o, _) in res[name].items()
+                           if o in ("failed", "error") and k != "<no report>"})
+        ids = [c.split("::")[0].replace(".", "/") + ".py::" + c.split("::", 1)[1].replace("<tree>", ref_tree)
+               for c in catchers]
+        res["reference"] = run_jobs(tmp, {"reference": (ref_tree, "pytest", ids)})["reference"] if ids else {}
+    return res
+
+
+def bug_verdict(name, res):
+    """(caught?, by which test and how): caught = a test fails on the bug and passes on the reference."""
+    failed = [(k, m) for k, (o, m) in res[name].items() if o in ("failed", "error")]
+    if not failed:
+        return False, "survived: every test passed"
+    k, m = failed[0]
+    what = m.split("\n")[0][:90]
+    if k == "<no report>" or what.split(":")[0] in BROKEN or "collection failure" in what:
+        return False, f"the patch broke the module or the run: {k}: {what}"
+    if res["reference"].get(k, ("missing",))[0] != "passed":
+        return False, f"{k} fails on the reference too"
+    return True, f"{k} ({what})"
+
+
+@pytest.fixture(scope="module")
+def runs():
+    with tempfile.TemporaryDirectory(prefix="minrlhf-exercises-") as tmp:
+        yield run_all(tmp)
+
+# -----------------------------------------------------------------------------
+# the checks
+
+
+def test_make_exercises_stubs_listed_bodies_and_keeps_every_other_byte(tmp_path):
+    skel = tmp_path / "skeleton"
+    mx.make_skeleton(ROOT, skel)
+    files = {file for file, *_ in mx.EXERCISES}
+    for rel in mx.repo_files(ROOT):
+        if rel in mx.NOT_IN_SKELETON:
+            assert not (skel / rel).exists(), f"{rel} must stay out of the skeleton: it holds reference code"
+        elif rel not in files:
+            assert open(skel / rel, "rb").read() == open(os.path.join(ROOT, rel), "rb").read(), f"{rel} changed"
+    for file in files:
+        ref = open(os.path.join(ROOT, file), newline="").read()
+        text = open(skel / file, newline="").read()
+        for f, name, *_ in mx.EXERCISES:
+            if f == file:
+                start, end, indent = mx.body_span(text, file, name)
+                body = text.splitlines()[start:end]
+                assert body == [f'{indent}raise NotImplementedError("exercise {file}:{name}: see its docstring")'], \
+                    f"{file}:{name}: the skeleton's body is {body}, not the one raise: reference code leaks"
+                text = mx.restore(text, ref, file, name)
+        assert text == ref, f"{file}: the skeleton with every body put back differs from the reference"
+    md = open(skel / "EXERCISES.md").read()
+    for file, name, _, _, k in mx.EXERCISES:
+        assert f"`{file}` `{name}`" in md and f'-k "{k}"' in md, f"EXERCISES.md lacks {name} or its -k line"
+
+
+def test_make_exercises_stale_table_is_an_error(tmp_path):
+    bad = mx.EXERCISES + [("ppo.py", "no_such_function", (), "", "x")]
+    with pytest.raises(mx.ExerciseError, match=r"ppo.py: no function 'no_such_function': update EXERCISES"):
+        mx.make_skeleton(ROOT, tmp_path / "a", bad)
+    with pytest.raises(mx.ExerciseError, match=r"needs gae, which is not an exercise listed before it"):
+        mx.make_skeleton(ROOT, tmp_path / "b", [("ppo.py", "whiten", ("gae",), "", "x")])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "work.py").write_text("a student's work")
+    r = subprocess.run([sys.executable, "make_exercises.py", str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "exists and is not empty" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "make_exercises.py"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: usage: python make_exercises.py OUT_DIR"), r.stderr
+
+
+def test_skeleton_imports_and_ppo_help_works(runs):
+    code, out = runs["help"]
+    assert code == 0 and "usage: python ppo.py" in out, f"`python ppo.py --help` in the skeleton:\n{out}"
+
+
+def test_skeleton_tests_fail_only_on_stubs(runs):
+    res, collected = runs["skeleton"], runs["collect"]
+    assert len(res) > 50, f"only {len(res)} tests ran in the skeleton"
+    other = {k: m.splitlines()[0] for k, (o, m) in res.items() if o in ("failed", "error") and not stub_hit(m)}
+    assert not other, "in the skeleton these tests fail, but not on an exercise's stub:\n" + \
+        "\n".join(f"  {k}: {m}" for k, m in sorted(other.items()))
+    for file, name, _, _, k in mx.EXERCISES:
+        assert collected[k], f"`pytest -k \"{k}\"` ({name}) selects no test"
+        passing = sorted(t for t in collected[k] if res.get(t, ("missing",))[0] == "passed")
+        assert not passing, f"-k \"{k}\" ({name}) selects tests that pass without it: {passing}"
+
+
+@pytest.mark.parametrize("name", [n for _, n, *_ in mx.EXERCISES])
+def test_restoring_one_exercise_passes_exactly_its_tests(runs, name):
+    res, collected = runs[("restore", name)], runs["collect"]
+    restored = closure(name)
+    k = next(k for _, n, *_, k in mx.EXERCISES if n == name)
+    failing = {t: res.get(t, ("not run",))[0] for t in collected[k] if res.get(t, ("",))[0] not in ("passed", "skipped")}
+    assert not failing, f"with {sorted(restored)} put back, tests of {name} (-k \"{k}\") do not pass: {failing}"
+    for _, other, *_, k2 in mx.EXERCISES:
+        if other not in restored:
+            passing = sorted(t for t in collected[k2] if res.get(t, ("",))[0] == "passed")
+            assert not passing, f"with {sorted(restored)} put back, tests of {other} pass too: {passing}"
+    broken = {t: m.splitlines()[0] for t, (o, m) in res.items() if o in ("failed", "error") and not stub_hit(m)}
+    assert not broken, f"with {sorted(restored)} put back, tests fail otherwise than on a stub: {broken}"
+
+
+@pytest.mark.parametrize("bug", [b[0] for b in BUGS])
+def test_planted_bug_is_caught(runs, bug):
+    caught, how = bug_verdict(bug, runs)
+    _, file, old, new = next(b for b in BUGS if b[0] == bug)
+    assert caught, f"planted bug {bug!r} ({file}: {old!r} -> {new!r}): {how}"
+
+
+def test_planted_bugs_reach_every_exercise():
+    assert len(BUGS) >= 12 and len({b[0] for b in BUGS}) == len(BUGS), "at least 12 bugs, each named once"
+    for file, name, *_ in mx.EXERCISES:
+        text = open(os.path.join(ROOT, file)).read()
+        start, end, _ = mx.body_span(text, file, name)
+        body = "".join(text.splitlines(keepends=True)[start:end])
+        assert any(f == file and old in body for _, f, old, _ in BUGS), f"no planted bug in {file}:{name}"
+
+
+def main():
+    with tempfile.TemporaryDirectory(prefix="minrlhf-exercises-") as tmp:
+        res = run_all(tmp, parts=("bugs",))
+    verdicts = [(name, *bug_verdict(name, res)) for name, *_ in BUGS]
+    for name, caught, how in verdicts:
+        print(f"{'caught' if caught else 'MISSED'}  {name:<70}  {how}")
+    print(f"planted bugs caught: {sum(c for _, c, _ in verdicts)}/{len(verdicts)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""Gradients against float64 central finite differences: what backward() computes for each loss,
+the closed forms of grads.py, and end to end through a tiny GPT (+ value head).
+Central differences are O(h^2)-exact only where the function is smooth, so every point below sits
+away from the kinks of the clips (ratio = 1 +- eps, V - V_old = +-eps, the two terms of a max
+equal): each check is well-posed, and where the objective is clipped the gradient is exactly 0."""
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import grads
+from gpt import GPT, GPTConfig
+from ppo import entropy, policy_logprobs, ppo_loss, ppo_policy_loss, token_logprobs, value_loss
+from reward import RewardModel, preference_loss
+from sft import sft_loss
+
+H = 1e-6  # finite-difference step: truncation ~H^2 = 1e-12, float64 roundoff ~1e-16 / H = 1e-10
+TOL = 1e-7  # allowed |analytic - numerical|; every expected gradient is checked to exceed 1e3 * TOL
+CLIP = 0.2
+
+
+def numerical_grad(f, x, h=H):
+    """Central differences (f(x + h e_i) - f(x - h e_i)) / 2h at every entry i of the float64 tensor
+    x, which f() reads: x is changed in place one entry at a time and restored."""
+    assert x.dtype == torch.float64 and x.is_contiguous(), "finite differences need a contiguous float64 tensor"
+    grad, threads = torch.zeros_like(x), torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny evaluations: threads only add overhead (x10 on a busy machine)
+    try:
+        with torch.no_grad():
+            flat = x.view(-1)
+            for i in range(flat.numel()):
+                old = flat[i].item()
+                flat[i] = old + h
+                up = f().item()
+                flat[i] = old - h
+                down = f().item()
+                flat[i] = old
+                grad.view(-1)[i] = (up - down) / (2 * h)
+    finally:
+        torch.set_num_threads(threads)
+    return grad
+
+
+def gradcheck(f, *xs):
+    """torch.autograd.gradcheck (its own finite differences, every entry) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.autograd.gradcheck(f, tuple(x.detach().clone().requires_grad_(True) for x in xs), eps=H, atol=TOL)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def autograd_grads(f, *xs):
+    """d f(*xs) / d xs by backward(); an input the output does not depend on gets zeros."""
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    out = f(*xs)
+    if not out.requires_grad:  # e.g. everything was detached: the gradient that reaches the model is 0
+        return [torch.zeros_like(x) for x in xs]
+    gs = torch.autograd.grad(out, xs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, xs)]
+
+
+def assert_grad_close(what, got, want, tol=TOL, mistakes=(), labels=None):
+    """Fail naming `what`, the worst entries (by `labels[index]` where given) and, when `got`
+    matches one of the known `mistakes` (name, wrong answer), that mistake."""
+    assert want.abs().max() > 1e3 * tol, f"{what}: the expected gradient is too small to test (test bug)"
+    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite entries at {(~torch.isfinite(got)).nonzero().tolist()[:5]}"
+    err = (got.detach().double() - want).abs()
+    if err.max() <= tol:
+        return
+    bad = (err > tol).nonzero().tolist()
+    rows = [f"  {tuple(i)}{' ' + labels[tuple(i)] if labels and tuple(i) in labels else ''}: "
+            f"got {got[tuple(i)].item():+.6g}, want {want[tuple(i)].item():+.6g}" for i in bad[:6]]
+    mistakes = list(mistakes) + [("the gradient is 0 everywhere: is the loss cut from its input "
+                                  "(.detach(), .item(), .data, numpy)?", torch.zeros_like(want))]
+    named = [name for name, wrong in mistakes if (got.detach().double() - wrong).abs().max() <= tol]
+    raise AssertionError(f"{what}: {len(bad)} of {got.numel()} entries differ, by up to {err.max():.3g} "
+                         f"(tolerance {tol:.0e}):\n" + "\n".join(rows) + (f"\n  looks like: {named[0]}" if named else ""))
+
+# -----------------------------------------------------------------------------
+# inputs: masks with prompt tokens, padding and rows of different lengths; points off the kinks
+
+def sft_example():
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(3, 6, 5, dtype=torch.float64, generator=g)  # (B, T, V)
+    tokens = torch.randint(0, 5, (3, 6), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1],  # 2 prompt tokens, runs to the end
+                         [0, 1, 1, 1, 0, 0],  # 1 prompt token, padding after
+                         [0, 0, 0, 1, 1, 0]])
+    return logits, tokens, mask
+
+
+def preference_example():
+    rc = torch.tensor([2.0, -0.5, 0.3, 1.5, -2.0], dtype=torch.float64)
+    rr = torch.tensor([0.5, 1.0, 0.2, -1.0, -0.4], dtype=torch.float64)  # chosen ahead and behind
+    return rc, rr
+
+
+# (ratio, advantage) -> whether the objective is clipped there (gradient 0); |ratio - 1 -+ eps| >= 0.1
+POLICY_POINTS = {"pos_adv-inside": (1.1, 1.3, False), "pos_adv-below_clip": (0.5, 0.8, False),
+                 "pos_adv-above_clip": (1.5, 1.3, True), "neg_adv-inside": (0.9, -0.7, False),
+                 "neg_adv-below_clip": (0.5, -0.7, True), "neg_adv-above_clip": (1.5, -1.1, False)}
+
+
+def policy_example(points=tuple(POLICY_POINTS.values())):
+    """Row 0: the points, then padding; row 1: two points inside the clip, then padding entries whose
+    ratio is far outside it (their gradient must be 0 because of the mask alone). (B, T) float64."""
+    n = len(points)
+    T = max(n + 1, 4)
+    ratio = [[p[0] for p in points] + [1.6] * (T - n), ([1.05, 0.95] + [0.4, 1.7] * T)[:T]]
+    adv = [[p[1] for p in points] + [2.0] * (T - n), ([0.6, -1.4] + [1.5, -2.0] * T)[:T]]
+    mask = [[1.0] * n + [0.0] * (T - n), [1.0, 1.0] + [0.0] * (T - 2)]
+    old = -1 - torch.arange(2 * T, dtype=torch.float64).view(2, T) / 10
+    logprobs = old + torch.tensor(ratio, dtype=torch.float64).log()
+    return logprobs, old, torch.tensor(adv, dtype=torch.float64), torch.tensor(mask, dtype=torch.float64)
+
+
+# (V - V_old, R - V_old) -> whether the clipped term is the max (gradient 0); V_old = 1, eps = 0.2
+VALUE_POINTS = {"inside": (0.1, -0.5, False), "above-unclipped_wins": (0.5, -0.5, False),
+                "above-clipped_wins": (0.5, 1.0, True), "below-unclipped_wins": (-0.5, 0.5, False),
+                "below-clipped_wins": (-0.5, -1.0, True)}
+
+# -----------------------------------------------------------------------------
+# backward() of each loss against finite differences of the same loss
+
+def test_sft_loss_autograd_matches_finite_differences():
+    logits, tokens, mask = sft_example()
+    f = lambda x: sft_loss(x, tokens, mask)
+    x = logits.clone()
+    assert_grad_close("sft_loss: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
+    assert gradcheck(f, logits)
+
+
+def test_preference_loss_autograd_matches_finite_differences():
+    rc, rr = preference_example()
+    got_c, got_r = autograd_grads(preference_loss, rc, rr)
+    xc, xr = rc.clone(), rr.clone()
+    assert_grad_close("preference_loss: autograd d/d r_chosen", got_c, numerical_grad(lambda: preference_loss(xc, xr), xc))
+    assert_grad_close("preference_loss: autograd d/d r_rejected", got_r, numerical_grad(lambda: preference_loss(xc, xr), xr))
+    assert gradcheck(preference_loss, rc, rr)
+
+
+def test_token_logprobs_autograd_matches_finite_differences():
+    logits, tokens, _ = sft_example()
+    w = torch.linspace(-1, 2, tokens.numel(), dtype=torch.float64).view(tokens.shape)  # a scalar read of (B, T)
+    f = lambda x: (token_logprobs(x, tokens) * w).sum()
+    x = logits.clone()
+    assert_grad_close("token_logprobs: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
+    assert gradcheck(lambda x: token_logprobs(x, tokens), logits)
+
+
+@pytest.mark.parametrize("point", POLICY_POINTS)
+def test_ppo_policy_loss_autograd_matches_finite_differences(point):
+    ratio, adv, clipped = POLICY_POINTS[point]
+    logprobs, old, advantages, mask = policy_example([POLICY_POINTS[point]])
+    f = lambda lp: ppo_policy_loss(lp, old, advantages, mask, CLIP)
+    got = autograd_grads(f, logprobs)[0]
+    x = logprobs.clone()
+    want = numerical_grad(lambda: f(x), x)
+    what = f"ppo_policy_loss: autograd d/d logprobs at ratio {ratio}, advantage {adv:+}, clip {CLIP}"
+    assert_grad_close(what, got, want, labels={(0, 0): f"(the {point} point)"})
+    if clipped:  # the max picks the constant clipped term: exactly 0, not merely small
+        assert got[0, 0].item() == 0.0, f"{what}: the objective is clipped there, so the gradient must be exactly 0, " \
+                                        f"got {got[0, 0].item():.3g}"
+    else:
+        assert abs(want[0, 0].item()) > 1e3 * TOL, "test bug: this point should have a gradient"
+    assert (got[mask == 0] == 0).all(), f"{what}: padding entries (mask 0) get a gradient"
+
+
+@pytest.mark.parametrize("point", VALUE_POINTS)
+def test_value_loss_autograd_matches_finite_differences(point):
+    dv, dr, clipped = VALUE_POINTS[point]
+    old = torch.tensor([[1.0, 0.5, -0.3, 0.7]], dtype=torch.float64)
+    values = old + torch.tensor([[dv, 0.05, -0.1, 0.9]], dtype=torch.float64)  # the point, two inside, padding
+    returns = old + torch.tensor([[dr, 0.6, -0.8, 2.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    v_clip = old + (values - old).clamp(-CLIP, CLIP)
+    assert abs(dv) < CLIP or ((values - returns) ** 2 - (v_clip - returns) ** 2)[0, 0].abs() > 0.1, "test bug: a kink"
+    f = lambda v: value_loss(v, old, returns, mask, CLIP)
+    got = autograd_grads(f, values)[0]
+    x = values.clone()
+    what = f"value_loss: autograd d/d values at V - V_old = {dv:+}, R - V_old = {dr:+}, clip {CLIP}"
+    assert_grad_close(what, got, numerical_grad(lambda: f(x), x), labels={(0, 0): f"(the {point} point)"})
+    if clipped:
+        assert got[0, 0].item() == 0.0, f"{what}: the clipped term is the max there, so the gradient must be exactly 0"
+
+
+def test_entropy_autograd_matches_finite_differences():
+    logits, _, mask = sft_example()
+    f = lambda x: entropy(x, mask)
+    x = logits.clone()
+    assert_grad_close("entropy: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
+    assert gradcheck(f, logits)
+
+
+def test_ppo_loss_autograd_matches_finite_differences():
+    logprobs, old, adv, mask = policy_example()
+    B, T = mask.shape
+    g = torch.Generator().manual_seed(1)
+    old_values = torch.randn(B, T, dtype=torch.float64, generator=g)
+    dv = torch.tensor([[0.1, -0.5, 0.5, 0.05, -0.1, 0.3, 0.0], [0.5, -0.3, 0.1, -0.5, 0.15, 0.25, 0.02]],
+                      dtype=torch.float64)  # V - V_old: inside the value clip and outside it on each side
+    dr = torch.tensor([[0.4, 0.5, 1.0, -1.0, 0.6, -0.5, 0.2], [-0.5, -1.0, 0.3, 0.5, -0.4, 1.2, 0.1]],
+                      dtype=torch.float64)  # R - V_old: either term of the max the larger one
+    assert ((dv - dr) ** 2 - (dv.clamp(-CLIP, CLIP) - dr) ** 2)[dv.abs() > CLIP].abs().min() > 0.05, "test bug: a kink"
+    values, returns = old_values + dv, old_values + dr
+    logits = torch.randn(B, T, 4, dtype=torch.float64, generator=g)
+    ptx = torch.tensor(1.7, dtype=torch.float64)
+
+    def f(lp, v, lg, p):
+        return ppo_loss(lp, old, adv, v, old_values, returns, lg, mask, CLIP, CLIP, 0.5, 0.1, p, 0.3)
+    inputs = [logprobs, values, logits, ptx]
+    got = autograd_grads(f, *inputs)
+    xs = [x.clone() for x in inputs]
+    for name, i in (("logprobs", 0), ("values", 1), ("logits", 2), ("ptx_loss", 3)):
+        want = numerical_grad(lambda: f(*xs), xs[i])
+        assert_grad_close(f"ppo_loss: autograd d/d {name}", got[i], want)
+
+
+# -----------------------------------------------------------------------------
+# the closed forms of grads.py against finite differences of the losses they differentiate
+
+def test_sft_loss_grad_matches_finite_differences():
+    logits, tokens, mask = sft_example()
+    x = logits.clone()
+    want = numerical_grad(lambda: sft_loss(x, tokens, mask), x)
+    got = grads.sft_loss_grad(logits, tokens, mask)
+    (B, T, V), p, M = logits.shape, logits.softmax(-1), mask[:, 1:].sum()
+    onehot = F.one_hot(tokens, V).double()
+    shifted = torch.zeros_like(logits)
+    shifted[:, :-1] = p[:, :-1] - onehot[:, 1:]
+    unshifted = (p - onehot) * mask[..., None] / mask.sum()
+    mask_not_shifted = torch.zeros_like(logits)
+    mask_not_shifted[:, :-1] = shifted[:, :-1] * mask[:, :-1, None] / mask[:, :-1].sum()
+    mistakes = [("the logits/labels shift is missing (logits[:, t] scored against tokens[:, t])", unshifted),
+                ("the mask is not shifted with the labels: position s is weighted by loss_mask[:, s+1]",
+                 mask_not_shifted),
+                ("divided by every position B*(T-1), not by the number of response tokens", want * M / (B * (T - 1))),
+                ("no division by the number of response tokens (a sum, not a mean)", want * M),
+                ("the mask is ignored: prompt and padding positions get a gradient", shifted / (B * (T - 1))),
+                ("sign flipped: d(-log p_y)/dz = softmax(z) - onehot(y)", -want)]
+    assert_grad_close("grads.sft_loss_grad", got, want, mistakes=mistakes)
+    autograd = autograd_grads(lambda l: sft_loss(l, tokens, mask), logits)[0]
+    assert_grad_close("grads.sft_loss_grad vs autograd", got, autograd)
+
+
+def test_sft_loss_grad_stable_for_large_logits():
+    logits, tokens, mask = sft_example()
+    logits = logits * 1000  # exp(2000) overflows even float64: use a stable softmax
+    want = autograd_grads(lambda l: sft_loss(l, tokens, mask), logits)[0]
+    assert_grad_close("grads.sft_loss_grad at logits x 1000", grads.sft_loss_grad(logits, tokens, mask), want)
+
+
+def test_preference_loss_grad_matches_finite_differences():
+    rc, rr = preference_example()
+    got_c, got_r = grads.preference_loss_grad(rc, rr)
+    xc, xr = rc.clone(), rr.clone()
+    want_c = numerical_grad(lambda: preference_loss(xc, xr), xc)
+    want_r = numerical_grad(lambda: preference_loss(xc, xr), xr)
+    N = rc.numel()
+    mistakes = [("sign flipped: raising r_chosen lowers the loss, so d/d r_chosen < 0", -want_c),
+                ("sigmoid(r_c - r_r) where it is sigmoid(r_r - r_c) = 1 - sigmoid(r_c - r_r)", -torch.sigmoid(rc - rr) / N),
+                ("the 1/N of the mean is missing", want_c * N)]
+    assert_grad_close("grads.preference_loss_grad d/d r_chosen", got_c, want_c, mistakes=mistakes)
+    assert_grad_close("grads.preference_loss_grad d/d r_rejected", got_r, want_r,
+                      mistakes=[("d/d r_rejected = -(d/d r_chosen): only the difference enters the loss", want_c)])
+
+
+def test_preference_loss_grad_stable_for_large_differences():
+    got_c, got_r = grads.preference_loss_grad(torch.tensor([1000.0, -1000.0], dtype=torch.float64),
+                                             torch.tensor([0.0, 0.0], dtype=torch.float64))
+    want_c = torch.tensor([0.0, -0.5], dtype=torch.float64)  # ranked right: no push; wrong: the full -1/N
+    assert_grad_close("grads.preference_loss_grad d/d r_chosen at differences +-1000", got_c, want_c)
+    assert_grad_close("grads.preference_loss_grad d/d r_rejected at differences +-1000", got_r, -want_c)
+
+
+def test_ppo_policy_loss_grad_matches_finite_differences():
+    logprobs, old, adv, mask = policy_example()
+    x = logprobs.clone()
+    want = numerical_grad(lambda: ppo_policy_loss(x, old, adv, mask, CLIP), x)
+    got = grads.ppo_policy_loss_grad(logprobs, old, adv, mask, CLIP)
+    rho = (logprobs - old).exp()
+    unclipped = -adv * rho * mask / mask.sum()
+    clipped = ((adv > 0) & (rho > 1 + CLIP)) | ((adv < 0) & (rho < 1 - CLIP))
+    mistakes = [("the clip is ignored: the gradient is 0 where A > 0 and ratio > 1+eps, or A < 0 and ratio < 1-eps",
+                 unclipped),
+                ("zero whenever the ratio is outside [1-eps, 1+eps]; past the clip on the side the advantage "
+                 "does not reward, the loss is not clipped", unclipped * ((rho - 1).abs() <= CLIP)),
+                ("the factor ratio is missing: d ratio / d logprobs = ratio", -adv * mask / mask.sum() * ~clipped),
+                ("divided by every entry, not by sum(mask)", want * mask.sum() / mask.numel()),
+                ("sign flipped: the loss is -A * ratio (a loss, minimised)", -want)]
+    labels = {(0, i): f"({name})" for i, name in enumerate(POLICY_POINTS)}
+    assert_grad_close("grads.ppo_policy_loss_grad", got, want, mistakes=mistakes, labels=labels)
+
+# -----------------------------------------------------------------------------
+# end to end: the parameters of a tiny float64 GPT (+ value head), every entry
+
+def tiny_gpt():
+    """2 layers, 2 heads of size 2, 11 tokens: ~600 parameters, each checked. Weights and biases
+    are drawn at scale 0.5, so that attention, LayerNorms and residual branches all matter."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=4)).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "ln" in name and name.endswith("weight") else 0.0) + 0.5 * torch.randn_like(p))
+    return model
+
+
+def check_parameters(what, loss_fn, params):
+    """loss_fn() -> scalar; backward() against finite differences at every entry of every parameter."""
+    for p in params.values():
+        p.grad = None
+    loss_fn().backward()
+    for name, p in params.items():
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        tol = TOL * max(1.0, got.abs().max().item())
+        assert_grad_close(f"{what}: d/d {name}", got, numerical_grad(loss_fn, p.data), tol=tol)
+
+
+def test_end_to_end_sft_gpt_grads_match_finite_differences():
+    model = tiny_gpt()
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 0, 0, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0, 0]])  # right padding, as sft.py trains
+    check_parameters("sft_loss(tiny GPT)", lambda: sft_loss(model(tokens), tokens, mask), dict(model.named_parameters()))
+
+
+def test_end_to_end_ppo_gpt_grads_match_finite_differences():
+    policy = tiny_gpt()
+    critic = RewardModel(policy).double()  # a value head on the policy's trunk: both losses reach it
+    with torch.no_grad():
+        critic.head.weight.normal_(0, 0.5), critic.head.bias.fill_(0.3)
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2], [0, 6, 5, 3, 5, 8, 9]])
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]])  # row 1 left-padded, row 0 ends early
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.float64)  # actions: response tokens
+    with torch.no_grad():
+        logprobs, _ = policy_logprobs(policy, tokens, attn, 0.7)
+        values = critic(tokens, attn)[:, :-1]
+    # old log-probs and values place the ratio and the value in each regime, away from the kinks
+    ratio = torch.tensor([[1.0, 1.0, 1.1, 1.5, 0.5, 1.0], [1.0, 1.0, 0.9, 0.5, 1.5, 1.05]], dtype=torch.float64)
+    adv = torch.tensor([[0.0, 0.0, 1.2, 0.8, -0.9, 0.0], [0.0, 0.0, -0.6, 1.1, -1.3, 0.7]], dtype=torch.float64)
+    old_logprobs = logprobs - ratio.log()
+    old_values = values - torch.tensor([[0, 0, 0.1, 0.5, -0.5, 0], [0, 0, -0.05, 0.5, -0.5, 0.15]], dtype=torch.float64)
+    returns = old_values + torch.tensor([[0, 0, 0.4, -0.5, 1.0, 0], [0, 0, 0.3, 1.0, -1.0, -0.2]], dtype=torch.float64)
+
+    def loss_fn():
+        lp, logits = policy_logprobs(policy, tokens, attn, 0.7)
+        v = critic(tokens, attn)[:, :-1]
+        return ppo_loss(lp, old_logprobs, adv, v, old_values, returns, logits, mask, CLIP, CLIP, 0.5, 0.05)
+    check_parameters("ppo_loss(tiny GPT, value head)", loss_fn, dict(critic.named_parameters()))
