@@ -285,33 +285,27 @@ def explained_variance(values, returns, mask):
 
 @torch.no_grad()
 def evaluate(policy, ref, rm, prompt_ids, prompts, tok, cfg, ctx, builtin):
-    """Held-out prompts: reward-model score and KL of the policy; win rate against the SFT policy
-    (ties count half) by the reward model, and on the built-in task by the gold labeler."""
-    device = next(policy.parameters()).device
-    out = {k: [] for k in ("score", "sft_score", "kl", "k3", "kl_seq", "gold", "sft_gold", "length")}
+    """Held-out prompts, eval_samples responses each: reward-model score and KL (per token and per
+    response) of the policy; win rate against the SFT policy (ties count half) by the reward model,
+    and on the built-in task by the gold labeler."""
+    device, rows, n = next(policy.parameters()).device, [], cfg.rollout_batch
     prompt_ids, prompts = prompt_ids * cfg.eval_samples, prompts * cfg.eval_samples
-    for i in range(0, len(prompt_ids), cfg.rollout_batch):
+    for i in range(0, len(prompt_ids), n):
         # both sides draw with the same seed: at iteration 0 they sample the same responses (win rate 0.5)
-        seed = lambda: torch.Generator(device=device).manual_seed(cfg.seed + i)
-        pol = rollout(policy, ref, rm, None, prompt_ids[i:i + cfg.rollout_batch], tok, cfg, ctx, seed())
-        sft = rollout(ref, ref, rm, None, prompt_ids[i:i + cfg.rollout_batch], tok, cfg, ctx, seed())
-        out["score"].append(pol["scores"].cpu())
-        out["sft_score"].append(sft["scores"].cpu())
-        k1, k3, kl_seq = kl_stats(pol)
-        out["kl"].append(k1), out["k3"].append(k3), out["kl_seq"].append(kl_seq)
-        out["length"].append(pol["mask"].sum(1).cpu())
+        pol, sft = (rollout(m, ref, rm, None, prompt_ids[i:i + n], tok, cfg, ctx,
+                            torch.Generator(device=device).manual_seed(cfg.seed + i)) for m in (policy, ref))
+        d = (pol["logprobs"] - pol["ref_logprobs"]) * pol["mask"]
+        cols = [pol["scores"], sft["scores"], d.sum(1), ((torch.exp(-d) - 1 + d) * pol["mask"]).sum(1), pol["mask"].sum(1)]
         if builtin:
-            ps = prompts[i:i + cfg.rollout_batch]
-            out["gold"].append(torch.tensor([data.gold_score(p, r) for p, r in zip(ps, responses(pol, tok))]))
-            out["sft_gold"].append(torch.tensor([data.gold_score(p, r) for p, r in zip(ps, responses(sft, tok))]))
-    cat = {k: torch.cat(v) if v and torch.is_tensor(v[0]) else torch.tensor(v) for k, v in out.items()}
+            cols += [torch.tensor([data.gold_score(p, r) for p, r in zip(prompts[i:i + n], responses(b, tok))]) for b in (pol, sft)]
+        rows.append(torch.stack([c.float().cpu() for c in cols], 1))  # (n, 5 or 7)
+    r = torch.cat(rows).T
     win = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()
-    res = dict(score=cat["score"].mean().item(), sft_score=cat["sft_score"].mean().item(),
-               win_rate=win(cat["score"], cat["sft_score"]), kl=cat["kl"].mean().item(), k3=cat["k3"].mean().item(),
-               kl_seq=cat["kl_seq"].mean().item(), length=cat["length"].mean().item(), n=len(prompt_ids))
+    res = dict(score=r[0].mean().item(), sft_score=r[1].mean().item(), win_rate=win(r[0], r[1]),
+               kl=(r[2].sum() / r[4].sum()).item(), k3=(r[3].sum() / r[4].sum()).item(), kl_seq=r[2].mean().item(),
+               length=r[4].mean().item(), n=len(prompt_ids))
     if builtin:
-        res.update(gold=cat["gold"].mean().item(), sft_gold=cat["sft_gold"].mean().item(),
-                   gold_win_rate=win(cat["gold"], cat["sft_gold"]))
+        res.update(gold=r[5].mean().item(), sft_gold=r[6].mean().item(), gold_win_rate=win(r[5], r[6]))
     return res
 
 

@@ -1,0 +1,193 @@
+"""
+Speed of the three workloads RLHF spends its time on, for GPT-2 small (random init): an SFT
+training step, rollout generation with the KV cache, and one PPO iteration (rollout, scoring,
+update). With `transformers` (and a TRL that still has PPO) installed, the same workloads run
+through them in the same process and the table shows our/their ratios. Neither is ever needed.
+
+    python bench.py                                  # CPU defaults, as quoted in the README
+    python bench.py --device=cuda --sft_batch=16 --sft_len=1024 --gen_batches=8,64 --new_tokens=128
+"""
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import torch
+
+from data import main_guard, parse_config, write_json
+from gpt import CONFIGS, GPT, GPTConfig, autocast, generate, get_device, make_optimizer
+from ppo import Config as PPOConfig, add_advantages, ppo_update, rollout
+from reward import RewardModel
+
+
+@dataclass
+class Config:
+    model: str = "gpt2"  # a name in gpt.CONFIGS
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    reps: int = 5  # timed repetitions per measurement (median reported), after one warm-up
+    sft_batch: int = 4  # SFT step: sequences
+    sft_len: int = 256  # SFT step: tokens per sequence
+    gen_batches: str = "1,8"  # rollout batch sizes, comma-separated
+    prompt_len: int = 64  # rollout prompt tokens
+    new_tokens: int = 64  # rollout sampled tokens
+    ppo_prompts: int = 8  # PPO iteration: prompts (TRL's comparison setting)
+    ppo_prompt_len: int = 64  # PPO iteration: prompt tokens
+    ppo_new_tokens: int = 32  # PPO iteration: response tokens
+    compare: bool = True  # also time transformers (+ TRL) when installed
+    out: str = "bench.json"  # results as JSON
+
+
+def timed(fn, reps, device):
+    """Median seconds of fn() over reps runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_flops(device, dtype):
+    """The device's peak: H100 dense bf16 from its datasheet; on CPU, measured with a large fp32 matmul."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        return 989e12 if "H100" in name or "H200" in name else 312e12  # else assume an A100
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048 ** 3 / timed(lambda: a @ b, 5, device)
+
+
+def flops_per_token(cfg, T):
+    """6 N (weights, forward + backward) + 12 L T C (attention scores and values), as in the PaLM paper, App. B."""
+    n = sum(p.numel() for p in GPT(cfg).parameters()) - cfg.block_size * cfg.n_embd
+    return 6 * n + 12 * cfg.n_layer * T * cfg.n_embd
+
+
+def bench_sft(model, cfg, bc, device, ctx):
+    x = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
+    opt = make_optimizer(model.parameters(), 1e-4, 0.1, device)
+
+    def step():
+        with ctx:
+            loss = torch.nn.functional.cross_entropy(model(x)[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    s = timed(step, bc.reps, device)
+    tok_s = bc.sft_batch * bc.sft_len / s
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else float("nan")
+    return dict(step_s=s, tok_s=tok_s, mfu=tok_s * flops_per_token(cfg, bc.sft_len) / peak_flops(device, bc.dtype),
+                peak_mem_gib=mem)
+
+
+def bench_generate(model, cfg, B, bc, device, ctx):
+    prompt = torch.randint(0, cfg.vocab_size, (B, bc.prompt_len), device=device)
+    mask = torch.ones_like(prompt)
+
+    def gen():
+        with ctx:  # pure sampling, no eos: every row makes all new_tokens
+            generate(model, prompt, mask, bc.new_tokens, temperature=1.0)
+    s = timed(gen, bc.reps, device)
+    return dict(tok_s=B * bc.new_tokens / s, ms_per_step=1000 * s / bc.new_tokens)
+
+
+def bench_ppo(cfg, bc, device, ctx):
+    """One PPO iteration as ppo.py runs it: 4 models (policy, reference, reward, critic)."""
+    policy = GPT(cfg).to(device)
+    ref, rm = GPT(cfg).to(device).eval(), RewardModel(GPT(cfg)).to(device).eval()
+    critic = RewardModel(GPT(cfg)).to(device)
+    pc = PPOConfig(rollout_batch=bc.ppo_prompts, minibatch=bc.ppo_prompts // 2, ppo_epochs=1,
+                   max_new_tokens=bc.ppo_new_tokens, device=device)
+    opts = [make_optimizer(policy.parameters(), pc.lr, 0.0, device), make_optimizer(critic.parameters(), pc.vf_lr, 0.0, device)]
+    prompts = torch.randint(0, cfg.vocab_size - 1, (bc.ppo_prompts, bc.ppo_prompt_len)).tolist()
+    tok = SimpleNamespace(eot=cfg.vocab_size - 1)
+    gen, g, parts = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0), []
+
+    def iteration():
+        t0 = time.perf_counter()
+        b = rollout(policy, ref, rm, critic, prompts, tok, pc, ctx, gen)  # generation + 4 scoring forwards
+        add_advantages(b, pc, pc.kl_coef, None)
+        t1 = time.perf_counter()
+        ppo_update(policy, critic, opts, b, pc, ctx, g)
+        parts.append((t1 - t0, time.perf_counter() - t1))
+    s = timed(iteration, bc.reps, device)
+    rollout_s = statistics.median(p[0] for p in parts)
+    return dict(iter_s=s, rollout_and_scoring_s=rollout_s, update_s=statistics.median(p[1] for p in parts))
+
+
+def bench_hf(cfg, bc, device, ctx, results):
+    try:
+        import transformers
+    except ImportError:
+        print("transformers not installed: no comparison")
+        return
+    hcfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                                   n_positions=cfg.block_size)
+    hf = transformers.GPT2LMHeadModel(hcfg).to(device)
+    x = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+    def step():
+        with ctx:
+            loss = hf(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    results["hf_sft"] = dict(step_s=timed(step, bc.reps, device))
+    results["hf_sft"]["tok_s"] = bc.sft_batch * bc.sft_len / results["hf_sft"]["step_s"]
+    hf.eval()
+    for B in map(int, bc.gen_batches.split(",")):
+        prompt = torch.randint(0, cfg.vocab_size, (B, bc.prompt_len), device=device)
+
+        def gen():
+            with ctx, torch.no_grad():
+                hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
+                            max_new_tokens=bc.new_tokens, min_new_tokens=bc.new_tokens, pad_token_id=0)
+        s = timed(gen, bc.reps, device)
+        results[f"hf_generate_b{B}"] = dict(tok_s=B * bc.new_tokens / s, ms_per_step=1000 * s / bc.new_tokens)
+
+
+def main(argv):
+    bc = parse_config(Config, argv)
+    device = get_device(bc.device)
+    bc.device = device
+    cfg = GPTConfig(**CONFIGS[bc.model])
+    ctx = autocast(device, bc.dtype)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    print(f"bench: {bc.model} on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else f'{torch.get_num_threads()} CPU threads'}), "
+          f"torch {torch.__version__}")
+    res = {"sft": bench_sft(model, cfg, bc, device, ctx)}
+    model.eval()
+    for B in map(int, bc.gen_batches.split(",")):
+        res[f"generate_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
+    del model
+    res["ppo"] = bench_ppo(cfg, bc, device, ctx)
+    if bc.compare:
+        bench_hf(cfg, bc, device, ctx, res)
+    print(f"{'workload':<16} {'ours':>28} {'transformers':>28} {'ratio':>7}")
+    s = res["sft"]
+    hs = res.get("hf_sft")
+    print(f"{'sft step':<16} {s['step_s']:>9.3f} s {s['tok_s']:>8.0f} tok/s mfu {s['mfu']:.0%}"
+          + (f" {hs['step_s']:>15.3f} s {hs['tok_s']:>6.0f} tok/s {hs['step_s'] / s['step_s']:>6.2f}x" if hs else ""))
+    for B in map(int, bc.gen_batches.split(",")):
+        g, h = res[f"generate_b{B}"], res.get(f"hf_generate_b{B}")
+        print(f"{'generate B=' + str(B):<16} {g['tok_s']:>9.0f} tok/s {g['ms_per_step']:>8.1f} ms/step"
+              + (f" {h['tok_s']:>11.0f} tok/s {h['ms_per_step']:>6.1f} ms/step {g['tok_s'] / h['tok_s']:>6.2f}x" if h else ""))
+    p = res["ppo"]
+    print(f"{'ppo iteration':<16} {p['iter_s']:>9.2f} s (rollout+scoring {p['rollout_and_scoring_s']:.2f} s, update {p['update_s']:.2f} s)")
+    write_json(dict(config=asdict(bc), results=res), bc.out)
+    print(f"wrote {bc.out}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
