@@ -20,7 +20,7 @@ import urllib.request
 import tiktoken
 import torch
 
-from task import CATEGORIES, gold_score, task_combos, task_prompt  # data.gold_score: sft, reward, ppo
+from task import RESPONSE_WORDS, gold_score, task_combos, task_prompt  # data.gold_score: sft, reward, ppo
 from task import builtin_task as _builtin_task_text  # builtin_task below adds the vocab
 
 # -----------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def _task_vocab():
     # a response is words joined by spaces, each " word" one token, so prompts and words cover all
     tok = Tokenizer()
     texts = [task_prompt(*c) for combos in task_combos() for c in combos]
-    texts += [" " + w for words in CATEGORIES.values() for w in words]
+    texts += [" " + w for w in RESPONSE_WORDS]
     return tuple(sorted({tok.eot}.union(*(tok.encode(t) for t in texts))))
 
 

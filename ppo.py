@@ -30,14 +30,14 @@ class Config:
     sft_ckpt: str = "out/sft.pt"  # policy init and the frozen reference
     reward_ckpt: str = "out/reward.pt"  # the frozen reward model; also the critic's init
     out_dir: str = "out"  # writes ppo.pt, ppo_metrics.jsonl, ppo_eval.json
-    iters: int = 150  # PPO iterations (one rollout batch + its update epochs each)
+    iters: int = 75  # PPO iterations (one rollout batch + its update epochs each)
     rollout_batch: int = 64  # prompts sampled per iteration
     minibatch: int = 16  # rollouts per gradient step; must divide rollout_batch
     ppo_epochs: int = 4  # passes over each rollout batch
     max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
     max_new_tokens: int = 12  # response length cap
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
-    lr: float = 1e-4  # policy learning rate (constant)
+    lr: float = 3e-4  # policy learning rate (constant)
     vf_lr: float = 3e-4  # critic learning rate (constant)
     clip_eps: float = 0.2  # PPO ratio clip
     vf_clip: float = 0.2  # value clip around the rollout's values

@@ -1,27 +1,46 @@
 """
-The built-in task, as text: "list 3 fruits without pear:" -> " apple plum cherry". It is the whole
-RLHF setting in miniature, with a gold labeler standing in for the human, so every stage can be
-scored against the truth it only sees through noisy labels.
+The built-in task, as text: "count 3 from 7:" -> " 7 8 9". It is the whole RLHF setting in
+miniature, with a gold labeler standing in for the human, so every stage can be scored against the
+truth it only sees through noisy labels.
 
-- Prompts: "list {n} {category} without {excluded}:", n in 1..MAX_N, 6 CATEGORIES of 8 words,
-  `excluded` one of the category's words: 5 * 6 * 8 = 240 prompts.
-- The labeler (gold_score) rewards exactly n distinct words of the category other than the excluded
-  one, in any order: +1 for each of the first n correct items, -1 for an off-category word, the
-  excluded word, a repeat, a non-word, or padding past the n-th; divided by n, so 1.0 is the maximum.
-- The demonstrator (demonstrate) is a careless human of mixed quality: usually too short, now and
-  then one too long, each item wrong w.p. 0.2. Its mean gold is ~0.5 and ~1/3 of demonstrations are
-  perfect, so SFT alone imitates the mistakes and RLHF has room to improve on it.
+- Prompts: "count {n} from {a}:", n in 1..MAX_N, a in 0..MAX_START: 6 * 40 = 240 prompts.
+- The labeler (gold_score) rewards counting up exactly n numbers from a: walking the response's
+  space-separated items in order, an item is correct if it is the number a (the first item) or the
+  previous item + 1 (any later one). +1 for each of the first n correct items, -1 for a wrong item (a
+  skip, a repeat, any other number or a non-number), -1 for each correct item beyond the n-th
+  (padding); divided by n, so 1.0 is the maximum. After a wrong item counting goes on from what was
+  said (" 7 9 10": 9 is wrong, 10 is right), so one slip costs one item, not the rest of the list.
+- The demonstrator (demonstrate) is a careless human of mixed quality: usually too short (n, n-1, n-2
+  items w.p. 0.5, 0.3, 0.2, at least 1), w.p. 0.1 one too long; each item right w.p. 0.8, else a skip,
+  a repeat or a random number, and it counts on from what it said. Mean gold 0.50, 28% perfect.
 - Preferences are the labeler's, noisy: K distinct demonstrations ranked by Plackett-Luce with
   weights exp(PREFERENCE_BETA * gold); for K = 2 that is Bradley-Terry, P(a over b) =
   sigmoid(PREFERENCE_BETA * (gold_a - gold_b)). At PREFERENCE_BETA = 1.5 the chosen response has the
-  higher gold on ~72% of pairs whose gold differs (measured on builtin_task(0): 71.6% of pairs, 72.4%
-  of rankings' pairs), so the reward model must learn gold through label noise, as from humans.
+  higher gold on ~72% of pairs whose gold differs (builtin_task(0): 73.3% of pairs, 70.7% of the
+  rankings' pairs), so the reward model must learn gold through label noise, as from humans.
 - The held-out split (task_combos) is fixed, not seeded: 48 of the 240 prompts, never in the training
-  data, on which every run of every seed is evaluated; every n, category and word is still trained on.
-- Responses are short lists of words, each " word" one GPT-2 token, so the texts use 63 tokens in all
-  (data.task_tokenizer) and a prompt with its response and the eot fits in 13: a small GPT (sft.py's
-  default, 0.8M parameters) learns the task from scratch in about a minute on 2 CPU cores (500 steps
-  at ~50 ms), so the whole SFT -> reward -> PPO pipeline runs on a laptop in minutes.
+  data, on which every run of every seed is evaluated; every n and every a is still trained on.
+
+Why this task, and not "list 3 fruits without pear:": every quality feature here is local. Whether
+an item is right depends on the one item before it (or on the prompt's a), a comparison a 4-layer
+GPT learns from scratch in a minute; the old task's "said before" and "the excluded word" needed a
+match against any earlier position, which neither the small policy nor the reward model learnt, so
+PPO sharpening onto the favourite word produced repeats and gold fell. Here the demonstrator's most
+likely next item is the right one, so sharpening the SFT policy (fewer slips) and lengthening its
+too-short lists both raise gold: RLHF has room to improve on SFT, by the reward model alone.
+
+Reward hacking, as observed (seed 0, 4-layer SFT + reward model from scratch, PPO lr 3e-4): with
+kl_coef=0 the proxy score rises from -0.27 to +6.9 in 100 iterations while gold falls from 0.46 to
+-4.4: the policy fills all 12 tokens with " 31 33 31 33 ...", which the reward model scores highly
+(it learnt "longer is better" and a wrong start, but barely the successor rule). With kl_coef=0.1
+gold rises only a little (gold win rate vs SFT 0.55-0.61): the reward model, not the task, limits
+RLHF here, and it does even at PREFERENCE_BETA = 4 (labels agree with gold on ~85%), where PPO finds
+an off-distribution exploit within 25 iterations.
+
+Numbers are " 0" .. " 58", each one GPT-2 token (RESPONSE_WORDS), so the texts use 63 tokens in all
+(data.task_tokenizer) and a prompt with its response fits in 12: a small GPT (sft.py's default,
+0.8M parameters) learns the task from scratch in about a minute on 2 CPU cores, so the whole SFT ->
+reward -> PPO pipeline runs on a laptop in minutes.
 
 Pure Python and a function of the seed alone; data.py adds the tokenizer's vocabulary (imports run
 task -> data -> gpt -> sft / reward -> ppo).
@@ -31,73 +50,70 @@ import math
 import random
 import re
 
-CATEGORIES = {  # 8 words each, each " word" a single GPT-2 token, no word in two categories
-    "fruits": "apple pear plum peach lemon mango grape cherry".split(),
-    "animals": "cat dog horse cow pig sheep goat lion".split(),
-    "colors": "red blue green yellow black white pink purple".split(),
-    "tools": "hammer drill knife wrench axe shovel brush needle".split(),
-    "metals": "iron copper steel tin zinc nickel bronze brass".split(),
-    "drinks": "water tea coffee milk juice beer wine soda".split(),
-}
-_CATEGORY_OF = {w: c for c, words in CATEGORIES.items() for w in words}
-_OTHER_WORDS = {c: [w for w in _CATEGORY_OF if _CATEGORY_OF[w] != c] for c in CATEGORIES}
-MAX_N = 5  # prompts ask for 1..MAX_N items; the 7 words left after the excluded one allow MAX_N + 1
+MAX_N = 6  # prompts ask for 1..MAX_N numbers
+MAX_START = 39  # prompts count from 0..MAX_START
+RESPONSE_WORDS = [str(k) for k in range(59)]  # " 0".." 58", one GPT-2 token each: with the prompts, 63 ids
 PREFERENCE_BETA = 1.5  # the labeler's inverse temperature: agrees with gold on ~72% of pairs that differ
 
 
-def task_prompt(n, category, excluded):
-    return f"list {n} {category} without {excluded}:"
+def task_prompt(n, a):
+    return f"count {n} from {a}:"
 
 
 def task_combos():
-    """All (n, category, excluded) -> (train, held out). Held out iff (n + 3*category index + word
-    index) % 5 == 0: exactly 20%, each (category, excluded) for one n only, so every n, category and
-    word is seen in training. Fixed, not seeded: runs of any seed are evaluated on the same prompts."""
+    """All (n, a) -> (train, held out). Held out iff (a + 2n) % 5 == 0: exactly 20%, 8 starts for each
+    n, each start held out for at most 2 of the 6 n, so every n and every a is seen in training.
+    Fixed, not seeded: runs of any seed are evaluated on the same prompts."""
     split = ([], [])
     for n in range(1, MAX_N + 1):
-        for ci, (category, words) in enumerate(CATEGORIES.items()):
-            for wi, excluded in enumerate(words):
-                split[(n + 3 * ci + wi) % 5 == 0].append((n, category, excluded))
+        for a in range(MAX_START + 1):
+            split[(a + 2 * n) % 5 == 0].append((n, a))
     return split
 
 
 @functools.lru_cache(maxsize=1024)  # 240 distinct prompts, each parsed thousands of times
 def _parse_prompt(prompt):
-    m = re.fullmatch(r"list (\d+) (\w+) without (\w+):", prompt)
-    if not m or int(m[1]) < 1 or m[2] not in CATEGORIES or _CATEGORY_OF.get(m[3]) != m[2]:
+    m = re.fullmatch(r"count (\d+) from (\d+):", prompt)
+    if not m or not 1 <= int(m[1]) <= MAX_N or int(m[2]) > MAX_START:
         raise ValueError(f"not a built-in task prompt: {prompt!r}")
-    return int(m[1]), m[2], m[3]
+    return int(m[1]), int(m[2])
 
 
 def gold_score(prompt, response):
-    """The labeler. Over the response's space-separated words in order: +1 for each of the first n
-    correct items (in the category, not the excluded word, not said before); -1 for an off-category
-    word, the excluded word, a repeat, a non-word, or a correct item beyond the n-th (padding).
-    Score = total / n: exactly n correct items score 1.0, the maximum. ValueError on other prompts."""
-    n, category, excluded = _parse_prompt(prompt)
-    total, correct, seen = 0, 0, set()
+    """The labeler. Over the response's space-separated items in order, with `expected` = a at first:
+    an item is correct if it is the number `expected`; then expected = item + 1 if the item is a
+    number, else expected + 1. +1 for each of the first n correct items; -1 for a wrong item, or a
+    correct item beyond the n-th (padding). Score = total / n: exactly n correct items score 1.0, the
+    maximum. ValueError on other prompts."""
+    n, expected = _parse_prompt(prompt)
+    total, correct = 0, 0
     for w in response.split():
-        ok = _CATEGORY_OF.get(w) == category and w != excluded and w not in seen
-        seen.add(w)
+        value = int(w) if w.isdigit() and w.isascii() else None
+        ok = value == expected
         correct += ok
         total += 1 if ok and correct <= n else -1
+        expected = expected + 1 if value is None else value + 1
     return total / n
 
 
 def demonstrate(prompt, rng):
-    """A careless human's demonstration, " w1 w2 ...": usually too short (n, n-1, n-2 items w.p. 0.5,
-    0.3, 0.2, at least 1), w.p. 0.1 one too long (n+1); each item a fresh correct word w.p. 0.8, else
-    the excluded word, a repeat or an off-category word. Mean gold ~0.5, leaving room for RLHF."""
-    n, category, excluded = _parse_prompt(prompt)
+    """A careless human's demonstration, " a a+1 ...": usually too short (n, n-1, n-2 items w.p. 0.5,
+    0.3, 0.2, at least 1), w.p. 0.1 one too long (n+1); each item right (previous + 1, or a first)
+    w.p. 0.8, else a skip (right + 1), a repeat of the previous (a skip for the first item) or a
+    random other number, equally likely; it counts on from what it said. Mean gold ~0.5."""
+    n, a = _parse_prompt(prompt)
     k = n + 1 if rng.random() < 0.1 else max(1, n - rng.choice((0, 0, 0, 0, 0, 1, 1, 1, 2, 2)))
-    fresh, items = [w for w in CATEGORIES[category] if w != excluded], []
+    items, right = [], a
     for _ in range(k):
-        u = rng.random()  # < 0.8: correct; else one of the three mistakes, equally likely
-        items.append(fresh.pop(rng.randrange(len(fresh))) if u < 0.8 else
-                     excluded if u < 0.8 + 0.2 / 3 else
-                     rng.choice(items) if u < 0.8 + 0.4 / 3 and items else
-                     rng.choice(_OTHER_WORDS[category]))
-    return " " + " ".join(items)
+        u = rng.random()  # < 0.8: right; else one of the three mistakes, equally likely
+        wrong = [v for v in range(MAX_START + MAX_N) if v != right]  # then items stay <= 56
+        said = (right if u < 0.8 else
+                right + 1 if u < 0.8 + 0.2 / 3 or not items else
+                items[-1] if u < 0.8 + 0.4 / 3 else
+                rng.choice(wrong))
+        items.append(said)
+        right = said + 1
+    return " " + " ".join(map(str, items))
 
 
 def _ranked_demos(prompt, k, rng):

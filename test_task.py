@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from data import Tokenizer, rankings_to_pairs
-from task import CATEGORIES, PREFERENCE_BETA, builtin_task, gold_score
+from data import Tokenizer, rankings_to_pairs, task_tokenizer
+from task import MAX_N, MAX_START, PREFERENCE_BETA, RESPONSE_WORDS, builtin_task, gold_score, task_combos
 
 
 @pytest.fixture(scope="module")
@@ -16,28 +16,41 @@ def task():
 
 
 @pytest.mark.parametrize("prompt, response, expected", [
-    ("list 3 fruits without pear:", " apple plum cherry", 1.0),          # perfect
-    ("list 3 fruits without pear:", " cherry apple plum", 1.0),          # any order
-    ("list 3 fruits without pear:", " apple plum", 2 / 3),               # too short
-    ("list 3 fruits without pear:", "", 0.0),
-    ("list 3 fruits without pear:", " apple plum cherry lemon", 2 / 3),  # padding beyond n: -1
-    ("list 3 fruits without pear:", " apple pear plum", 1 / 3),          # the excluded word
-    ("list 3 fruits without pear:", " apple apple plum", 1 / 3),         # a repeat
-    ("list 3 fruits without pear:", " apple dog plum", 1 / 3),           # off-category
-    ("list 3 fruits without pear:", " apple xyz, plum", 1 / 3),          # a non-word
-    ("list 3 fruits without pear:", " Apple plum", 0.0),                 # case matters
-    ("list 1 colors without red:", " blue blue blue", -1.0),
-    ("list 5 tools without axe:", " drill knife axe dog drill hammer brush needle wrench", 0.2),
+    ("count 3 from 7:", " 7 8 9", 1.0),              # perfect
+    ("count 3 from 7:", " 7 8", 2 / 3),              # too short
+    ("count 3 from 7:", "", 0.0),
+    ("count 3 from 7:", " 7 8 9 10", 2 / 3),         # padding beyond n: -1
+    ("count 3 from 7:", " 7 8 9 10 11 12", 0.0),     # three padded: 3 - 3
+    ("count 3 from 7:", " 8 9 10", 1 / 3),           # wrong start: -1, then 9 and 10 follow 8
+    ("count 3 from 7:", " 7 9 10", 1 / 3),           # a skip costs one item, counting goes on from 9
+    ("count 3 from 7:", " 7 7 8", 1 / 3),            # a repeat: the second 7 is wrong, 8 follows it
+    ("count 3 from 7:", " 7 30 31", 1 / 3),          # a random number, then its successor
+    ("count 3 from 7:", " 7 x 9", 1 / 3),            # a non-number takes a slot: 9 follows it
+    ("count 3 from 7:", " 7 8, 9", 1 / 3),           # "8," is not a number
+    ("count 3 from 7:", " 9 8 7", -1.0),             # backwards: 9 != 7, 8 != 10, 7 != 9
+    ("count 1 from 0:", " 0", 1.0),
+    ("count 1 from 0:", " 0 1 2", -1.0),
+    ("count 6 from 39:", " 39 40 41 42 43 44", 1.0),
+    ("count 5 from 12:", " 12 13 13 14 15 16 17", 3 / 5),  # 5 right, the repeat -1, 17 padding -1
 ])
 def test_gold_score_hand_computed(prompt, response, expected):
     assert gold_score(prompt, response) == pytest.approx(expected)
 
 
 def test_gold_score_bad_prompt_valueerror():
-    for prompt in ["list 3 fruits without dog:", "list 0 fruits without pear:",
-                   "list 3 cars without bus:", "Hello"]:
+    for prompt in ["count 0 from 3:", "count 7 from 3:", "count 3 from 40:", "count 3 from -1:",
+                   "count 3 from 7", "list 3 fruits without pear:", "Hello"]:
         with pytest.raises(ValueError):
-            gold_score(prompt, " apple")
+            gold_score(prompt, " 7")
+
+
+def test_task_combos_held_out_disjoint_and_covered():
+    train, held = task_combos()
+    assert (len(train), len(held)) == (192, 48) and not set(train) & set(held)
+    assert sorted(train + held) == [(n, a) for n in range(1, MAX_N + 1) for a in range(MAX_START + 1)]
+    assert {n for n, _ in train} == set(range(1, MAX_N + 1))  # every n and every a still trained on
+    assert {a for _, a in train} == set(range(MAX_START + 1))
+    assert task_combos() == (train, held)  # fixed, not seeded
 
 
 def test_builtin_task_deterministic():
@@ -46,6 +59,7 @@ def test_builtin_task_deterministic():
     assert a == b
     for key in ["sft", "pairs", "rankings"]:
         assert a[key] != c[key]
+    assert a["eval_prompts"] == c["eval_prompts"]
     assert (len(a["sft"]), len(a["pairs"]), len(a["rankings"])) == (300, 300, 50)
 
 
@@ -54,31 +68,40 @@ def test_builtin_task_eval_prompts_disjoint(task):
     assert (len(train), len(held)) == (192, 48) and not train & held
     used = {r["prompt"] for key in ["sft", "pairs", "rankings"] for r in task[key]}
     assert used == train  # 20000 draws reach every training prompt and no held-out one
-    combos = [re.fullmatch(r"list (\d) (\w+) without (\w+):", p).groups() for p in held]
-    assert len(set(combos)) == 48
-    parts = [re.fullmatch(r"list (\d) (\w+) without (\w+):", p).groups() for p in train]
-    all_words = {w for ws in CATEGORIES.values() for w in ws}
-    for i, seen in enumerate([set("12345"), set(CATEGORIES), all_words]):
-        assert {p[i] for p in parts} == seen  # every n, category, word still trained on
+    for p in held:
+        assert re.fullmatch(r"count [1-6] from \d+:", p), p
 
 
 def test_builtin_task_words_single_tokens():
     tok = Tokenizer()
-    words = [w for ws in CATEGORIES.values() for w in ws]
-    assert len(CATEGORIES) == 6 and len(words) == len(set(words)) == 48
-    for w in words:
+    assert RESPONSE_WORDS == [str(k) for k in range(59)]
+    for w in RESPONSE_WORDS + [str(n) for n in range(1, MAX_N + 1)]:
         assert len(tok.encode(" " + w)) == 1, w
+    assert len(tok.encode("count 6 from 39:")) == 5  # count, " 6", " from", " 39", ":"
+
+
+def test_builtin_task_texts_encode_within_vocab(task):
+    tok = task_tokenizer()  # raises UserError on a token outside the vocab
+    assert tok.vocab_size == 3 + 59 + 1  # "count", " from", ":", " 0".." 58", eot
+    texts = set(task["train_prompts"] + task["eval_prompts"])
+    texts |= {r[k] for r in task["sft"] + task["pairs"] for k in r}
+    texts |= {x for r in task["rankings"] for x in r["responses"]}
+    for t in texts:
+        assert tok.decode(tok.encode(t)) == t
+    assert max(len(tok.encode(r["prompt"] + r["response"])) for r in task["sft"]) <= 12
 
 
 def test_demonstrate_mean_gold_in_range(task):
     golds = [gold_score(r["prompt"], r["response"]) for r in task["sft"]]
     mean = sum(golds) / len(golds)
     assert 0.4 <= mean <= 0.6, mean
-    assert 0.2 < sum(g == 1.0 for g in golds) / len(golds) < 0.5  # some perfect, most not
+    assert 0.2 < sum(g == 1.0 for g in golds) / len(golds) < 0.4  # some perfect, most not
     n_of = {r["prompt"]: int(r["prompt"].split()[1]) for r in task["sft"]}
     lengths = [len(r["response"].split()) - n_of[r["prompt"]] for r in task["sft"]]
     assert min(lengths) >= -2 and max(lengths) == 1
     assert 0.05 < sum(d == 1 for d in lengths) / len(lengths) < 0.15  # rarely too long
+    items = [w for r in task["sft"] for w in r["response"].split()]
+    assert all(w in RESPONSE_WORDS for w in items)
 
 
 def test_builtin_task_preferences_agree_with_gold(task):
@@ -91,7 +114,7 @@ def test_builtin_task_preferences_agree_with_gold(task):
                 differ += 1
                 agree += delta > 0
                 expected += 1 / (1 + math.exp(-PREFERENCE_BETA * abs(delta)))  # Bradley-Terry
-        assert 0.65 <= agree / differ <= 0.80, agree / differ
+        assert 0.68 <= agree / differ <= 0.77, agree / differ
         assert abs(agree - expected) / differ < 0.02  # the labels follow sigmoid(beta * delta)
     for r in task["rankings"]:
         assert 4 <= len(r["responses"]) <= 6 and len(set(r["responses"])) == len(r["responses"])
