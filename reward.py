@@ -7,9 +7,11 @@ rankings with all K(K-1)/2 pairs of a prompt in one batch, each response scored 
 
     python reward.py                        # after python sft.py
     python reward.py --kind=rankings        # the built-in task's 4..6-way rankings
+    torchrun --standalone --nproc_per_node=4 reward.py   # 4 data-parallel processes (see sft.py)
 """
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,7 +23,7 @@ import data
 from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config
 from gpt import (autocast, generate, get_device, load_checkpoint, lr_at, make_optimizer, model_from_checkpoint,
                  save_checkpoint)
-from sft import batch_indices
+from sft import RANK, WORLD, all_sum, any_rank, barrier, batch_indices, ddp_init, ddp_main, ddp_wrap
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Config:
     out_dir: str = "out"  # writes reward.pt (best validation accuracy) and reward_last.pt (for --resume)
     max_len: int = 24  # prompt + response tokens
     max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
-    batch_size: int = 32  # prompts per step (each with its 2..K responses)
+    batch_size: int = 32  # prompts per step (each with its 2..K responses), over all processes under torchrun
     max_iters: int = 400  # optimizer steps
     lr: float = 1e-3  # peak learning rate; ~1e-5 for GPT-2
     warmup_iters: int = 40  # linear warmup, then cosine decay to lr/10
@@ -122,7 +124,9 @@ def group_batch(groups, idx, pad_id):
 
 
 def pair_rewards(rm, b, ci, ri, device):
-    r = rm.score(b["tokens"].to(device), b["attn_mask"].to(device), left_padded=False)  # (N_seq,)
+    """rm: a RewardModel or DDP around one, so it is called through forward (the one method DDP
+    hooks) and read at each right-padded row's last token as RewardModel.score does."""
+    r = rm(b["tokens"].to(device)).gather(1, last_index(b["attn_mask"]).to(device)[:, None]).squeeze(1)  # (N_seq,)
     return r[ci.to(device)], r[ri.to(device)]
 
 
@@ -174,7 +178,9 @@ def main(argv):
     for key in ("batch_size", "max_iters", "eval_interval", "eval_batches", "log_interval"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
-    device = get_device(cfg.device)
+    if cfg.batch_size < WORLD:
+        raise UserError(f"--batch_size={cfg.batch_size}: fewer prompts than the {WORLD} processes")
+    device = ddp_init(get_device(cfg.device))
     torch.manual_seed(cfg.seed)
     last_path, best_path = os.path.join(cfg.out_dir, "reward_last.pt"), os.path.join(cfg.out_dir, "reward.pt")
     if cfg.resume:
@@ -184,7 +190,11 @@ def main(argv):
         policy_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
         rm = RewardModel(model_from_checkpoint(policy_ck, cfg.sft_ckpt))
     tok = data.Tokenizer(policy_ck.get("vocab"))
+    if RANK > 0:
+        barrier()  # rank 0 downloads the data (hh-rlhf) if needed, then the others read the cached copy
     train_rec, val_rec = data.load_records(cfg.data, cfg.kind, cfg.seed)
+    if RANK == 0:
+        barrier()
     train_groups, val_groups = rank_groups(train_rec, cfg.kind), rank_groups(val_rec, cfg.kind)
     train, val = encode_groups(train_groups, tok, cfg, "rm train"), encode_groups(val_groups, tok, cfg, "rm val")
     val_gold = [[data.gold_score(p, r) for r in rs] for p, rs in val_groups] if cfg.data == "builtin" else None
@@ -197,6 +207,7 @@ def main(argv):
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")
     ctx = autocast(device, cfg.dtype)
+    trm = ddp_wrap(rm, device)  # for training; rank 0 evaluates with rm alone
     print(f"reward: {len(train)} train / {len(val)} val {cfg.kind}, device {device}")
 
     def save(path, it, best_acc, **extra):
@@ -205,36 +216,52 @@ def main(argv):
 
     t0, stop = time.time(), GracefulStop()
     for it in range(start, cfg.max_iters + 1):
-        if stop.requested:
-            save(last_path, it, best)
+        if any_rank(stop.requested, device):  # all ranks stop before the same step (see sft.py)
+            if RANK == 0:
+                save(last_path, it, best)
+            barrier()  # the others wait for the checkpoint: once one rank has exited 130, torchrun kills the rest
+            if RANK > 0:
+                sys.exit(130)
             stop.exit(f"reward: stopped before step {it}; saved {last_path}; continue with --resume")
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            vloss, vacc, vgold = evaluate(rm, val, val_gold, cfg, ctx, device, tok.eot)
-            print(f"reward {it}/{cfg.max_iters} | val loss {vloss:.4f} | val acc {vacc:.3f} | gold agreement {vgold:.3f}")
-            if vacc > best:
-                best = vacc
-                save(best_path, it, best, val_acc=vacc, gold_agreement=vgold)
-            save(last_path, it, best)
+            if RANK == 0:  # one process evaluates and saves while the others wait at the barrier
+                vloss, vacc, vgold = evaluate(rm, val, val_gold, cfg, ctx, device, tok.eot)
+                print(f"reward {it}/{cfg.max_iters} | val loss {vloss:.4f} | val acc {vacc:.3f} "
+                      f"| gold agreement {vgold:.3f}")
+                if vacc > best:
+                    best = vacc
+                    save(best_path, it, best, val_acc=vacc, gold_agreement=vgold)
+                save(last_path, it, best)
+            barrier()
         if it == cfg.max_iters:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
-        b, ci, ri = group_batch(train, batch_indices(len(train), it, cfg.batch_size, cfg.seed), tok.eot)
+        idx = batch_indices(len(train), it, cfg.batch_size, cfg.seed)[RANK::WORLD]  # this rank's prompts
+        b, ci, ri = group_batch(train, idx, tok.eot)
+        n_all = all_sum(torch.tensor(len(ci), device=device))  # pairs in the global batch
         with ctx:
-            rc, rr = pair_rewards(rm, b, ci, ri, device)
-            loss = preference_loss(rc.float(), rr.float())  # one mean over all pairs of the batch
+            rc, rr = pair_rewards(trm, b, ci, ri, device)
+            # one mean over all n_all pairs of the global batch: this rank's share is its own mean times
+            # len(ci) / n_all, times WORLD because DDP averages the gradients over ranks (as in sft.py)
+            loss = preference_loss(rc.float(), rr.float()) * (len(ci) * WORLD / n_all)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not torch.isfinite(norm):
-            raise UserError(f"reward step {it}: non-finite gradient norm (loss {loss.item():.4g}); "
+        if not torch.isfinite(norm):  # the all-reduced gradient's norm: every rank raises (and all_sums) alike
+            loss_all = all_sum(loss.detach() / WORLD).item()  # the global batch's loss (undoing the scaling)
+            raise UserError(f"reward step {it}: non-finite gradient norm (loss {loss_all:.4g}); "
                             f"the last good checkpoint is {last_path}; try a lower --lr")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if it % cfg.log_interval == 0:
-            append_jsonl(dict(iter=it, loss=loss.item()), os.path.join(cfg.out_dir, "reward_metrics.jsonl"))
-            print(f"reward {it}/{cfg.max_iters} | loss {loss.item():.4f} | acc {(rc > rr).float().mean().item():.3f} "
+        if it % cfg.log_interval == 0:  # loss and accuracy over the global batch: unscaled, summed over ranks
+            loss_all, acc = all_sum(torch.stack([loss.detach() / WORLD, (rc > rr).sum() / n_all])).tolist()
+            if RANK == 0:
+                append_jsonl(dict(iter=it, loss=loss_all), os.path.join(cfg.out_dir, "reward_metrics.jsonl"))
+            print(f"reward {it}/{cfg.max_iters} | loss {loss_all:.4f} | acc {acc:.3f} "
                   f"| {(time.time() - t0) * 1000 / cfg.log_interval:.0f} ms/step")
             t0 = time.time()
+    if RANK > 0:
+        return  # rank 0 alone normalises and writes the final checkpoint
     # normalise the best model, and freeze it for PPO
     rm, ck = load_reward_model(best_path)
     rm.to(device).eval()
@@ -249,4 +276,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(ddp_main(main))

@@ -5,14 +5,19 @@ something the policy should learn to produce (InstructGPT, Ouyang et al. 2022, Â
 
     python sft.py                                   # the built-in task, a small GPT from scratch
     python sft.py --init=gpt2 --data=hh-rlhf --max_len=512 --max_prompt_len=384 --batch_size=8
+    torchrun --standalone --nproc_per_node=4 sft.py  # 4 data-parallel processes (GPUs), same updates
 """
+import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config
@@ -30,7 +35,7 @@ class Config:
     n_embd: int = 128  # with init=scratch only
     max_len: int = 24  # prompt + response tokens; longer responses are cut (counts printed)
     max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
-    batch_size: int = 64  # sequences per micro-batch
+    batch_size: int = 64  # sequences per micro-batch, over all processes (each gets batch_size/N under torchrun)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 500  # optimizer steps
     lr: float = 2e-3  # peak learning rate; 1e-5..5e-5 when fine-tuning GPT-2
@@ -68,6 +73,75 @@ def batch_indices(n, it, batch_size, seed):
     return torch.randperm(n, generator=g)[j * batch_size:(j + 1) * batch_size].tolist()
 
 
+# -----------------------------------------------------------------------------
+# data parallel: `torchrun --standalone --nproc_per_node=N sft.py` starts N copies of this script, one
+# per device; each runs its disjoint shard [RANK::WORLD] of every batch and DistributedDataParallel
+# averages the gradients (https://pytorch.org/docs/stable/notes/ddp.html). Without torchrun RANK=0,
+# WORLD=1 and the same code runs, every collective below a no-op. reward.py imports these.
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def ddp_init(device):
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and return this rank's device
+    (cuda:LOCAL_RANK). Ranks > 0 print nothing: their stdout goes to /dev/null (stderr stays, for tracebacks)."""
+    if WORLD == 1:
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if RANK > 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def ddp_wrap(model, device):
+    """The model that training calls forward/backward on: under DDP its backward all-reduces gradients."""
+    return DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None) if WORLD > 1 else model
+
+
+def no_sync(model, skip):
+    """Skip DDP's gradient all-reduce on all but the last micro-step of gradient accumulation: the
+    earlier micro-steps' gradients accumulate locally and go out in the last one's all-reduce."""
+    return model.no_sync() if skip and WORLD > 1 else contextlib.nullcontext()
+
+
+def all_sum(x):
+    """Tensor x summed over all ranks, in place (every rank must call it at the same point)."""
+    if WORLD > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def any_rank(flag, device):
+    """True on every rank if flag is true on any: Ctrl-C reaches each rank at a slightly different
+    moment, but all of them must stop before the same step."""
+    return bool(all_sum(torch.tensor(float(flag), device=device)))
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
+
+
+def ddp_main(main):
+    """main for main_guard. Every rank reads the same settings, data and checkpoints and checks them
+    alike, and the gradient-norm check sees the all-reduced gradient, so a UserError (or the second
+    Ctrl-C) happens on every rank: rank 0 prints it once (main_guard) and the others exit with the
+    same code silently. A crash on one rank alone keeps its traceback, and torchrun stops the rest."""
+    def run(argv):
+        try:
+            main(argv)
+        except (UserError, KeyboardInterrupt) as e:
+            if RANK == 0:
+                raise
+            sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
+        if WORLD > 1:
+            dist.destroy_process_group()
+    return run
+
+
 def load_tokenizer(name):
     """The built-in task uses a small renumbered vocabulary; everything else GPT-2's."""
     return data.task_tokenizer() if name == "builtin" else data.Tokenizer()
@@ -93,6 +167,14 @@ def check_config(cfg):
         raise UserError(f"--max_prompt_len={cfg.max_prompt_len}: must be in 1..max_len-1 ({cfg.max_len - 1})")
     if cfg.lr <= 0:
         raise UserError(f"--lr={cfg.lr}: must be positive")
+    if cfg.batch_size < WORLD:
+        raise UserError(f"--batch_size={cfg.batch_size}: fewer sequences than the {WORLD} processes")
+
+
+def global_loss(loss, cfg):
+    """The logged loss: the last micro-batch's sft_loss over the whole global batch (the training
+    loss below, unscaled and summed over ranks). A float; every rank must call it."""
+    return all_sum(loss.detach() * cfg.grad_accum / WORLD).item()
 
 
 @torch.no_grad()
@@ -125,10 +207,14 @@ def print_samples(model, prompts, tok, cfg, device, n=3):
 def main(argv):
     cfg = parse_config(Config, argv)
     check_config(cfg)
-    device = get_device(cfg.device)
+    device = ddp_init(get_device(cfg.device))
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.data)
+    if RANK > 0:
+        barrier()  # rank 0 downloads the data (hh-rlhf) if needed, then the others read the cached copy
     train_rec, val_rec = data.load_records(cfg.data, "sft", cfg.seed)
+    if RANK == 0:
+        barrier()
     encode = lambda recs, name: data.encode_examples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs],
                                                     cfg.max_len, cfg.max_prompt_len, name)
     train, val = encode(train_rec, "sft train"), encode(val_rec, "sft val")
@@ -150,6 +236,7 @@ def main(argv):
         print(f"resumed from {last_path} at step {start}")
     ctx = autocast(device, cfg.dtype)
     fmodel = torch.compile(model) if cfg.compile else model
+    tmodel = ddp_wrap(fmodel, device)  # for training; rank 0 evaluates and samples with fmodel/model alone
     n_params = sum(p.numel() for p in model.parameters())
     print(f"sft: {n_params / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val examples, device {device}")
 
@@ -159,45 +246,61 @@ def main(argv):
 
     t0, tokens_seen, stop = time.time(), 0, GracefulStop()
     for it in range(start, cfg.max_iters + 1):
-        if stop.requested:
-            save(last_path, it, best)
+        if any_rank(stop.requested, device):
+            if RANK == 0:
+                save(last_path, it, best)
+            barrier()  # the others wait for the checkpoint: once one rank has exited 130, torchrun kills the rest
+            if RANK > 0:
+                sys.exit(130)
             stop.exit(f"sft: stopped before step {it}; saved {last_path}; continue with --resume")
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            val_loss = evaluate(fmodel, val, cfg, tok, ctx, device)
-            print(f"sft {it}/{cfg.max_iters} | val loss {val_loss:.4f}")
-            print_samples(model, [r["prompt"] for r in val_rec], tok, cfg, device)
-            if val_loss < best:
-                best = val_loss
-                save(best_path, it, best)
-            save(last_path, it, best)
+            if RANK == 0:  # one process evaluates and saves while the others wait at the barrier
+                val_loss = evaluate(fmodel, val, cfg, tok, ctx, device)
+                print(f"sft {it}/{cfg.max_iters} | val loss {val_loss:.4f}")
+                print_samples(model, [r["prompt"] for r in val_rec], tok, cfg, device)
+                if val_loss < best:
+                    best = val_loss
+                    save(best_path, it, best)
+                save(last_path, it, best)
+            barrier()
         if it == cfg.max_iters:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
         for micro in range(cfg.grad_accum):
-            b = data.pad_right([train[j] for j in batch_indices(len(train), it * cfg.grad_accum + micro,
-                                                                cfg.batch_size, cfg.seed)], tok.eot)
+            idx = batch_indices(len(train), it * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)[RANK::WORLD]
+            b = data.pad_right([train[j] for j in idx], tok.eot)
             x, m = b["tokens"].to(device), b["loss_mask"].to(device)
-            with ctx:
-                # dividing by grad_accum makes the summed gradient the mean over micro-batches
-                loss = sft_loss(fmodel(x), x, m) / cfg.grad_accum
-            loss.backward()
+            n = m[:, 1:].sum()  # this rank's response tokens: the ones sft_loss averages over
+            n_all = all_sum(n.clone())  # ... and the whole global batch's
+            with no_sync(tmodel, micro < cfg.grad_accum - 1):
+                with ctx:
+                    # The loss of the global batch is (sum of all its token losses) / n_all. This rank's
+                    # share is sft_loss * n / n_all, times WORLD because DDP averages (not sums) the
+                    # gradients over ranks: the update is then the single-process one on the same global
+                    # batch (without torchrun n = n_all, WORLD = 1: a factor 1). Dividing by grad_accum
+                    # makes the summed gradient the mean over micro-batches.
+                    loss = sft_loss(tmodel(x), x, m) * (n * WORLD / n_all) / cfg.grad_accum
+                loss.backward()
             tokens_seen += int(b["attn_mask"].sum())
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):  # one host sync per step: a NaN must never reach the weights
-            raise UserError(f"sft step {it}: non-finite gradient norm (loss {loss.item() * cfg.grad_accum:.4g}); "
+            # the norm is of the all-reduced gradient, so every rank raises here (and all_sums) alike
+            raise UserError(f"sft step {it}: non-finite gradient norm (loss {global_loss(loss, cfg):.4g}); "
                             f"the last good checkpoint is {last_path}; try a lower --lr")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if it % cfg.log_interval == 0:
             dt = time.time() - t0
-            append_jsonl(dict(iter=it, loss=loss.item() * cfg.grad_accum, lr=opt.param_groups[0]["lr"]),
-                         os.path.join(cfg.out_dir, "sft_metrics.jsonl"))
-            print(f"sft {it}/{cfg.max_iters} | loss {loss.item() * cfg.grad_accum:.4f} | lr {opt.param_groups[0]['lr']:.2e} "
-                  f"| {dt * 1000 / cfg.log_interval:.0f} ms/step | {tokens_seen / dt:.0f} tok/s")
+            loss_all, tokens_all = global_loss(loss, cfg), all_sum(torch.tensor(tokens_seen, device=device)).item()
+            if RANK == 0:
+                append_jsonl(dict(iter=it, loss=loss_all, lr=opt.param_groups[0]["lr"]),
+                             os.path.join(cfg.out_dir, "sft_metrics.jsonl"))
+            print(f"sft {it}/{cfg.max_iters} | loss {loss_all:.4f} | lr {opt.param_groups[0]['lr']:.2e} "
+                  f"| {dt * 1000 / cfg.log_interval:.0f} ms/step | {tokens_all / dt:.0f} tok/s")
             t0, tokens_seen = time.time(), 0
     print(f"sft: best val loss {best:.4f}, saved {best_path}")
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(ddp_main(main))
