@@ -31,17 +31,17 @@ class Config:
     data: str = "builtin"  # builtin | hh-rlhf | path to a .jsonl of pairs or rankings
     kind: str = "pairs"  # pairs | rankings (K-way, best first)
     sft_ckpt: str = "out/sft.pt"  # the trunk starts from the SFT policy
-    out_dir: str = "out"  # writes reward.pt (best validation accuracy) and reward_last.pt (for --resume)
+    out_dir: str = "out"  # writes reward.pt (lowest validation loss) and reward_last.pt (for --resume)
     max_len: int = 24  # prompt + response tokens
     max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
-    batch_size: int = 32  # prompts per step (each with its 2..K responses), over all processes under torchrun
-    max_iters: int = 400  # optimizer steps
-    lr: float = 1e-3  # peak learning rate; ~1e-5 for GPT-2
-    warmup_iters: int = 40  # linear warmup, then cosine decay to lr/10
+    batch_size: int = 64  # prompts per step (each with its 2..K responses), over all processes under torchrun
+    max_iters: int = 800  # optimizer steps
+    lr: float = 3e-4  # peak learning rate; ~1e-5 for GPT-2
+    warmup_iters: int = 50  # linear warmup, then cosine decay to lr/10
     weight_decay: float = 0.1  # AdamW, on matrices only
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    eval_interval: int = 100  # steps between validation accuracy + checkpoint
-    eval_batches: int = 8  # validation batches per evaluation
+    eval_interval: int = 100  # steps between validation loss/accuracy + checkpoint
+    eval_batches: int = 16  # validation batches per evaluation (16 x 64 pairs: the whole built-in val set)
     log_interval: int = 20  # steps between log lines
     norm_samples: int = 256  # SFT samples whose mean score is shifted to 0 at the end; 0 = off
     seed: int = 0  # data order and sampling
@@ -200,19 +200,19 @@ def main(argv):
     val_gold = [[data.gold_score(p, r) for r in rs] for p, rs in val_groups] if cfg.data == "builtin" else None
     rm.to(device).train()
     opt = make_optimizer(rm.parameters(), cfg.lr, cfg.weight_decay, device)
-    start, best = 0, -1.0
+    start, best = 0, math.inf
     if cfg.resume:
         opt.load_state_dict(ck["optimizer"])
-        start, best = ck["iter"], ck["best_acc"]
+        start, best = ck["iter"], ck["best_loss"]
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")
     ctx = autocast(device, cfg.dtype)
     trm = ddp_wrap(rm, device)  # for training; rank 0 evaluates with rm alone
     print(f"reward: {len(train)} train / {len(val)} val {cfg.kind}, device {device}")
 
-    def save(path, it, best_acc, **extra):
+    def save(path, it, best_loss, **extra):
         save_checkpoint(path, rm.gpt, "reward", head=rm.head.state_dict(), vocab=tok.vocab, cfg=asdict(cfg),
-                        iter=it, best_acc=best_acc, optimizer=opt.state_dict(), rng=torch.get_rng_state(), **extra)
+                        iter=it, best_loss=best_loss, optimizer=opt.state_dict(), rng=torch.get_rng_state(), **extra)
 
     t0, stop = time.time(), GracefulStop()
     for it in range(start, cfg.max_iters + 1):
@@ -228,8 +228,8 @@ def main(argv):
                 vloss, vacc, vgold = evaluate(rm, val, val_gold, cfg, ctx, device, tok.eot)
                 print(f"reward {it}/{cfg.max_iters} | val loss {vloss:.4f} | val acc {vacc:.3f} "
                       f"| gold agreement {vgold:.3f}")
-                if vacc > best:
-                    best = vacc
+                if vloss < best:  # the loss, not the accuracy: on noisy labels it is the steadier signal
+                    best = vloss
                     save(best_path, it, best, val_acc=vacc, gold_agreement=vgold)
                 save(last_path, it, best)
             barrier()
@@ -272,7 +272,7 @@ def main(argv):
         print(f"reward: shifted the head bias by {-shift:+.4f} so SFT samples score 0 on average")
     save_checkpoint(best_path, rm.gpt, "reward", head=rm.head.state_dict(), vocab=tok.vocab, cfg=asdict(cfg),
                     val_acc=ck.get("val_acc"), gold_agreement=ck.get("gold_agreement"), normalized=True)
-    print(f"reward: best val acc {best:.3f}, saved {best_path}")
+    print(f"reward: best val loss {best:.4f} (val acc {ck.get('val_acc'):.3f}), saved {best_path}")
 
 
 if __name__ == "__main__":
