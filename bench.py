@@ -20,6 +20,7 @@ from data import main_guard, parse_config, write_json
 from gpt import CONFIGS, GPT, GPTConfig, autocast, generate, get_device, make_optimizer
 from ppo import Config as PPOConfig, add_advantages, ppo_update, rollout
 from reward import RewardModel
+from sft import sft_loss
 
 
 @dataclass
@@ -72,11 +73,12 @@ def flops_per_token(cfg, T):
 
 def bench_sft(model, cfg, bc, device, ctx):
     x = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
+    mask = torch.ones_like(x)  # every token a response token, as in HF's causal-LM loss
     opt = make_optimizer(model.parameters(), 1e-4, 0.1, device)
 
     def step():
         with ctx:
-            loss = torch.nn.functional.cross_entropy(model(x)[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+            loss = sft_loss(model(x), x, mask)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -215,8 +215,11 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keeps the token that crosses top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling, one uniform draw per row: torch.multinomial draws an exponential per
+    # vocabulary entry, ~8 ms a step for GPT-2's 50257 tokens at B=8 on 2 CPU cores (bench.py)
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    u = 1 - torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # in (0, 1]: never a 0-probability token
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.size(-1) - 1).squeeze(-1)
 
 
 @torch.no_grad()
