@@ -26,7 +26,7 @@ BROKEN = {"SyntaxError", "IndentationError", "ImportError", "ModuleNotFoundError
 
 BUGS = [  # (typical student mistake, file, reference snippet, the mistake); each snippet occurs once
     ("sft_loss: logits/labels shift missing", "sft.py",
-     "logits[:, :-1].reshape(-1, V), tokens[:, 1:]", "logits[:, 1:].reshape(-1, V), tokens[:, 1:]"),
+     "targets = torch.roll(tokens, -1, dims=1)", "targets = tokens"),
     ("sft_loss: averaged over prompt and padding tokens", "sft.py",
      "return (nll * m).sum() / m.sum()", "return nll.mean()"),
     ("preference_loss: difference reversed", "reward.py",
