@@ -172,6 +172,9 @@ def main(argv):
     model.eval()
     for B in map(int, bc.gen_batches.split(",")):
         res[f"generate_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
+    model.to(torch.bfloat16)  # ppo.py --rollout_dtype=bfloat16: the sampler's weights in bf16
+    for B in map(int, bc.gen_batches.split(",")):
+        res[f"generate_bf16_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
     del model
     res["ppo"] = bench_ppo(cfg, bc, device, ctx)
     if bc.compare:
@@ -185,6 +188,10 @@ def main(argv):
         g, h = res[f"generate_b{B}"], res.get(f"hf_generate_b{B}")
         print(f"{'generate B=' + str(B):<16} {g['tok_s']:>9.0f} tok/s {g['ms_per_step']:>8.1f} ms/step"
               + (f" {h['tok_s']:>11.0f} tok/s {h['ms_per_step']:>6.1f} ms/step {g['tok_s'] / h['tok_s']:>6.2f}x" if h else ""))
+    for B in map(int, bc.gen_batches.split(",")):
+        g, h = res[f"generate_bf16_b{B}"], res.get(f"hf_generate_b{B}")
+        print(f"{'bf16 gen B=' + str(B):<16} {g['tok_s']:>9.0f} tok/s {g['ms_per_step']:>8.1f} ms/step"
+              + (f" {'(vs HF fp32)':>28} {g['tok_s'] / h['tok_s']:>6.2f}x" if h else ""))
     p = res["ppo"]
     print(f"{'ppo iteration':<16} {p['iter_s']:>9.2f} s (rollout+scoring {p['rollout_and_scoring_s']:.2f} s, update {p['update_s']:.2f} s)")
     write_json(dict(config=asdict(bc), results=res), bc.out)
