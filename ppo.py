@@ -211,7 +211,7 @@ def rollout(policy, ref, rm, critic, prompt_ids, tok, cfg, ctx, gen, sampler=Non
     mask = gen_mask[:, 1:].float()  # (B, T-1)
     return dict(tokens=tokens, attn=attn, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
                 values=values, scores=scores, entropy=entropy(logits, mask),
-                ended=((tokens == tok.eot) & gen_mask.bool()).any(1), prompt_len=x.size(1))
+                ended=((tokens == tok.eot) & gen_mask.bool()).any(1))
 
 
 def responses(batch, tok):
@@ -219,14 +219,20 @@ def responses(batch, tok):
             for row, m in zip(batch["tokens"][:, 1:].cpu(), batch["mask"].cpu())]
 
 
-def kl_stats(b):
-    """KL(policy || reference) on the policy's own samples: k1 = mean of log p - log q per token
-    (unbiased, but single samples go negative), k3 = mean of (r - 1) - log r, r = q / p (never
-    negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html), and the
-    per-response sum of k1, which the adaptive controller targets."""
+def kl_per_response(b):
+    """KL(policy || reference) on the policy's own samples, summed over each response's tokens:
+    k1 = log p - log q (unbiased, but single samples go negative) and k3 = (r - 1) - log r, r = q / p
+    (never negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html). (B,), (B,)."""
     d = (b["logprobs"] - b["ref_logprobs"]) * b["mask"]
-    k3 = (torch.exp(-d) - 1 + d) * b["mask"]
-    return masked_mean(d, b["mask"]).item(), masked_mean(k3, b["mask"]).item(), d.sum(1).mean().item()
+    return d.sum(1), ((torch.exp(-d) - 1 + d) * b["mask"]).sum(1)
+
+
+def kl_stats(b):
+    """Per-token means of k1 and k3 over the batch's valid tokens, and the mean per-response k1,
+    which the adaptive controller targets."""
+    k1, k3 = kl_per_response(b)
+    n = b["mask"].sum()
+    return (k1.sum() / n).item(), (k3.sum() / n).item(), k1.mean().item()
 
 
 def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
@@ -297,8 +303,7 @@ def evaluate(policy, ref, rm, prompt_ids, prompts, tok, cfg, ctx, builtin):
         # both sides draw with the same seed: at iteration 0 they sample the same responses (win rate 0.5)
         pol, sft = (rollout(m, ref, rm, None, prompt_ids[i:i + n], tok, cfg, ctx,
                             torch.Generator(device=device).manual_seed(cfg.seed + i)) for m in (policy, ref))
-        d = (pol["logprobs"] - pol["ref_logprobs"]) * pol["mask"]
-        cols = [pol["scores"], sft["scores"], d.sum(1), ((torch.exp(-d) - 1 + d) * pol["mask"]).sum(1), pol["mask"].sum(1)]
+        cols = [pol["scores"], sft["scores"], *kl_per_response(pol), pol["mask"].sum(1)]
         if builtin:
             cols += [torch.tensor([data.gold_score(p, r) for p, r in zip(prompts[i:i + n], responses(b, tok))]) for b in (pol, sft)]
         rows.append(torch.stack([c.float().cpu() for c in cols], 1))  # (n, 5 or 7)
