@@ -8,6 +8,7 @@ place all of them can import).
 import dataclasses
 import functools
 import gzip
+import hashlib
 import inspect
 import json
 import os
@@ -135,6 +136,30 @@ def atomic_write(path, write):
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def fetch(url, path):
+    """Download url to path with a progress line. The file appears only when complete (atomic_write),
+    its size matching Content-Length and its sha256 the hub's X-Linked-Etag when one is sent, so an
+    interrupted download is retried, never half-read."""
+    def write(f):
+        with urllib.request.urlopen(url, timeout=60) as r:
+            total, done, sha = int(r.headers.get("Content-Length") or 0), 0, hashlib.sha256()
+            etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                sha.update(chunk)
+                done += len(chunk)
+                print(f"\rdownloading {url}: {done / 1e6:.1f} of {total / 1e6:.1f} MB", end="", flush=True)
+            print()
+            if total and done != total:  # a dropped connection gives a short body, not an error
+                raise UserError(f"download {url}: got {done} of {total} bytes; run again to retry")
+            if re.fullmatch(r"[0-9a-f]{64}", etag) and sha.hexdigest() != etag:
+                raise UserError(f"download {url}: sha256 differs from the hub's; run again to retry")
+    try:
+        atomic_write(path, write)
+    except OSError as e:  # URLError, HTTPError, a timeout, a full disk
+        raise UserError(f"download {url} failed: {e}") from None
 
 
 def atomic_save(obj, path):
@@ -304,8 +329,7 @@ def read_hh(path):
 
 def download_hh(subset="helpful-base", split="train", cache_dir=None, base_url=HH_URL):
     """Local path of {cache_dir}/hh-rlhf/{subset}/{split}.jsonl.gz (cache_dir default ~/.cache/minrlhf),
-    downloaded from {base_url}/{subset}/{split}.jsonl.gz unless already there. The file appears only
-    when complete (atomic_write), so an interrupted download is retried, never half-read."""
+    downloaded from {base_url}/{subset}/{split}.jsonl.gz unless already there (see fetch)."""
     if subset not in HH_SUBSETS or split not in ("train", "test"):
         raise UserError(f"unknown hh-rlhf {subset}/{split}; subsets: {', '.join(HH_SUBSETS)}; "
                         "splits: train, test")
@@ -315,21 +339,7 @@ def download_hh(subset="helpful-base", split="train", cache_dir=None, base_url=H
     if os.path.exists(path):
         return path
 
-    def fetch(f):
-        with urllib.request.urlopen(url, timeout=60) as r:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                print(f"\rdata: downloading {url}: {done / 1e6:.1f} of {total / 1e6:.1f} MB",
-                      end="", flush=True)
-            print()
-            if total and done != total:  # a dropped connection gives a short body, not an error
-                raise UserError(f"download {url}: got {done} of {total} bytes; run again to retry")
-    try:
-        atomic_write(path, fetch)
-    except OSError as e:  # URLError, HTTPError, a timeout, a full disk
-        raise UserError(f"download {url} failed: {e}") from None
+    fetch(url, path)
     return path
 
 

@@ -1,20 +1,17 @@
 """
 Hugging Face GPT-2 checkpoints <-> our state dicts, with no dependency on transformers or
 safetensors: a .safetensors file is an 8-byte header size, a JSON header and raw bytes, and
-GPT-2's Conv1D layers store their weights transposed. Also the hub download (urllib).
+GPT-2's Conv1D layers store their weights transposed. Also the hub download (data.fetch).
 This file knows key names and shapes, not the model: gpt.py builds the GPT from what it returns.
 """
-import hashlib
 import json
 import os
 import re
 import struct
-import sys
-import urllib.request
 
 import torch
 
-from data import UserError, atomic_write
+from data import UserError, atomic_write, fetch
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
@@ -122,32 +119,6 @@ HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/g
              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "minrlhf")
-
-
-def fetch(url, dst):
-    """Download url to dst with a progress line; bytes go to dst.part, renamed only when the size
-    matches Content-Length (and the sha256 matches the hub's X-Linked-Etag when it sends one)."""
-    try:
-        r = urllib.request.urlopen(url)
-    except Exception as e:
-        raise UserError(f"download {url} failed: {e}")
-    total = int(r.headers.get("Content-Length") or 0)
-    etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
-    sha, got, part = hashlib.sha256(), 0, dst + ".part"
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with open(part, "wb") as f:
-        while chunk := r.read(1 << 20):
-            f.write(chunk)
-            sha.update(chunk)
-            got += len(chunk)
-            print(f"\rdownload {os.path.basename(dst)}: {got / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
-        f.flush()
-        os.fsync(f.fileno())
-    print(file=sys.stderr)
-    if (total and got != total) or (re.fullmatch(r"[0-9a-f]{64}", etag) and sha.hexdigest() != etag):
-        os.remove(part)
-        raise UserError(f"download {url}: incomplete or corrupt ({got} of {total} bytes)")
-    os.replace(part, dst)
 
 
 def download(name, cache_dir=CACHE_DIR, url=HUB_URL):
