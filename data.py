@@ -48,8 +48,8 @@ def main_guard(main, argv=None):
 
 class GracefulStop:
     """Ctrl-C (SIGINT) or SIGTERM during training sets .requested instead of interrupting a step
-    half-done; the loop checks it between steps, saves a checkpoint and calls exit(). A second
-    Ctrl-C interrupts at once."""
+    half-done; the loop checks it between steps, saves a checkpoint and exits with 130
+    (ddp.save_and_exit). A second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.requested = False
@@ -61,10 +61,6 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.requested = True
         print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-
-    def exit(self, message):
-        print(message, file=sys.stderr, flush=True)
-        sys.exit(130)
 
 
 def _field_comments(cls):

@@ -6,8 +6,10 @@ Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (arXiv:2403.
 
     python ppo.py                       # after python sft.py && python reward.py
     python ppo.py --kl_coef=0           # no KL penalty: watch the proxy reward and the gold score part
+    torchrun --standalone --nproc_per_node=4 ppo.py   # 4 processes, each rolling out a quarter of the prompts
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from torch.nn import functional as F
 
 import data
 from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config, write_json
+from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from gpt import autocast, generate, get_device, load_checkpoint, make_optimizer, model_from_checkpoint, save_checkpoint
 from reward import last_index, load_reward_model
 from sft import batch_indices, sft_loss
@@ -32,7 +35,7 @@ class Config:
     out_dir: str = "out"  # writes ppo.pt, ppo_metrics.jsonl, ppo_eval.json
     iters: int = 75  # PPO iterations (one rollout batch + its update epochs each)
     rollout_batch: int = 64  # prompts sampled per iteration
-    minibatch: int = 16  # rollouts per gradient step; must divide rollout_batch
+    minibatch: int = 16  # rollouts per gradient step; must divide rollout_batch (both: by the processes too)
     ppo_epochs: int = 4  # passes over each rollout batch
     max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
     max_new_tokens: int = 12  # response length cap
@@ -236,23 +239,25 @@ def kl_stats(b):
 
 
 def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
-    """ppo_epochs passes over the rollout batch b in shuffled minibatches; returns mean stats."""
+    """ppo_epochs passes over the rollout batch b (every rank's rows: all_gather_rows) in shuffled
+    minibatches, this rank taking its share [RANK::WORLD] of each; ptx() is the PPO-ptx loss on a
+    batch of demonstrations, or None. Returns the stats' means over steps and ranks."""
     stats, B = [], b["tokens"].size(0)
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=g)
+        perm = torch.randperm(B, generator=g)  # g is seeded alike on every rank: the same minibatches
         for i in range(0, B, cfg.minibatch):
-            mb = perm[i:i + cfg.minibatch].to(b["tokens"].device)
+            mb = perm[i:i + cfg.minibatch][RANK::WORLD].to(b["tokens"].device)
             m = b["mask"][mb]
+            # DDP averages gradients over ranks; weighting each rank's masked means by its share of the
+            # minibatch's tokens (times WORLD) makes that average the masked mean over the whole minibatch
+            share = m.sum() * WORLD / all_sum(m.sum())
             with ctx:
                 logprobs, logits = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], cfg.temperature)
                 values = critic(b["tokens"][mb], b["attn"][mb])[:, :-1].float()
-                ptx_loss = None
-                if ptx is not None:
-                    p = ptx()
-                    ptx_loss = sft_loss(policy(p["tokens"]), p["tokens"], p["loss_mask"])
+                ptx_loss = ptx() if ptx is not None else None
             loss = ppo_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], values, b["values"][mb],
                             b["returns"][mb], logits, m, cfg.clip_eps, cfg.vf_clip, cfg.vf_coef, cfg.ent_coef,
-                            ptx_loss, cfg.ptx_coef)
+                            ptx_loss, cfg.ptx_coef) * share
             loss.backward()
             norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                      for model in (policy, critic)]
@@ -262,10 +267,10 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
             with torch.no_grad():
                 log_ratio = logprobs.detach() - b["logprobs"][mb]
                 stats.append(torch.stack([
-                    loss.detach(), masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_eps).float(), m),
-                    masked_mean(0.5 * log_ratio ** 2, m),
-                    value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip), *norms]))
-    s = torch.stack(stats).mean(0).tolist()  # one host sync for the whole update
+                    loss.detach(), share * masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_eps).float(), m),
+                    share * masked_mean(0.5 * log_ratio ** 2, m),
+                    share * value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip), *norms]))
+    s = (all_sum(torch.stack(stats).mean(0)) / WORLD).tolist()  # one host sync for the whole update
     return dict(loss=s[0], clipfrac=s[1], approx_kl=s[2], value_loss=s[3], grad_norm=s[4], vf_grad_norm=s[5])
 
 
@@ -340,6 +345,8 @@ def check_config(cfg):
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
     if cfg.rollout_batch % cfg.minibatch:
         raise UserError(f"--rollout_batch={cfg.rollout_batch} is not divisible into --minibatch={cfg.minibatch}")
+    if cfg.minibatch % WORLD:
+        raise UserError(f"--minibatch={cfg.minibatch} is not divisible among the {WORLD} processes")
     for key in ("clip_eps", "vf_clip", "temperature", "lr", "vf_lr"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be > 0")
@@ -353,10 +360,16 @@ def check_config(cfg):
         raise UserError("--adaptive_kl=True needs a starting --kl_coef > 0")
 
 
+def seeded(*key, device="cpu"):
+    """A generator seeded by a tuple of ints: each iteration's randomness is a function of (seed,
+    rank, iteration), so --resume needs no generator state and every rank samples its own."""
+    return torch.Generator(device=device).manual_seed(hash(key) % 2 ** 63)
+
+
 def train(cfg, log=None):
-    """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation."""
+    """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation (rank 0 only)."""
     check_config(cfg)
-    device = get_device(cfg.device)
+    device = ddp_init(get_device(cfg.device))
     log = log or default_log(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     sft_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
@@ -380,19 +393,18 @@ def train(cfg, log=None):
     eval_prompts = eval_prompts[:cfg.eval_prompts]
     encode = lambda ps: [tok.encode(p)[-cfg.max_prompt_len:] for p in ps]  # keep the end, nearest the response
     train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)
-    ptx, ptx_g = None, torch.Generator().manual_seed(cfg.seed + 2)
     if cfg.ptx_coef > 0:
         demos = data.load_records(cfg.data, "sft", cfg.seed)[0]
         demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
                                      cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len, "ptx")
-        ptx = lambda: {k: v.to(device) for k, v in data.pad_right(
-            [demos[j] for j in torch.randint(len(demos), (cfg.minibatch,), generator=ptx_g).tolist()], tok.eot).items()}
+
+    def demo_loss(g):  # through the plain policy: DDP still all-reduces these gradients in the same backward
+        p = data.pad_right([demos[j] for j in torch.randint(len(demos), (cfg.minibatch // WORLD,), generator=g)], tok.eot)
+        return sft_loss(policy(p["tokens"].to(device)), p["tokens"].to(device), p["loss_mask"].to(device))
     opts = [make_optimizer(policy.parameters(), cfg.lr, 0.0, device), make_optimizer(critic.parameters(), cfg.vf_lr, 0.0, device)]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     moments = RunningMoments()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling
-    g = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch shuffles
-    ctx, builtin, start = autocast(device, cfg.dtype), cfg.data == "builtin", 0
+    ctx, builtin, start, ev = autocast(device, cfg.dtype), cfg.data == "builtin", 0, None
     path = os.path.join(cfg.out_dir, "ppo.pt")
     if cfg.resume:
         ck = load_checkpoint(path, "ppo", "nothing to resume: run `python ppo.py` without --resume")
@@ -402,42 +414,46 @@ def train(cfg, log=None):
         start, moments.__dict__ = ck["iter"], ck["moments"]
         if kl_ctl:
             kl_ctl.value = ck["kl_coef"]
-        gen.set_state(ck["gen_state"]), g.set_state(ck["g_state"]), ptx_g.set_state(ck["ptx_state"])
         print(f"resumed from {path} at iteration {start}")
-    print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}")
+    print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}, {WORLD} process(es)")
+    tpolicy, tcritic = ddp_wrap(policy, device), ddp_wrap(critic, device)  # what the update calls; the same weights
 
     def save(it, **extra):
         save_checkpoint(path, policy, "ppo", critic=critic.state_dict(), vocab=tok.vocab, cfg=asdict(cfg), iter=it,
                         optimizers=[o.state_dict() for o in opts], moments=dict(moments.__dict__),
-                        kl_coef=kl_ctl.value if kl_ctl else cfg.kl_coef, gen_state=gen.get_state(),
-                        g_state=g.get_state(), ptx_state=ptx_g.get_state(), **extra)
+                        kl_coef=kl_ctl.value if kl_ctl else cfg.kl_coef, **extra)
 
     stop = GracefulStop()
     for it in range(start, cfg.iters + 1):
-        if stop.requested:
-            save(it)
-            stop.exit(f"ppo: stopped before iteration {it}; saved {path}; continue with --resume")
-        if it % cfg.eval_interval == 0 or it == cfg.iters:
+        if any_rank(stop.requested, device):
+            save_and_exit(lambda: save(it), f"ppo: stopped before iteration {it}; saved {path}; continue with --resume")
+        if (it % cfg.eval_interval == 0 or it == cfg.iters) and RANK == 0:  # the others wait at the barrier
             ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, cfg, ctx, builtin)
             log(dict(kind="eval", iter=it, iters=cfg.iters, **ev))
             save(it, eval=ev)
+        barrier()
         if it == cfg.iters:
             break
         t0 = time.time()
         if sampler is not None:
             sampler.load_state_dict(policy.state_dict())  # copy_ casts to the sampler's dtype
-        b = rollout(policy, ref, rm, critic, [train_ids[j] for j in batch_indices(len(train_ids), it, cfg.rollout_batch, cfg.seed)],
-                    tok, cfg, ctx, gen, sampler)
+        prompts = batch_indices(len(train_ids), it, cfg.rollout_batch, cfg.seed)[RANK::WORLD]  # this rank's share
+        b = rollout(policy, ref, rm, critic, [train_ids[j] for j in prompts], tok, cfg, ctx,
+                    seeded(cfg.seed, 0, RANK, it, device=device), sampler)
+        # Every rank gets all ranks' rollouts (a few numbers per token), so whitening, score normalisation
+        # and the KL controller see the global batch, as in one process; each trains on its share of it.
+        b = all_gather_rows(b)
         kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
         add_advantages(b, cfg, kl_coef, moments)
         t1 = time.time()
-        stats = ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx)
+        ptx = functools.partial(demo_loss, seeded(cfg.seed, 2, RANK, it)) if cfg.ptx_coef > 0 else None
+        stats = ppo_update(tpolicy, tcritic, opts, b, cfg, ctx, seeded(cfg.seed, 1, it), ptx)
         t2 = time.time()
         k1, k3, kl_seq = kl_stats(b)
         if kl_ctl:
             kl_ctl.update(kl_seq, cfg.rollout_batch)
         m = dict(kind="train", iter=it, iters=cfg.iters, score=b["scores"].mean().item(), kl=k1, k3=k3, kl_seq=kl_seq,
-                 kl_coef=kl_coef, entropy=b["entropy"].item(), length=b["mask"].sum(1).mean().item(),
+                 kl_coef=kl_coef, entropy=b["entropy"].mean().item(), length=b["mask"].sum(1).mean().item(),
                  ended=b["ended"].float().mean().item(), explained_var=explained_variance(b["values"], b["returns"], b["mask"]),
                  rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
         if not all(math.isfinite(m[k]) for k in ("score", "loss", "kl", "grad_norm", "vf_grad_norm")):
@@ -445,15 +461,18 @@ def train(cfg, log=None):
             raise UserError(f"ppo iteration {it}: non-finite {', '.join(bad)}; the last good checkpoint is {path}")
         if kl_seq > cfg.kl_max:
             print(f"warning: ppo iteration {it}: KL per response {kl_seq:.1f} > --kl_max={cfg.kl_max}: the policy is running away")
-        log(m)
-    write_json(dict(eval=ev, cfg=asdict(cfg)), os.path.join(cfg.out_dir, "ppo_eval.json"))
+        if RANK == 0:
+            log(m)
+    if RANK == 0:
+        write_json(dict(eval=ev, cfg=asdict(cfg)), os.path.join(cfg.out_dir, "ppo_eval.json"))
     return ev
 
 
 def main(argv):
     ev = train(parse_config(Config, argv))
-    print("final evaluation on held-out prompts:", json.dumps({k: round(v, 4) for k, v in ev.items()}))
+    if RANK == 0:
+        print("final evaluation on held-out prompts:", json.dumps({k: round(v, 4) for k, v in ev.items()}))
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(ddp_main(main))

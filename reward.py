@@ -11,7 +11,6 @@ rankings with all K(K-1)/2 pairs of a prompt in one batch, each response scored 
 """
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,9 +20,10 @@ from torch.nn import functional as F
 
 import data
 from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config
+from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from gpt import (autocast, generate, get_device, load_checkpoint, lr_at, make_optimizer, model_from_checkpoint,
                  save_checkpoint)
-from sft import RANK, WORLD, all_sum, any_rank, barrier, batch_indices, ddp_init, ddp_main, ddp_wrap
+from sft import batch_indices
 
 
 @dataclass
@@ -216,13 +216,8 @@ def main(argv):
 
     t0, stop = time.time(), GracefulStop()
     for it in range(start, cfg.max_iters + 1):
-        if any_rank(stop.requested, device):  # all ranks stop before the same step (see sft.py)
-            if RANK == 0:
-                save(last_path, it, best)
-            barrier()  # the others wait for the checkpoint: once one rank has exited 130, torchrun kills the rest
-            if RANK > 0:
-                sys.exit(130)
-            stop.exit(f"reward: stopped before step {it}; saved {last_path}; continue with --resume")
+        if any_rank(stop.requested, device):
+            save_and_exit(lambda: save(last_path, it, best), f"reward: stopped before step {it}; saved {last_path}; continue with --resume")
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             if RANK == 0:  # one process evaluates and saves while the others wait at the barrier
                 vloss, vacc, vgold = evaluate(rm, val, val_gold, cfg, ctx, device, tok.eot)

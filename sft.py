@@ -7,20 +7,17 @@ something the policy should learn to produce (InstructGPT, Ouyang et al. 2022, Â
     python sft.py --init=gpt2 --data=hh-rlhf --max_len=512 --max_prompt_len=384 --batch_size=8
     torchrun --standalone --nproc_per_node=4 sft.py  # 4 data-parallel processes (GPUs), same updates
 """
-import contextlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config
+from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, no_sync, save_and_exit
 from gpt import (GPT, GPTConfig, autocast, generate, get_device, load_checkpoint, lr_at, make_optimizer,
                  model_from_checkpoint, save_checkpoint)
 
@@ -75,75 +72,6 @@ def batch_indices(n, it, batch_size, seed):
     g = torch.Generator().manual_seed(seed * 1000003 + it // per_epoch)
     j = it % per_epoch
     return torch.randperm(n, generator=g)[j * batch_size:(j + 1) * batch_size].tolist()
-
-
-# -----------------------------------------------------------------------------
-# data parallel: `torchrun --standalone --nproc_per_node=N sft.py` starts N copies of this script, one
-# per device; each runs its disjoint shard [RANK::WORLD] of every batch and DistributedDataParallel
-# averages the gradients (https://pytorch.org/docs/stable/notes/ddp.html). Without torchrun RANK=0,
-# WORLD=1 and the same code runs, every collective below a no-op. reward.py imports these.
-
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def ddp_init(device):
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and return this rank's device
-    (cuda:LOCAL_RANK). Ranks > 0 print nothing: their stdout goes to /dev/null (stderr stays, for tracebacks)."""
-    if WORLD == 1:
-        return device
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if RANK > 0:
-        sys.stdout = open(os.devnull, "w")
-    return device
-
-
-def ddp_wrap(model, device):
-    """The model that training calls forward/backward on: under DDP its backward all-reduces gradients."""
-    return DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None) if WORLD > 1 else model
-
-
-def no_sync(model, skip):
-    """Skip DDP's gradient all-reduce on all but the last micro-step of gradient accumulation: the
-    earlier micro-steps' gradients accumulate locally and go out in the last one's all-reduce."""
-    return model.no_sync() if skip and WORLD > 1 else contextlib.nullcontext()
-
-
-def all_sum(x):
-    """Tensor x summed over all ranks, in place (every rank must call it at the same point)."""
-    if WORLD > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def any_rank(flag, device):
-    """True on every rank if flag is true on any: Ctrl-C reaches each rank at a slightly different
-    moment, but all of them must stop before the same step."""
-    return bool(all_sum(torch.tensor(float(flag), device=device)))
-
-
-def barrier():
-    if WORLD > 1:
-        dist.barrier()
-
-
-def ddp_main(main):
-    """main for main_guard. Every rank reads the same settings, data and checkpoints and checks them
-    alike, and the gradient-norm check sees the all-reduced gradient, so a UserError (or the second
-    Ctrl-C) happens on every rank: rank 0 prints it once (main_guard) and the others exit with the
-    same code silently. A crash on one rank alone keeps its traceback, and torchrun stops the rest."""
-    def run(argv):
-        try:
-            main(argv)
-        except (UserError, KeyboardInterrupt) as e:
-            if RANK == 0:
-                raise
-            sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
-        if WORLD > 1:
-            dist.destroy_process_group()
-    return run
 
 
 def load_tokenizer(name):
@@ -250,13 +178,8 @@ def main(argv):
 
     t0, tokens_seen, stop = time.time(), 0, GracefulStop()
     for it in range(start, cfg.max_iters + 1):
-        if any_rank(stop.requested, device):
-            if RANK == 0:
-                save(last_path, it, best)
-            barrier()  # the others wait for the checkpoint: once one rank has exited 130, torchrun kills the rest
-            if RANK > 0:
-                sys.exit(130)
-            stop.exit(f"sft: stopped before step {it}; saved {last_path}; continue with --resume")
+        if any_rank(stop.requested, device):  # Ctrl-C reaches ranks at different moments: all stop here
+            save_and_exit(lambda: save(last_path, it, best), f"sft: stopped before step {it}; saved {last_path}; continue with --resume")
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             if RANK == 0:  # one process evaluates and saves while the others wait at the barrier
                 val_loss = evaluate(fmodel, val, cfg, tok, ctx, device)

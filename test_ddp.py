@@ -1,6 +1,8 @@
 """Data parallel (torchrun, DDP over gloo on CPU): two processes, each on half of every batch, must
 make the same updates as one process on the whole batch: the same logged losses step by step and
-the same final weights. The single-process run is the independent reference."""
+the same final weights. The single-process run is the independent reference.
+`python test_ddp.py OUT` (alone or under torchrun) is the PPO-update worker of test_ddp_ppo_update_*."""
+import contextlib
 import json
 import os
 import subprocess
@@ -53,12 +55,18 @@ def test_ddp_sft_matches_single_process(sft_runs):
     assert_same_run(*sft_runs, "sft_metrics.jsonl", "sft_last.pt", ["model"])
 
 
-def test_ddp_reward_matches_single_process(sft_runs, tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+@pytest.fixture(scope="module")
+def rm_runs(sft_runs, tmp_path_factory):
+    one, two = str(tmp_path_factory.mktemp("rm1")), str(tmp_path_factory.mktemp("rm2"))
     for out, nproc in ((one, 1), (two, 2)):
         r = run("reward.py", *RM, f"--sft_ckpt={sft_runs[0]}/sft.pt", f"--out_dir={out}", nproc=nproc)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         assert r.stdout.count("saved") == 1  # rank 0 alone prints (and normalises, and saves)
+    return one, two
+
+
+def test_ddp_reward_matches_single_process(rm_runs):
+    one, two = rm_runs
     # The preference loss depends on reward differences only, so the two parameters that shift every
     # reward alike (the head's bias, and ln_f's bias, seen only through the head) have gradient 0 up to
     # rounding, which Adam's normalisation turns into lr-sized steps of either sign: not comparable.
@@ -70,3 +78,75 @@ def test_ddp_user_error_printed_once(tmp_path):
     r = run("sft.py", "--batch_size=1", "--device=cpu", f"--out_dir={tmp_path}", nproc=2)
     assert r.returncode != 0
     assert (r.stdout + r.stderr).count("error: --batch_size=1: fewer sequences than the 2 processes") == 1, r.stderr
+
+
+def ppo_update_worker(out):
+    """A fixed rollout batch of 8 rows (built alike on every rank, from a seed): under torchrun rank r
+    holds rows 4r..4r+3, rank 1 with its all-padding last columns cut, as when all its responses end
+    early. Gather, advantages (score normalisation on), 2 epochs x 2 minibatches of PPO; rank 0 saves."""
+    import ppo
+    from ddp import RANK, WORLD, all_gather_rows, ddp_init, ddp_wrap
+    from gpt import GPT, GPTConfig, make_optimizer
+    from reward import RewardModel
+    ddp_init("cpu")
+    torch.manual_seed(0)
+    gcfg = GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)
+    policy, critic = GPT(gcfg), RewardModel(GPT(gcfg))
+    g = torch.Generator().manual_seed(1)
+    B, T, P = 8, 12, 4  # rows, columns, prompt columns (left-padded)
+    lengths = torch.tensor([8, 5, 8, 1, 3, 2, 4, 1])  # response tokens; rank 1's rows end by column 8
+    col = torch.arange(T)
+    attn = ((col >= P - torch.tensor([4, 2, 3, 4, 1, 4, 2, 3])[:, None]) & (col < P + lengths[:, None])).float()
+    tokens = torch.randint(32, (B, T), generator=g) * attn.long()
+    mask = ((col[1:] >= P) & (col[1:] < P + lengths[:, None])).float()  # on actions: token t+1 generated
+    with torch.no_grad():
+        logprobs = ppo.policy_logprobs(policy, tokens, attn, 1.0)[0]
+        b = dict(tokens=tokens, attn=attn, mask=mask, logprobs=(logprobs + 0.3 * torch.randn(B, T - 1, generator=g)) * mask,
+                 ref_logprobs=(logprobs + 0.2 * torch.randn(B, T - 1, generator=g)) * mask,
+                 values=critic(tokens, attn)[:, :-1] * mask, scores=torch.randn(B, generator=g),
+                 ended=lengths < 8, entropy=torch.tensor(1.0))
+    if WORLD > 1:
+        rows, width = slice(4 * RANK, 4 * RANK + 4), T if RANK == 0 else P + 4
+        b = {k: v[rows, :width - (k not in ("tokens", "attn"))] if v.dim() > 1 else v[rows] if v.dim() else v
+             for k, v in b.items()}
+    b = all_gather_rows(b)
+    cfg = ppo.Config(rollout_batch=B, minibatch=4, ppo_epochs=2, score_norm=True, ent_coef=0.01, lr=1e-3, vf_lr=1e-3)
+    ppo.add_advantages(b, cfg, cfg.kl_coef, ppo.RunningMoments())
+    opts = [make_optimizer(m.parameters(), 1e-3, 0.0, "cpu") for m in (policy, critic)]
+    stats = ppo.ppo_update(ddp_wrap(policy, "cpu"), ddp_wrap(critic, "cpu"), opts, b, cfg, contextlib.nullcontext(),
+                           ppo.seeded(0, 1, 0))
+    if RANK == 0:
+        torch.save(dict(policy=policy.state_dict(), critic=critic.state_dict(), stats=stats,
+                        advantages=b["advantages"]), out)
+
+
+def test_ddp_ppo_update_matches_single_process(tmp_path):
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    for out, nproc in ((one, 1), (two, 2)):
+        r = run("test_ddp.py", out, nproc=nproc)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert (a["advantages"] - b["advantages"]).abs().max() < 1e-6  # whitening and score norm saw the whole batch
+    for key in a["stats"]:
+        assert abs(a["stats"][key] - b["stats"][key]) < 1e-5, f"{key}: {a['stats'][key]} vs {b['stats'][key]}"
+    for model in ("policy", "critic"):
+        for name in a[model]:
+            err = (a[model][name] - b[model][name]).abs().max().item()
+            assert err < 1e-5, f"{model}.{name}: differs by {err:.2e} between 1 and 2 processes"
+
+
+def test_ddp_ppo_runs_and_logs_once(sft_runs, rm_runs, tmp_path):
+    r = run("ppo.py", f"--sft_ckpt={sft_runs[0]}/sft.pt", f"--reward_ckpt={rm_runs[0]}/reward.pt", f"--out_dir={tmp_path}",
+            "--iters=2", "--rollout_batch=4", "--minibatch=2", "--ppo_epochs=1", "--max_new_tokens=4", "--eval_interval=2",
+            "--eval_prompts=4", "--eval_samples=1", "--score_norm=True", "--adaptive_kl=True", "--kl_target=1",
+            "--ptx_coef=0.1", "--device=cpu", nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("ppo train") == 2 and r.stdout.count("ppo eval") == 2, r.stdout
+    lines = [json.loads(x) for x in open(tmp_path / "ppo_metrics.jsonl")]
+    assert [(m["kind"], m["iter"]) for m in lines] == [("eval", 0), ("train", 0), ("train", 1), ("eval", 2)]
+    assert torch.load(tmp_path / "ppo.pt", weights_only=True)["iter"] == 2 and (tmp_path / "ppo_eval.json").exists()
+
+
+if __name__ == "__main__":
+    from ddp import ddp_main
+    ddp_main(lambda argv: ppo_update_worker(argv[0]))(sys.argv[1:])  # ddp_main leaves the process group cleanly
