@@ -87,6 +87,7 @@ def ddp_main(main):
                 raise
             sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
         if WORLD > 1:
+            dist.barrier()  # a rank leaving while another still works (rank 0 saving) aborts gloo
             dist.destroy_process_group()
     return run
 
