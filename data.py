@@ -464,11 +464,12 @@ def pad_right(examples, pad_id):
     return {"tokens": tokens, "attn_mask": attn_mask, "loss_mask": loss_mask}
 
 
-def pad_left(prompt_ids_list, pad_id):
-    """Batch prompts for generation, left-padded with pad_id so every row's last prompt token sits at
-    T-1 and new tokens append in one column. Returns (tokens, attn_mask), (B, T) long each, attn_mask
-    1 on real tokens; a model must restart positions at 0 after each row's padding."""
-    T = max(len(p) for p in prompt_ids_list)
+def pad_left(prompt_ids_list, pad_id, width=None):
+    """Batch prompts for generation, left-padded with pad_id to T = width columns (default: the
+    longest prompt) so every row's last prompt token sits at T-1 and new tokens append in one column.
+    Returns (tokens, attn_mask), (B, T) long each, attn_mask 1 on real tokens; a model must restart
+    positions at 0 after each row's padding."""
+    T = width or max(len(p) for p in prompt_ids_list)
     tokens = torch.full((len(prompt_ids_list), T), pad_id, dtype=torch.long)  # (B, T)
     attn_mask = torch.zeros_like(tokens)  # (B, T)
     for b, p in enumerate(prompt_ids_list):

@@ -102,7 +102,7 @@ def all_gather_rows(b):
     out = {}
     for k, v in b.items():
         dtype = v.dtype
-        v = v.int() if dtype == torch.bool else v.reshape(-1) if v.dim() == 0 else v  # gloo gathers no bools; a scalar: one row per rank
+        v = v.int() if dtype == torch.bool else v  # gloo gathers no bools
         if v.dim() > 1:
             v = F.pad(v, (0, width[k] - v.size(1)))
         parts = [torch.empty_like(v) for _ in range(WORLD)]

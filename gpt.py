@@ -10,7 +10,6 @@ weights in and out, our own checkpoint format, and batched sampling with a preal
 References: Radford et al. 2019 (GPT-2); nanoGPT's model.py; Hugging Face's modeling_gpt2.py.
 """
 import contextlib
-import inspect
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -182,9 +181,11 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, tokens, attention_mask=None, cache=None):
-        """Logits (B, T, V) for every position; see hidden() for the arguments."""
-        return self.lm_head(self.hidden(tokens, attention_mask, cache))
+    def forward(self, tokens, attention_mask=None, cache=None, first=0):
+        """Logits (B, T - first, V) at positions first..T-1 (all by default); see hidden() for the
+        other arguments. PPO asks for the response positions only: the LM head is 30% of GPT-2
+        small's FLOPs per token, and its (B, T, 50257) output the largest tensor of a step."""
+        return self.lm_head(self.hidden(tokens, attention_mask, cache)[:, first:])
 
     @classmethod
     def from_pretrained(cls, src):
@@ -224,11 +225,13 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-             eos_id=None, generator=None, use_cache=True):
+             eos_id=None, generator=None, use_cache=True, return_logprobs=False):
     """Sample continuations of a left-padded batch of prompts: prompt (B, P), prompt_mask (B, P)
     1 on real tokens. A row stops after it emits eos_id; later positions hold eos_id as padding.
     Returns tokens (B, P + N) and gen_mask (B, P + N), 1 on generated tokens (each row's eos
-    included), N <= max_new_tokens (fewer when every row stopped early)."""
+    included), N <= max_new_tokens (fewer when every row stopped early); with return_logprobs
+    also (B, P + N) log-probs of the generated tokens under softmax(logits / temperature) (before
+    top_k / top_p), 0 elsewhere: PPO's rollout log-probs, without another forward pass."""
     B, P = prompt.shape
     pad = 0 if eos_id is None else eos_id
     tokens = torch.full((B, P + max_new_tokens), pad, dtype=torch.long, device=prompt.device)
@@ -236,6 +239,7 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
     mask = torch.zeros_like(tokens)
     mask[:, :P] = prompt_mask
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    logprobs = torch.zeros(tokens.shape, device=prompt.device)
     cfg = model.config
     cache = None
     if use_cache:
@@ -249,6 +253,8 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
         h = model.hidden(tokens[:, start:t], mask[:, :t], cache)[:, -1]  # (B, C)
         logits = model.lm_head(h)  # (B, V): only the last position, the prefill's other logits are never used
         nxt = sample_token(logits.float(), temperature, top_k, top_p, generator)
+        if return_logprobs:
+            logprobs[:, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1) * ~done
         tokens[:, t] = torch.where(done, pad, nxt)
         mask[:, t] = (~done).long()
         if eos_id is not None:
@@ -260,7 +266,7 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
         t = P + max_new_tokens
     gen_mask = mask.clone()
     gen_mask[:, :P] = 0
-    return tokens[:, :t], gen_mask[:, :t]
+    return (tokens[:, :t], gen_mask[:, :t]) + ((logprobs[:, :t],) if return_logprobs else ())
 
 # -----------------------------------------------------------------------------
 # our checkpoints: one file with the config and the weights, written atomically
@@ -342,12 +348,15 @@ def autocast(device, dtype="auto"):
 
 
 def make_optimizer(params, lr, weight_decay, device):
-    """AdamW with decay on matrices only (not biases, LayerNorms); the fused kernel on CUDA."""
+    """AdamW with decay on matrices only (not biases, LayerNorms). The fused kernel makes one pass
+    over each tensor instead of a dozen: a PPO update of GPT-2 small 1.4x faster on CPU (bench.py)."""
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.startswith("cuda") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, TypeError):  # torch < 2.4 fuses on CUDA only
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def lr_at(it, lr, warmup, total, min_lr_frac=0.1):

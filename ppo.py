@@ -148,8 +148,9 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, lo
     (+ ptx_coef * ptx_loss, the SFT loss on demonstrations, for PPO-ptx). Shapes as in those
     functions; ptx_loss a scalar or None. Returns a scalar."""
     loss = (ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
-            + vf_coef * value_loss(values, old_values, returns, mask, vf_clip)
-            - ent_coef * entropy(logits, mask))
+            + vf_coef * value_loss(values, old_values, returns, mask, vf_clip))
+    if ent_coef:  # skipped at 0: a softmax over the vocabulary at every token, and its backward
+        loss = loss - ent_coef * entropy(logits, mask)
     if ptx_loss is not None:
         loss = loss + ptx_coef * ptx_loss
     return loss
@@ -186,40 +187,43 @@ class RunningMoments:
 # -----------------------------------------------------------------------------
 # rollouts, update, evaluation
 
-def policy_logprobs(model, tokens, attn, temperature):
-    """Log-probs (B, T-1) of tokens[:, 1:] at the sampling temperature (the distribution the
-    tokens were drawn from), and the tempered logits (B, T-1, V) they came from."""
-    logits = model(tokens, attn)[:, :-1] / temperature
-    return token_logprobs(logits, tokens[:, 1:]), logits
+def policy_logprobs(model, tokens, attn, temperature, start=0):
+    """Log-probs (B, T-1-start) of tokens[:, start+1:] at the sampling temperature (the distribution
+    the tokens were drawn from), and the tempered logits (B, T-1-start, V) they came from. With
+    start = P - 1 (P prompt columns) that is the response tokens only, and the LM head skips the prompt."""
+    logits = model(tokens, attn, first=start)[:, :-1] / temperature
+    return token_logprobs(logits, tokens[:, start + 1:]), logits
 
 
 @torch.no_grad()
-def rollout(policy, ref, rm, critic, prompt_ids, tok, cfg, ctx, gen, sampler=None):
-    """Sample responses to prompt_ids (list of token lists) and score them: everything PPO needs,
-    aligned on actions (B, T-1): mask[:, t] = 1 where token t+1 was generated. `sampler`, if
-    given, is a low-precision copy of the policy that only generates; log-probs come from policy."""
-    x, pm = data.pad_left(prompt_ids, tok.eot)
-    device = next(policy.parameters()).device
+def rollout(policy, ref, rm, critic, prompt_ids, tok, cfg, ctx, gen, sampler=None, width=None):
+    """Sample responses to prompt_ids (token lists, left-padded to `width` columns, default the
+    longest) and score them: everything PPO needs, on the R response columns: mask (B, R) = 1 where
+    a token was generated. Log-probs come from the sampling step itself (same weights, same
+    temperature) unless `sampler`, a low-precision copy of the policy, sampled: then from policy.
+    ref or critic None: no reference log-probs or values."""
+    x, pm = data.pad_left(prompt_ids, tok.eot, width)
+    device, P, was_training = next(policy.parameters()).device, x.size(1), policy.training
     x, pm = x.to(device), pm.to(device)
     policy.eval()
     with ctx:
-        tokens, gen_mask = generate(sampler or policy, x, pm, cfg.max_new_tokens, cfg.temperature, eos_id=tok.eot,
-                                    generator=gen)
-        attn = torch.cat([pm, gen_mask[:, x.size(1):]], 1)  # (B, T) prompt + response, no padding
-        logprobs, logits = policy_logprobs(policy, tokens, attn, cfg.temperature)
-        ref_logprobs, _ = policy_logprobs(ref, tokens, attn, cfg.temperature)
+        tokens, gen_mask, logprobs = generate(sampler or policy, x, pm, cfg.max_new_tokens, cfg.temperature,
+                                              eos_id=tok.eot, generator=gen, return_logprobs=True)
+        attn = torch.cat([pm, gen_mask[:, P:]], 1)  # (B, P + R) prompt + response, no padding
+        logprobs = logprobs[:, P:] if sampler is None else policy_logprobs(policy, tokens, attn, cfg.temperature, P - 1)[0]
+        ref_logprobs = policy_logprobs(ref, tokens, attn, cfg.temperature, P - 1)[0] if ref is not None else None
         scores = rm.score(tokens, attn).float()
-        values = critic(tokens, attn)[:, :-1].float() if critic is not None else None
-    policy.train()
-    mask = gen_mask[:, 1:].float()  # (B, T-1)
-    return dict(tokens=tokens, attn=attn, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                values=values, scores=scores, entropy=entropy(logits, mask),
+        values = critic(tokens, attn)[:, P - 1:-1].float() if critic is not None else None  # V of the state before each token
+    policy.train(was_training)
+    return dict(tokens=tokens, attn=attn, mask=gen_mask[:, P:].float(), logprobs=logprobs.float(),
+                ref_logprobs=ref_logprobs, values=values, scores=scores,
                 ended=((tokens == tok.eot) & gen_mask.bool()).any(1))
 
 
 def responses(batch, tok):
+    R = batch["mask"].size(1)
     return [tok.decode([t for t in row[m.bool()].tolist() if t != tok.eot])
-            for row, m in zip(batch["tokens"][:, 1:].cpu(), batch["mask"].cpu())]
+            for row, m in zip(batch["tokens"][:, -R:].cpu(), batch["mask"].cpu())]
 
 
 def kl_per_response(b):
@@ -243,6 +247,7 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
     minibatches, this rank taking its share [RANK::WORLD] of each; ptx() is the PPO-ptx loss on a
     batch of demonstrations, or None. Returns the stats' means over steps and ranks."""
     stats, B = [], b["tokens"].size(0)
+    P = b["tokens"].size(1) - b["mask"].size(1)  # prompt columns; the response columns follow
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=g)  # g is seeded alike on every rank: the same minibatches
         for i in range(0, B, cfg.minibatch):
@@ -252,8 +257,8 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
             # minibatch's tokens (times WORLD) makes that average the masked mean over the whole minibatch
             share = m.sum() * WORLD / all_sum(m.sum())
             with ctx:
-                logprobs, logits = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], cfg.temperature)
-                values = critic(b["tokens"][mb], b["attn"][mb])[:, :-1].float()
+                logprobs, logits = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], cfg.temperature, P - 1)
+                values = critic(b["tokens"][mb], b["attn"][mb])[:, P - 1:-1].float()
                 ptx_loss = ptx() if ptx is not None else None
             loss = ppo_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], values, b["values"][mb],
                             b["returns"][mb], logits, m, cfg.clip_eps, cfg.vf_clip, cfg.vf_coef, cfg.ent_coef,
@@ -306,8 +311,8 @@ def evaluate(policy, ref, rm, prompt_ids, prompts, tok, cfg, ctx, builtin):
     prompt_ids, prompts = prompt_ids * cfg.eval_samples, prompts * cfg.eval_samples
     for i in range(0, len(prompt_ids), n):
         # both sides draw with the same seed: at iteration 0 they sample the same responses (win rate 0.5)
-        pol, sft = (rollout(m, ref, rm, None, prompt_ids[i:i + n], tok, cfg, ctx,
-                            torch.Generator(device=device).manual_seed(cfg.seed + i)) for m in (policy, ref))
+        pol, sft = (rollout(m, r, rm, None, prompt_ids[i:i + n], tok, cfg, ctx,
+                            torch.Generator(device=device).manual_seed(cfg.seed + i)) for m, r in ((policy, ref), (ref, None)))
         cols = [pol["scores"], sft["scores"], *kl_per_response(pol), pol["mask"].sum(1)]
         if builtin:
             cols += [torch.tensor([data.gold_score(p, r) for p, r in zip(prompts[i:i + n], responses(b, tok))]) for b in (pol, sft)]
@@ -437,9 +442,9 @@ def train(cfg, log=None):
         t0 = time.time()
         if sampler is not None:
             sampler.load_state_dict(policy.state_dict())  # copy_ casts to the sampler's dtype
-        prompts = batch_indices(len(train_ids), it, cfg.rollout_batch, cfg.seed)[RANK::WORLD]  # this rank's share
-        b = rollout(policy, ref, rm, critic, [train_ids[j] for j in prompts], tok, cfg, ctx,
-                    seeded(cfg.seed, 0, RANK, it, device=device), sampler)
+        prompts = [train_ids[j] for j in batch_indices(len(train_ids), it, cfg.rollout_batch, cfg.seed)]
+        b = rollout(policy, ref, rm, critic, prompts[RANK::WORLD], tok, cfg, ctx,  # this rank's share,
+                    seeded(cfg.seed, 0, RANK, it, device=device), sampler, max(map(len, prompts)))  # padded alike
         # Every rank gets all ranks' rollouts (a few numbers per token), so whitening, score normalisation
         # and the KL controller see the global batch, as in one process; each trains on its share of it.
         b = all_gather_rows(b)
@@ -453,7 +458,8 @@ def train(cfg, log=None):
         if kl_ctl:
             kl_ctl.update(kl_seq, cfg.rollout_batch)
         m = dict(kind="train", iter=it, iters=cfg.iters, score=b["scores"].mean().item(), kl=k1, k3=k3, kl_seq=kl_seq,
-                 kl_coef=kl_coef, entropy=b["entropy"].mean().item(), length=b["mask"].sum(1).mean().item(),
+                 kl_coef=kl_coef, entropy=masked_mean(-b["logprobs"], b["mask"]).item(),  # sampled: E[-log p] = H
+                 length=b["mask"].sum(1).mean().item(),
                  ended=b["ended"].float().mean().item(), explained_var=explained_variance(b["values"], b["returns"], b["mask"]),
                  rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
         if not all(math.isfinite(m[k]) for k in ("score", "loss", "kl", "grad_norm", "vf_grad_norm")):

@@ -82,8 +82,9 @@ def test_ddp_user_error_printed_once(tmp_path):
 
 def ppo_update_worker(out):
     """A fixed rollout batch of 8 rows (built alike on every rank, from a seed): under torchrun rank r
-    holds rows 4r..4r+3, rank 1 with its all-padding last columns cut, as when all its responses end
-    early. Gather, advantages (score normalisation on), 2 epochs x 2 minibatches of PPO; rank 0 saves."""
+    holds rows 4r..4r+3, rank 1 with its all-padding last response columns cut, as when all its
+    responses end early. Gather, advantages (score normalisation on), 2 epochs x 2 minibatches of
+    PPO; rank 0 saves."""
     import ppo
     from ddp import RANK, WORLD, all_gather_rows, ddp_init, ddp_wrap
     from gpt import GPT, GPTConfig, make_optimizer
@@ -93,22 +94,20 @@ def ppo_update_worker(out):
     gcfg = GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)
     policy, critic = GPT(gcfg), RewardModel(GPT(gcfg))
     g = torch.Generator().manual_seed(1)
-    B, T, P = 8, 12, 4  # rows, columns, prompt columns (left-padded)
-    lengths = torch.tensor([8, 5, 8, 1, 3, 2, 4, 1])  # response tokens; rank 1's rows end by column 8
-    col = torch.arange(T)
+    B, P, R = 8, 4, 8  # rows, prompt columns (left-padded), response columns
+    lengths = torch.tensor([8, 5, 8, 1, 3, 2, 4, 1])  # response tokens; rank 1's rows end by column 4
+    col = torch.arange(P + R)
     attn = ((col >= P - torch.tensor([4, 2, 3, 4, 1, 4, 2, 3])[:, None]) & (col < P + lengths[:, None])).float()
-    tokens = torch.randint(32, (B, T), generator=g) * attn.long()
-    mask = ((col[1:] >= P) & (col[1:] < P + lengths[:, None])).float()  # on actions: token t+1 generated
+    tokens = torch.randint(32, (B, P + R), generator=g) * attn.long()
+    mask = attn[:, P:]
     with torch.no_grad():
-        logprobs = ppo.policy_logprobs(policy, tokens, attn, 1.0)[0]
-        b = dict(tokens=tokens, attn=attn, mask=mask, logprobs=(logprobs + 0.3 * torch.randn(B, T - 1, generator=g)) * mask,
-                 ref_logprobs=(logprobs + 0.2 * torch.randn(B, T - 1, generator=g)) * mask,
-                 values=critic(tokens, attn)[:, :-1] * mask, scores=torch.randn(B, generator=g),
-                 ended=lengths < 8, entropy=torch.tensor(1.0))
-    if WORLD > 1:
-        rows, width = slice(4 * RANK, 4 * RANK + 4), T if RANK == 0 else P + 4
-        b = {k: v[rows, :width - (k not in ("tokens", "attn"))] if v.dim() > 1 else v[rows] if v.dim() else v
-             for k, v in b.items()}
+        logprobs = ppo.policy_logprobs(policy, tokens, attn, 1.0, P - 1)[0]
+        b = dict(tokens=tokens, attn=attn, mask=mask, logprobs=(logprobs + 0.3 * torch.randn(B, R, generator=g)) * mask,
+                 ref_logprobs=(logprobs + 0.2 * torch.randn(B, R, generator=g)) * mask,
+                 values=critic(tokens, attn)[:, P - 1:-1] * mask, scores=torch.randn(B, generator=g), ended=lengths < 8)
+    if WORLD > 1:  # rank r: rows 4r..4r+3; rank 1's responses all ended by column 4: its last 4 are cut
+        rows, cut = slice(4 * RANK, 4 * RANK + 4), R if RANK == 0 else 4
+        b = {k: v[rows, :v.size(1) - R + cut] if v.dim() > 1 else v[rows] for k, v in b.items()}
     b = all_gather_rows(b)
     cfg = ppo.Config(rollout_batch=B, minibatch=4, ppo_epochs=2, score_norm=True, ent_coef=0.01, lr=1e-3, vf_lr=1e-3)
     ppo.add_advantages(b, cfg, cfg.kl_coef, ppo.RunningMoments())

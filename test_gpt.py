@@ -141,6 +141,24 @@ def test_generate_cached_equals_uncached():
     assert (torch.cat(step, 1) - ref)[full_mask.bool()].abs().max() <= 1e-5
 
 
+def test_forward_first_and_generate_logprobs():
+    """forward(first=k) is forward()[:, k:]; generate's log-probs are those of the uncached forward
+    at the sampling temperature, on generated tokens only (0 on the prompt and after eos)."""
+    model = tiny()
+    prompt = torch.randint(0, 96, (3, 5))
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    tokens, gen_mask, logprobs = generate(model, prompt, mask, 8, temperature=0.7, eos_id=96, return_logprobs=True,
+                                          generator=torch.Generator().manual_seed(0))
+    attn = mask.new_ones(tokens.shape)
+    attn[:, :5] = mask
+    with torch.no_grad():
+        full = model(tokens, attn)
+        assert torch.allclose(model(tokens, attn, first=4), full[:, 4:], atol=1e-6)
+        want = torch.log_softmax(full[:, :-1] / 0.7, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    m = gen_mask[:, 1:].bool()
+    assert torch.allclose(logprobs[:, 1:][m], want[m], atol=1e-5) and (logprobs[:, 1:][~m] == 0).all()
+
+
 def test_generate_left_padded_batch_equals_each_alone():
     model = tiny(1)
     prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22]]

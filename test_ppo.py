@@ -1,4 +1,5 @@
 """ppo.py: each function of the PPO objective against hand-computed values or a naive loop."""
+import copy
 import math
 from types import SimpleNamespace
 
@@ -190,16 +191,29 @@ def tiny_models(seed=0):
 
 
 def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
+    """The rollout's log-probs come from the sampling steps (KV cache, left padding): they must equal
+    a plain forward of each row alone, at the sampling temperature; so must the reference's, the
+    values (of the state before each response token) and the score; and a separate sampler
+    (--rollout_dtype) must give the policy's log-probs, recomputed."""
     policy, ref, rm = tiny_models()
-    cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0)
+    critic = RewardModel(GPT(policy.config)).eval()
+    cfg = SimpleNamespace(max_new_tokens=5, temperature=0.7)
     tok = SimpleNamespace(eot=10)
-    b = rollout(policy, ref, rm, rm, [[1, 2, 3, 4], [5, 6]], tok, cfg, torch.no_grad(), torch.Generator().manual_seed(0))
-    row = b["tokens"][1][b["attn"][1].bool()][None]  # row 1 without its padding
-    with torch.no_grad():
-        alone, _ = policy_logprobs(policy, row, torch.ones_like(row), 1.0)
-    got = b["logprobs"][1][b["attn"][1, 1:].bool()]
-    assert torch.allclose(got[-alone.size(1):], alone[0], atol=1e-5), "positions must restart after left padding"
-    assert torch.allclose(b["scores"][1], rm(row)[0, -1], atol=1e-5)
+    b = rollout(policy, ref, rm, critic, [[1, 2, 3, 4], [5, 6]], tok, cfg, torch.no_grad(), torch.Generator().manual_seed(0))
+    assert b["mask"].shape == b["logprobs"].shape == b["values"].shape == (2, b["tokens"].size(1) - 4)
+    for i in range(2):
+        row = b["tokens"][i][b["attn"][i].bool()][None]  # row i without its padding
+        n = int(b["mask"][i].sum())  # its response tokens
+        with torch.no_grad():
+            for model, key in ((policy, "logprobs"), (ref, "ref_logprobs")):
+                alone = torch.log_softmax(model(row)[0, -n - 1:-1] / 0.7, -1).gather(1, row[0, -n:, None]).squeeze(1)
+                got = b[key][i][b["mask"][i].bool()]
+                assert torch.allclose(got, alone, atol=1e-5), f"{key}: positions restart after left padding, temperature 0.7"
+            assert torch.allclose(b["values"][i][b["mask"][i].bool()], critic(row)[0, -n - 1:-1], atol=1e-5)
+            assert torch.allclose(b["scores"][i], rm(row)[0, -1], atol=1e-5)
+    again = rollout(policy, ref, rm, critic, [[1, 2, 3, 4], [5, 6]], tok, cfg, torch.no_grad(),
+                    torch.Generator().manual_seed(0), sampler=copy.deepcopy(policy))
+    assert torch.equal(again["tokens"], b["tokens"]) and torch.allclose(again["logprobs"], b["logprobs"], atol=1e-5)
 
 
 def test_add_advantages_whitens_over_valid_tokens():
