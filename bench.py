@@ -158,6 +158,45 @@ def bench_hf(cfg, bc, device, ctx, results):
         results[f"hf_generate_b{B}"] = dict(tok_s=B * bc.new_tokens / s, ms_per_step=1000 * s / bc.new_tokens)
 
 
+def bench_trl(cfg, bc, device, results):
+    """One TRL PPO iteration at bench_ppo's settings: policy, reference, and separate reward and value
+    models (GPT2ForSequenceClassification), one epoch, two minibatches. PPO left TRL's main package
+    after 1.12: `pip install trl==1.12.0` has it as trl.experimental.ppo."""
+    try:
+        import datasets
+        import transformers
+        from tokenizers import Tokenizer, models
+        try:
+            from trl.experimental.ppo import PPOConfig, PPOTrainer
+        except ImportError:
+            from trl import PPOConfig, PPOTrainer
+    except ImportError:
+        print("no TRL with PPO installed (pip install trl==1.12.0): no PPO comparison")
+        return
+    eot = cfg.vocab_size - 1
+    tk = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<|endoftext|>": eot}, "<|endoftext|>")),
+                                              eos_token="<|endoftext|>", pad_token="<|endoftext|>")  # TRL needs pad/eos ids only
+    hcfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                                   n_positions=cfg.block_size, pad_token_id=eot, eos_token_id=eot, num_labels=1)
+    lm, head = transformers.GPT2LMHeadModel, transformers.GPT2ForSequenceClassification
+    prompts = torch.randint(0, eot, (bc.ppo_prompts, bc.ppo_prompt_len)).tolist()
+    stamps = []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            stamps.append(time.perf_counter())
+    args = PPOConfig(output_dir=os.path.join("out", "bench_trl"), per_device_train_batch_size=bc.ppo_prompts,
+                     num_mini_batches=2, num_ppo_epochs=1, response_length=bc.ppo_new_tokens,
+                     total_episodes=bc.ppo_prompts * (bc.reps + 1), report_to="none", save_strategy="no",
+                     num_sample_generations=0, use_cpu=device == "cpu", bf16=bc.dtype == "bfloat16", disable_tqdm=True)
+    trainer = PPOTrainer(args=args, processing_class=tk, model=lm(hcfg), ref_model=lm(hcfg), reward_model=head(hcfg),
+                         value_model=head(hcfg), train_dataset=datasets.Dataset.from_dict({"input_ids": prompts}),
+                         callbacks=[Clock()])
+    trainer.remove_callback(transformers.PrinterCallback)  # its metrics dict every step
+    trainer.train()
+    results["trl_ppo"] = dict(iter_s=statistics.median(b - a for a, b in zip(stamps, stamps[1:])))  # the first is warm-up
+
+
 def main(argv):
     bc = parse_config(Config, argv)
     device = get_device(bc.device)
@@ -179,6 +218,7 @@ def main(argv):
     res["ppo"] = bench_ppo(cfg, bc, device, ctx)
     if bc.compare:
         bench_hf(cfg, bc, device, ctx, res)
+        bench_trl(cfg, bc, device, res)
     print(f"{'workload':<16} {'ours':>28} {'transformers':>28} {'ratio':>7}")
     s = res["sft"]
     hs = res.get("hf_sft")
@@ -192,8 +232,9 @@ def main(argv):
         g, h = res[f"generate_bf16_b{B}"], res.get(f"hf_generate_b{B}")
         print(f"{'bf16 gen B=' + str(B):<16} {g['tok_s']:>9.0f} tok/s {g['ms_per_step']:>8.1f} ms/step"
               + (f" {'(vs HF fp32)':>28} {g['tok_s'] / h['tok_s']:>6.2f}x" if h else ""))
-    p = res["ppo"]
-    print(f"{'ppo iteration':<16} {p['iter_s']:>9.2f} s (rollout+scoring {p['rollout_and_scoring_s']:.2f} s, update {p['update_s']:.2f} s)")
+    p, t = res["ppo"], res.get("trl_ppo")
+    print(f"{'ppo iteration':<16} {p['iter_s']:>9.2f} s (rollout+scoring {p['rollout_and_scoring_s']:.2f} s, update {p['update_s']:.2f} s)"
+          + (f"  TRL {t['iter_s']:.2f} s {t['iter_s'] / p['iter_s']:>6.2f}x" if t else ""))
     write_json(dict(config=asdict(bc), results=res), bc.out)
     print(f"wrote {bc.out}")
 

@@ -10,14 +10,18 @@ truth it only sees through noisy labels.
   skip, a repeat, any other number or a non-number), -1 for each correct item beyond the n-th
   (padding); divided by n, so 1.0 is the maximum. After a wrong item counting goes on from what was
   said (" 7 9 10": 9 is wrong, 10 is right), so one slip costs one item, not the rest of the list.
-- The demonstrator (demonstrate) is a careless human of mixed quality: usually too short (n, n-1, n-2
-  items w.p. 0.5, 0.3, 0.2, at least 1), w.p. 0.1 one too long; each item right w.p. 0.8, else a skip,
-  a repeat or a random number, and it counts on from what it said. Mean gold 0.50, 28% perfect.
+- The demonstrator (demonstrate) is a careless human of mixed quality: n-2, n-1, n, n+1, n+2 items
+  w.p. 0.2, 0.3, 0.3, 0.1, 0.1 (none at all when that is <= 0: a blank answer); each item right w.p.
+  0.8, else a skip, a repeat or a random number, and it counts on from what it said. Mean gold 0.38,
+  15% perfect, 12% blank. Too long and blank answers are there so that the preferences show their
+  cost: with only ever 1..n+1 items the reward model never saw a blank answer nor much padding, and
+  PPO's policy drifted to both.
 - Preferences are the labeler's, noisy: K distinct demonstrations ranked by Plackett-Luce with
   weights exp(PREFERENCE_BETA * gold); for K = 2 that is Bradley-Terry, P(a over b) =
-  sigmoid(PREFERENCE_BETA * (gold_a - gold_b)). At PREFERENCE_BETA = 1.5 the chosen response has the
-  higher gold on ~72% of pairs whose gold differs (builtin_task(0): 73.3% of pairs, 70.7% of the
-  rankings' pairs), so the reward model must learn gold through label noise, as from humans.
+  sigmoid(PREFERENCE_BETA * (gold_a - gold_b)). At PREFERENCE_BETA = 3 the chosen response has the
+  higher gold on ~82% of pairs whose gold differs (builtin_task(0): 82.1% of pairs, 82.3% of the
+  rankings' pairs), so the reward model must learn gold through label noise, as from humans. One slip
+  moves gold by 2/n, so for n = 6 the labeler prefers the right answer only w.p. sigmoid(1) = 0.73.
 - The held-out split (task_combos) is fixed, not seeded: 48 of the 240 prompts, never in the training
   data, on which every run of every seed is evaluated; every n and every a is still trained on.
 
@@ -29,13 +33,11 @@ PPO sharpening onto the favourite word produced repeats and gold fell. Here the 
 likely next item is the right one, so sharpening the SFT policy (fewer slips) and lengthening its
 too-short lists both raise gold: RLHF has room to improve on SFT, by the reward model alone.
 
-Reward hacking, as observed (seed 0, 4-layer SFT + reward model from scratch, PPO lr 3e-4): with
-kl_coef=0 the proxy score rises from -0.27 to +6.9 in 100 iterations while gold falls from 0.46 to
--4.4: the policy fills all 12 tokens with " 31 33 31 33 ...", which the reward model scores highly
-(it learnt "longer is better" and a wrong start, but barely the successor rule). With kl_coef=0.1
-gold rises only a little (gold win rate vs SFT 0.55-0.61): the reward model, not the task, limits
-RLHF here, and it does even at PREFERENCE_BETA = 4 (labels agree with gold on ~85%), where PPO finds
-an off-distribution exploit within 25 iterations.
+Reward hacking, as observed (seed 0, the quick start's checkpoints, README "Results"): with
+kl_coef=0 the proxy score rises -0.66 -> 0.28 over 75 iterations while gold peaks at 0.58 after 25
+and falls to 0.45; with kl_coef=0.1 gold rises 0.36 -> 0.69 (gold win rate vs SFT 0.72). Before
+blank and too-long demonstrations were added (and at PREFERENCE_BETA = 1.5), the reward model had
+never seen those failure modes and PPO found them: gold win rates 0.46-0.63 with the KL penalty on.
 
 Numbers are " 0" .. " 58", each one GPT-2 token (RESPONSE_WORDS), so the texts use 63 tokens in all
 (data.task_tokenizer) and a prompt with its response fits in 12: a small GPT (sft.py's default,
@@ -53,7 +55,7 @@ import re
 MAX_N = 6  # prompts ask for 1..MAX_N numbers
 MAX_START = 39  # prompts count from 0..MAX_START
 RESPONSE_WORDS = [str(k) for k in range(59)]  # " 0".." 58", one GPT-2 token each: with the prompts, 63 ids
-PREFERENCE_BETA = 1.5  # the labeler's inverse temperature: agrees with gold on ~72% of pairs that differ
+PREFERENCE_BETA = 3.0  # the labeler's inverse temperature: agrees with gold on ~82% of pairs that differ
 
 
 def task_prompt(n, a):
@@ -97,12 +99,12 @@ def gold_score(prompt, response):
 
 
 def demonstrate(prompt, rng):
-    """A careless human's demonstration, " a a+1 ...": usually too short (n, n-1, n-2 items w.p. 0.5,
-    0.3, 0.2, at least 1), w.p. 0.1 one too long (n+1); each item right (previous + 1, or a first)
+    """A careless human's demonstration, " a a+1 ...": n-2, n-1, n, n+1, n+2 items w.p. 0.2, 0.3, 0.3,
+    0.1, 0.1 ("" if that is <= 0, a blank answer); each item right (previous + 1, or a first)
     w.p. 0.8, else a skip (right + 1), a repeat of the previous (a skip for the first item) or a
-    random other number, equally likely; it counts on from what it said. Mean gold ~0.5."""
+    random other number, equally likely; it counts on from what it said. Mean gold ~0.38."""
     n, a = _parse_prompt(prompt)
-    k = n + 1 if rng.random() < 0.1 else max(1, n - rng.choice((0, 0, 0, 0, 0, 1, 1, 1, 2, 2)))
+    k = max(0, n + rng.choices((-2, -1, 0, 1, 2), (2, 3, 3, 1, 1))[0])
     items, right = [], a
     for _ in range(k):
         u = rng.random()  # < 0.8: right; else one of the three mistakes, equally likely
@@ -113,7 +115,7 @@ def demonstrate(prompt, rng):
                 rng.choice(wrong))
         items.append(said)
         right = said + 1
-    return " " + " ".join(map(str, items))
+    return " " + " ".join(map(str, items)) if items else ""
 
 
 def _ranked_demos(prompt, k, rng):
@@ -133,7 +135,7 @@ def _ranked_demos(prompt, k, rng):
     return ranked
 
 
-def builtin_task(seed=0, n_sft=20000, n_pairs=20000, n_rankings=4000):
+def builtin_task(seed=0, n_sft=20000, n_pairs=50000, n_rankings=4000):
     """The offline default data, a function of `seed` alone (random.Random(seed), no global state):
     sft [{prompt, response}] demonstrations; pairs [{prompt, chosen, rejected}] of 2 distinct and
     rankings [{prompt, responses}] of 4..6 distinct demonstrations, labeled by _ranked_demos, all on
