@@ -40,7 +40,7 @@ blank and too-long demonstrations were added (and at PREFERENCE_BETA = 1.5), the
 never seen those failure modes and PPO found them: gold win rates 0.46-0.63 with the KL penalty on.
 
 Numbers are " 0" .. " 58", each one GPT-2 token (RESPONSE_WORDS), so the texts use 63 tokens in all
-(data.task_tokenizer) and a prompt with its response fits in 12: a small GPT (sft.py's default,
+(data.task_tokenizer) and a prompt with its response fits in 13: a small GPT (sft.py's default,
 0.8M parameters) learns the task from scratch in about a minute on 2 CPU cores, so the whole SFT ->
 reward -> PPO pipeline runs on a laptop in minutes.
 

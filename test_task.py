@@ -88,7 +88,7 @@ def test_builtin_task_texts_encode_within_vocab(task):
     texts |= {x for r in task["rankings"] for x in r["responses"]}
     for t in texts:
         assert tok.decode(tok.encode(t)) == t
-    assert max(len(tok.encode(r["prompt"] + r["response"])) for r in task["sft"]) <= 12
+    assert max(len(tok.encode(r["prompt"] + r["response"])) for r in task["sft"]) <= 13  # n + 2 items after a 5-token prompt
 
 
 def test_demonstrate_mean_gold_in_range(task):
