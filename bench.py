@@ -74,7 +74,7 @@ def flops_per_token(cfg, T):
 def bench_sft(model, cfg, bc, device, ctx):
     x = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
     mask = torch.ones_like(x)  # every token a response token, as in HF's causal-LM loss
-    opt = make_optimizer(model.parameters(), 1e-4, 0.1, device)
+    opt = make_optimizer(model.parameters(), 1e-4, 0.1)
 
     def step():
         with ctx:
@@ -109,7 +109,7 @@ def bench_ppo(cfg, bc, device, ctx):
     critic = RewardModel(GPT(cfg)).to(device)
     pc = PPOConfig(rollout_batch=bc.ppo_prompts, minibatch=bc.ppo_prompts // 2, ppo_epochs=1,
                    max_new_tokens=bc.ppo_new_tokens, device=device)
-    opts = [make_optimizer(policy.parameters(), pc.lr, 0.0, device), make_optimizer(critic.parameters(), pc.vf_lr, 0.0, device)]
+    opts = [make_optimizer(policy.parameters(), pc.lr, 0.0), make_optimizer(critic.parameters(), pc.vf_lr, 0.0)]
     prompts = torch.randint(0, cfg.vocab_size - 1, (bc.ppo_prompts, bc.ppo_prompt_len)).tolist()
     tok = SimpleNamespace(eot=cfg.vocab_size - 1)
     gen, g, parts = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0), []

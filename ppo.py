@@ -406,7 +406,7 @@ def train(cfg, log=None):
     def demo_loss(g):  # through the plain policy: DDP still all-reduces these gradients in the same backward
         p = data.pad_right([demos[j] for j in torch.randint(len(demos), (cfg.minibatch // WORLD,), generator=g)], tok.eot)
         return sft_loss(policy(p["tokens"].to(device)), p["tokens"].to(device), p["loss_mask"].to(device))
-    opts = [make_optimizer(policy.parameters(), cfg.lr, 0.0, device), make_optimizer(critic.parameters(), cfg.vf_lr, 0.0, device)]
+    opts = [make_optimizer(policy.parameters(), cfg.lr, 0.0), make_optimizer(critic.parameters(), cfg.vf_lr, 0.0)]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     moments = RunningMoments()
     ctx, builtin, start, ev = autocast(device, cfg.dtype), cfg.data == "builtin", 0, None

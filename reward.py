@@ -199,7 +199,7 @@ def main(argv):
     train, val = encode_groups(train_groups, tok, cfg, "rm train"), encode_groups(val_groups, tok, cfg, "rm val")
     val_gold = [[data.gold_score(p, r) for r in rs] for p, rs in val_groups] if cfg.data == "builtin" else None
     rm.to(device).train()
-    opt = make_optimizer(rm.parameters(), cfg.lr, cfg.weight_decay, device)
+    opt = make_optimizer(rm.parameters(), cfg.lr, cfg.weight_decay)
     start, best = 0, math.inf
     if cfg.resume:
         opt.load_state_dict(ck["optimizer"])

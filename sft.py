@@ -159,7 +159,7 @@ def main(argv):
     if model.config.block_size < cfg.max_len:
         raise UserError(f"--max_len={cfg.max_len} exceeds the model's block_size {model.config.block_size}")
     model.to(device).train()
-    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, device)
+    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     start, best = 0, math.inf
     if cfg.resume:
         opt.load_state_dict(ck["optimizer"])

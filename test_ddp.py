@@ -111,7 +111,7 @@ def ppo_update_worker(out):
     b = all_gather_rows(b)
     cfg = ppo.Config(rollout_batch=B, minibatch=4, ppo_epochs=2, score_norm=True, ent_coef=0.01, lr=1e-3, vf_lr=1e-3)
     ppo.add_advantages(b, cfg, cfg.kl_coef, ppo.RunningMoments())
-    opts = [make_optimizer(m.parameters(), 1e-3, 0.0, "cpu") for m in (policy, critic)]
+    opts = [make_optimizer(m.parameters(), 1e-3, 0.0) for m in (policy, critic)]
     stats = ppo.ppo_update(ddp_wrap(policy, "cpu"), ddp_wrap(critic, "cpu"), opts, b, cfg, contextlib.nullcontext(),
                            ppo.seeded(0, 1, 0))
     if RANK == 0:
