@@ -5,6 +5,7 @@ tensors. Also the few things every script shares: one-line errors, `--key=value`
 and atomic file writes (imports run task -> data -> gpt -> sft / reward -> ppo, so this is the one
 place all of them can import).
 """
+import ctypes
 import dataclasses
 import functools
 import gzip
@@ -37,6 +38,7 @@ def main_guard(main, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("MINRLHF_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    keep_freed_memory()
     try:
         return main(argv)
     except (UserError, KeyboardInterrupt) as e:
@@ -44,6 +46,20 @@ def main_guard(main, argv=None):
             raise
         print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
+
+
+def keep_freed_memory():
+    """Have glibc keep freed memory for reuse instead of handing every large block back to the OS:
+    otherwise each step's big tensors (a (V, C) embedding gradient is 154 MB) are mapped afresh and
+    page-faulted in. A PPO update of GPT-2 small on 2 CPU cores: 8.8 -> 6.5 s (bench.py). What
+    LD_PRELOAD=libjemalloc.so does for PyTorch on CPU, with nothing to install."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc
+            return
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the reusable heap
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never shrink the heap
 
 
 class GracefulStop:
