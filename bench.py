@@ -7,7 +7,6 @@ through them in the same process and the table shows our/their ratios. Neither i
     python bench.py                                  # CPU defaults, as quoted in the README
     python bench.py --device=cuda --sft_batch=16 --sft_len=1024 --gen_batches=8,64 --new_tokens=128
 """
-import json
 import os
 import statistics
 import time
@@ -16,11 +15,11 @@ from types import SimpleNamespace
 
 import torch
 
-from data import main_guard, parse_config, write_json
-from gpt import CONFIGS, GPT, GPTConfig, autocast, generate, get_device, make_optimizer
+from gpt import CONFIGS, GPT, GPTConfig, generate
 from ppo import Config as PPOConfig, add_advantages, ppo_update, rollout
 from reward import RewardModel
 from sft import sft_loss
+from util import autocast, get_device, main_guard, make_optimizer, parse_config, write_json
 
 
 @dataclass

@@ -9,7 +9,6 @@ weights in and out, our own checkpoint format, and batched sampling with a preal
 
 References: Radford et al. 2019 (GPT-2); nanoGPT's model.py; Hugging Face's modeling_gpt2.py.
 """
-import contextlib
 import math
 import os
 import platform
@@ -20,7 +19,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import hf
-from data import Tokenizer, UserError, atomic_save, main_guard
+from data import Tokenizer
+from util import UserError, atomic_save, main_guard
 
 
 @dataclass
@@ -347,40 +347,6 @@ def load_hf(src):
 def export_hf(model, out_dir):
     """Write a GPT in GPT-2's Hugging Face layout (model.safetensors + config.json)."""
     hf.write_hf(asdict(model.config), model.state_dict(), out_dir)
-
-# -----------------------------------------------------------------------------
-# training helpers shared by sft.py, reward.py and ppo.py
-
-def get_device(device="auto"):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def autocast(device, dtype="auto"):
-    """The one place that picks precision: bf16 autocast on CUDA (no loss scaling needed), fp32 on CPU."""
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
-
-
-def make_optimizer(params, lr, weight_decay):
-    """AdamW with decay on matrices only (not biases, LayerNorms). The fused kernel makes one pass
-    over each tensor instead of a dozen: a PPO update of GPT-2 small 1.4x faster on CPU (bench.py)."""
-    params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
-    except (RuntimeError, TypeError):  # torch < 2.4 fuses on CUDA only
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
-def lr_at(it, lr, warmup, total, min_lr_frac=0.1):
-    """Linear warmup over `warmup` steps, then cosine decay to min_lr_frac * lr at `total`."""
-    if it < warmup:
-        return lr * (it + 1) / warmup
-    frac = min(1.0, (it - warmup) / max(1, total - warmup))
-    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 # -----------------------------------------------------------------------------
 # command line

@@ -1,7 +1,7 @@
 """
 Hugging Face GPT-2 checkpoints <-> our state dicts, with no dependency on transformers or
 safetensors: a .safetensors file is an 8-byte header size, a JSON header and raw bytes, and
-GPT-2's Conv1D layers store their weights transposed. Also the hub download (data.fetch).
+GPT-2's Conv1D layers store their weights transposed. Also the hub download (util.fetch).
 This file knows key names and shapes, not the model: gpt.py builds the GPT from what it returns.
 """
 import json
@@ -11,7 +11,7 @@ import struct
 
 import torch
 
-from data import UserError, atomic_write, fetch
+from util import UserError, atomic_write, fetch
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}

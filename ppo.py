@@ -20,11 +20,12 @@ import torch
 from torch.nn import functional as F
 
 import data
-from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config, write_json
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
-from gpt import autocast, generate, get_device, load_checkpoint, make_optimizer, model_from_checkpoint, save_checkpoint
+from gpt import generate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from reward import last_index, load_reward_model
 from sft import batch_indices, sft_loss
+from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, main_guard, make_optimizer, parse_config,
+                  write_json)
 
 
 @dataclass

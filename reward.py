@@ -19,11 +19,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import data
-from data import GracefulStop, UserError, append_jsonl, main_guard, parse_config
 from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
-from gpt import (autocast, generate, get_device, load_checkpoint, lr_at, make_optimizer, model_from_checkpoint,
-                 save_checkpoint)
+from gpt import generate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from sft import batch_indices
+from util import GracefulStop, UserError, append_jsonl, autocast, get_device, lr_at, main_guard, make_optimizer, parse_config
 
 
 @dataclass

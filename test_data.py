@@ -10,8 +10,9 @@ import urllib.request
 import pytest
 import torch
 
-from data import (Tokenizer, UserError, builtin_task, download_hh, encode_examples, load_records,
+from data import (Tokenizer, builtin_task, download_hh, encode_examples, load_records,
                   pad_left, pad_right, rankings_to_pairs, read_hh, read_jsonl, task_tokenizer)
+from util import UserError
 
 HH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "hh-rlhf",
                        "harmless-base-test.jsonl.gz")

@@ -87,7 +87,8 @@ def ppo_update_worker(out):
     PPO; rank 0 saves."""
     import ppo
     from ddp import RANK, WORLD, all_gather_rows, ddp_init, ddp_wrap
-    from gpt import GPT, GPTConfig, make_optimizer
+    from gpt import GPT, GPTConfig
+    from util import make_optimizer
     from reward import RewardModel
     ddp_init("cpu")
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import torch
 
 import gpt
 import hf
-from data import UserError
 from gpt import GPT, GPTConfig, KVCache, generate, load_hf, sample_token
+from util import UserError
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
 TINY = os.path.join(FIX, "hf-gpt2-tiny")

@@ -3,7 +3,6 @@ the closed forms of grads.py, and end to end through a tiny GPT (+ value head).
 Central differences are O(h^2)-exact only where the function is smooth, so every point below sits
 away from the kinks of the clips (ratio = 1 +- eps, V - V_old = +-eps, the two terms of a max
 equal): each check is well-posed, and where the objective is clipped the gradient is exactly 0."""
-import math
 
 import pytest
 import torch

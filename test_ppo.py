@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import torch
 
-import data
 from gpt import GPT, GPTConfig
 from ppo import (AdaptiveKLController, add_advantages, entropy, gae, kl_penalized_rewards, kl_stats, policy_logprobs,
                  ppo_loss, ppo_policy_loss, rollout, token_logprobs, value_loss, whiten)

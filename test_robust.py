@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from data import UserError
 from gpt import load_checkpoint
+from util import UserError
 from ppo import Config as PPOConfig, check_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,0 +1,223 @@
+"""
+What every script shares and none is about: one-line errors and exit codes, `--key=value` config
+overrides, a Ctrl-C that saves first, atomic file writes and downloads, and the device, precision,
+optimizer and learning-rate schedule that sft.py, reward.py and ppo.py train with. Imports nothing
+of this repo, so every file can import it.
+"""
+import contextlib
+import ctypes
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import urllib.request
+
+import torch
+
+# -----------------------------------------------------------------------------
+# errors, config, files
+
+class UserError(Exception):
+    """Bad input or settings. Printed as one line `error: ...`, exit code 2, no traceback."""
+
+
+def main_guard(main, argv=None):
+    """Run main(argv). A UserError (or Ctrl-C) becomes one line and a non-zero exit; the traceback
+    is kept with --debug on the command line or MINRLHF_DEBUG=1 in the environment."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("MINRLHF_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    keep_freed_memory()
+    try:
+        return main(argv)
+    except (UserError, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
+
+
+def keep_freed_memory():
+    """Have glibc keep freed memory for reuse instead of handing every large block back to the OS:
+    otherwise each step's big tensors (a (V, C) embedding gradient is 154 MB) are mapped afresh and
+    page-faulted in. A PPO update of GPT-2 small on 2 CPU cores: 8.8 -> 6.5 s (bench.py). What
+    LD_PRELOAD=libjemalloc.so does for PyTorch on CPU, with nothing to install."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc
+            return
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the reusable heap
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never shrink the heap
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or SIGTERM during training sets .requested instead of interrupting a step
+    half-done; the loop checks it between steps, saves a checkpoint and exits with 130
+    (ddp.save_and_exit). A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+
+def _field_comments(cls):
+    """The `# comment` after each field in the dataclass source: the meaning --help prints."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, flags=re.M))
+
+
+def _parse_value(text, typ, key):
+    if typ is bool or typ == "bool":
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{key}={text}: expected True or False")
+    typ = {"int": int, "float": float, "str": str}.get(typ, typ)
+    try:
+        return typ(text)
+    except ValueError:
+        raise UserError(f"--{key}={text}: expected {typ.__name__}") from None
+
+
+def parse_config(cls, argv):
+    """Build a `cls` dataclass from `--key=value` arguments (`--flag` alone means True).
+    An unknown key or a value of the wrong type is a UserError listing the valid keys;
+    `--help` prints every field with its default and the comment beside it, then exits 0."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "--help" in argv or "-h" in argv:
+        comments = _field_comments(cls)
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\n\nsettings:")
+        for name, f in fields.items():
+            print(f"  --{name}={f.default!s:<14} {comments.get(name, '')}")
+        sys.exit(0)
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: settings are --key=value")
+        key, eq, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise UserError(f"unknown setting --{key}; valid: {', '.join('--' + k for k in fields)}")
+        if not eq:
+            text = "True"
+        overrides[key] = _parse_value(text, fields[key].type, key)
+    return cls(**overrides)
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temp file beside `path`, fsync it, then rename it over `path`: a reader
+    (or a run killed at any moment, SIGKILL included) sees the old file or the new one, never half."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def fetch(url, path):
+    """Download url to path with a progress line. The file appears only when complete (atomic_write),
+    its size matching Content-Length and its sha256 the hub's X-Linked-Etag when one is sent, so an
+    interrupted download is retried, never half-read."""
+    def write(f):
+        with urllib.request.urlopen(url, timeout=60) as r:
+            total, done, sha = int(r.headers.get("Content-Length") or 0), 0, hashlib.sha256()
+            etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                sha.update(chunk)
+                done += len(chunk)
+                print(f"\rdownloading {url}: {done / 1e6:.1f} of {total / 1e6:.1f} MB", end="", flush=True)
+            print()
+            if total and done != total:  # a dropped connection gives a short body, not an error
+                raise UserError(f"download {url}: got {done} of {total} bytes; run again to retry")
+            if re.fullmatch(r"[0-9a-f]{64}", etag) and sha.hexdigest() != etag:
+                raise UserError(f"download {url}: sha256 differs from the hub's; run again to retry")
+    try:
+        atomic_write(path, write)
+    except OSError as e:  # URLError, HTTPError, a timeout, a full disk
+        raise UserError(f"download {url} failed: {e}") from None
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path), atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(obj, path):
+    """json.dump(obj, path), atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def append_jsonl(obj, path):
+    """Append one JSON line and flush it to disk (a metrics log: a crash loses at most this line)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+# -----------------------------------------------------------------------------
+# training: device, precision, optimizer, schedule
+
+
+def get_device(device="auto"):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def autocast(device, dtype="auto"):
+    """The one place that picks precision: bf16 autocast on CUDA (no loss scaling needed), fp32 on CPU."""
+    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def make_optimizer(params, lr, weight_decay):
+    """AdamW with decay on matrices only (not biases, LayerNorms). The fused kernel makes one pass
+    over each tensor instead of a dozen: a PPO update of GPT-2 small 1.4x faster on CPU (bench.py)."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, TypeError):  # torch < 2.4 fuses on CUDA only
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def lr_at(it, lr, warmup, total, min_lr_frac=0.1):
+    """Linear warmup over `warmup` steps, then cosine decay to min_lr_frac * lr at `total`."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    frac = min(1.0, (it - warmup) / max(1, total - warmup))
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
