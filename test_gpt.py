@@ -117,6 +117,25 @@ def test_onednn_inference_equals_training_path():
     assert not torch.equal(fast, torch.zeros_like(fast))
 
 
+def test_vocab_padding_rows_zero_cut_off_and_loadable():
+    """97 tokens are held in 128 zero rows: logits have 97 columns, sampling never leaves them even
+    when the padding logits would win, and an unpadded (V, C) state dict (HF, older checkpoints) loads."""
+    model = tiny()
+    wte = model.transformer.wte.weight
+    assert wte.shape == (128, 32) and wte[97:].abs().sum() == 0 and wte[:97].abs().sum() > 0
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        assert model(ids).shape == (2, 5, 97)
+        wte[97:] = 100 * model.transformer.ln_f.weight  # padding rows that would dominate every logit
+        out, gen = generate(model, ids, torch.ones_like(ids), 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        assert out.max() < 97
+        wte[97:] = 0
+    sd = {k: v[:97] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in model.state_dict().items()}
+    other = tiny(seed=1)
+    gpt.load_weights(other, sd, "test")
+    assert torch.equal(other.transformer.wte.weight, wte)
+
+
 def test_kvcache_update_writes_in_place():
     c = KVCache(n_layer=2, B=1, n_head=1, T_max=5, head_size=2, device="cpu", dtype=torch.float32)
     k1, v1 = torch.ones(1, 1, 3, 2), 2 * torch.ones(1, 1, 3, 2)
