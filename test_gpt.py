@@ -1,5 +1,6 @@
 """Tests of gpt.py against independent references: Hugging Face's recorded logits, naive loops,
 uncached decoding, and each prompt decoded alone."""
+import copy
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import torch
 import gpt
 import hf
 from gpt import GPT, GPTConfig, KVCache, generate, load_hf, sample_token
-from util import UserError
+from util import UserError, make_optimizer
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
 TINY = os.path.join(FIX, "hf-gpt2-tiny")
@@ -105,16 +106,28 @@ def test_attention_matches_naive_loop():
 
 @pytest.mark.skipif(not gpt.ONEDNN, reason="oneDNN inference path is for x86 CPUs")
 def test_onednn_inference_equals_training_path():
-    """Without grad, fp32 on CPU, gpt.Linear runs oneDNN; with grad, nn.Linear's own matmul. The
-    logits of every position agree, and the profiler shows the fast path really ran."""
+    """Without grad, fp32 on CPU, gpt.Linear runs oneDNN on a packed copy of its weight; with grad,
+    nn.Linear's own matmul. The logits agree (the profiler shows the fast path really ran), the
+    packed copy follows in-place weight updates (an optimizer step), and the model still deep-copies."""
     model = tiny()
     ids = torch.randint(0, 97, (3, 9))
     with torch.profiler.profile() as prof, torch.no_grad():
         fast = model(ids)
-    assert any(e.name == "aten::mkldnn_linear" for e in prof.events())
+    assert any("_linear_pointwise" in e.name for e in prof.events())
     slow = model(ids).detach()
     assert fast.shape == slow.shape and torch.allclose(fast, slow, atol=1e-5)
     assert not torch.equal(fast, torch.zeros_like(fast))
+    opt = make_optimizer(model.parameters(), 0.5, 0.0)  # fused AdamW, which leaves _version alone
+    model(ids).logsumexp(-1).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        fast2 = model(ids)
+        assert (fast2 - fast).abs().max() > 1e-2  # not the stale packed weights
+        assert torch.allclose(fast2, model.double()(ids).float(), atol=1e-5)  # float64: the plain path
+    model.float()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.allclose(twin(ids), fast2, atol=1e-5)
 
 
 def test_vocab_padding_rows_zero_cut_off_and_loadable():
