@@ -36,6 +36,7 @@ class Config:
     ppo_prompts: int = 8  # PPO iteration: prompts (TRL's comparison setting)
     ppo_prompt_len: int = 64  # PPO iteration: prompt tokens
     ppo_new_tokens: int = 32  # PPO iteration: response tokens
+    only: str = "sft,generate,ppo"  # the workloads to time, comma-separated
     compare: bool = True  # also time transformers (+ TRL) when installed
     out: str = "bench.json"  # results as JSON
 
@@ -56,11 +57,13 @@ def timed(fn, reps, device):
 
 
 def peak_flops(device, dtype):
-    """The device's peak: H100 dense bf16 from its datasheet; on CPU, measured with a large fp32 matmul."""
+    """The device's peak: H100 dense bf16 from its datasheet; on CPU, measured with a large matmul in
+    the run's precision (bf16 with --dtype=bfloat16, else fp32)."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         return 989e12 if "H100" in name or "H200" in name else 312e12  # else assume an A100
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
     return 2 * 2048 ** 3 / timed(lambda: a @ b, 5, device)
 
 
@@ -206,34 +209,39 @@ def main(argv):
     model = GPT(cfg).to(device)
     print(f"bench: {bc.model} on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else f'{torch.get_num_threads()} CPU threads'}), "
           f"torch {torch.__version__}")
-    res = {"sft": bench_sft(model, cfg, bc, device, ctx)}
+    only, res = bc.only.split(","), {}
+    if "sft" in only:
+        res["sft"] = bench_sft(model, cfg, bc, device, ctx)
     model.eval()
-    for B in map(int, bc.gen_batches.split(",")):
-        res[f"generate_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
-    model.to(torch.bfloat16)  # ppo.py --rollout_dtype=bfloat16: the sampler's weights in bf16
-    for B in map(int, bc.gen_batches.split(",")):
-        res[f"generate_bf16_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
+    if "generate" in only:
+        for B in map(int, bc.gen_batches.split(",")):
+            res[f"generate_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
+        model.to(torch.bfloat16)  # ppo.py --rollout_dtype=bfloat16: the sampler's weights in bf16
+        for B in map(int, bc.gen_batches.split(",")):
+            res[f"generate_bf16_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
     del model
-    res["ppo"] = bench_ppo(cfg, bc, device, ctx)
+    if "ppo" in only:
+        res["ppo"] = bench_ppo(cfg, bc, device, ctx)
     if bc.compare:
-        bench_hf(cfg, bc, device, ctx, res)
-        bench_trl(cfg, bc, device, res)
+        if "sft" in only or "generate" in only:
+            bench_hf(cfg, bc, device, ctx, res)
+        if "ppo" in only:
+            bench_trl(cfg, bc, device, res)
     print(f"{'workload':<16} {'ours':>28} {'transformers':>28} {'ratio':>7}")
-    s = res["sft"]
-    hs = res.get("hf_sft")
-    print(f"{'sft step':<16} {s['step_s']:>9.3f} s {s['tok_s']:>8.0f} tok/s mfu {s['mfu']:.0%}"
-          + (f" {hs['step_s']:>15.3f} s {hs['tok_s']:>6.0f} tok/s {hs['step_s'] / s['step_s']:>6.2f}x" if hs else ""))
-    for B in map(int, bc.gen_batches.split(",")):
-        g, h = res[f"generate_b{B}"], res.get(f"hf_generate_b{B}")
-        print(f"{'generate B=' + str(B):<16} {g['tok_s']:>9.0f} tok/s {g['ms_per_step']:>8.1f} ms/step"
-              + (f" {h['tok_s']:>11.0f} tok/s {h['ms_per_step']:>6.1f} ms/step {g['tok_s'] / h['tok_s']:>6.2f}x" if h else ""))
-    for B in map(int, bc.gen_batches.split(",")):
-        g, h = res[f"generate_bf16_b{B}"], res.get(f"hf_generate_b{B}")
-        print(f"{'bf16 gen B=' + str(B):<16} {g['tok_s']:>9.0f} tok/s {g['ms_per_step']:>8.1f} ms/step"
-              + (f" {'(vs HF fp32)':>28} {g['tok_s'] / h['tok_s']:>6.2f}x" if h else ""))
-    p, t = res["ppo"], res.get("trl_ppo")
-    print(f"{'ppo iteration':<16} {p['iter_s']:>9.2f} s (rollout+scoring {p['rollout_and_scoring_s']:.2f} s, update {p['update_s']:.2f} s)"
-          + (f"  TRL {t['iter_s']:.2f} s {t['iter_s'] / p['iter_s']:>6.2f}x" if t else ""))
+    s, hs = res.get("sft"), res.get("hf_sft")
+    if s:
+        print(f"{'sft step':<16} {s['step_s']:>9.3f} s {s['tok_s']:>8.0f} tok/s mfu {s['mfu']:.0%}"
+              + (f" {hs['step_s']:>15.3f} s {hs['tok_s']:>6.0f} tok/s {hs['step_s'] / s['step_s']:>6.2f}x" if hs else ""))
+    for kind, label in (("generate", "generate"), ("generate_bf16", "bf16 gen")) if "generate" in only else ():
+        for B in map(int, bc.gen_batches.split(",")):
+            g, h = res[f"{kind}_b{B}"], res.get(f"hf_generate_b{B}")
+            theirs = f"{'(vs HF generate above)':>28}" if kind != "generate" else f"{h['tok_s']:>11.0f} tok/s {h['ms_per_step']:>6.1f} ms/step" if h else ""
+            print(f"{label + ' B=' + str(B):<16} {g['tok_s']:>9.0f} tok/s {g['ms_per_step']:>8.1f} ms/step"
+                  + (f" {theirs} {g['tok_s'] / h['tok_s']:>6.2f}x" if h else ""))
+    p, t = res.get("ppo"), res.get("trl_ppo")
+    if p:
+        print(f"{'ppo iteration':<16} {p['iter_s']:>9.2f} s (rollout+scoring {p['rollout_and_scoring_s']:.2f} s, update {p['update_s']:.2f} s)"
+              + (f"  TRL {t['iter_s']:.2f} s {t['iter_s'] / p['iter_s']:>6.2f}x" if t else ""))
     write_json(dict(config=asdict(bc), results=res), bc.out)
     print(f"wrote {bc.out}")
 
