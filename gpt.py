@@ -176,24 +176,28 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        # Token rows padded to a multiple of 64 (50257 -> 50304), for GPU matmul tiles as in nanoGPT. On
-        # CPU the LM head's matmul at 1024 tokens drops 657 -> 535 ms, but cutting the padding columns off
-        # costs about as much: an SFT step is unchanged. The extra rows are zero, never looked up, and
-        # their logits are cut off (head()), so never sampled.
-        self.n_rows = -(-cfg.vocab_size // 64) * 64
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(self.n_rows, cfg.n_embd),
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
             ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5),
         ))
-        self.lm_head = Linear(cfg.n_embd, self.n_rows, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scales residual projections by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        nn.init.zeros_(self.transformer.wte.weight[cfg.vocab_size:])
+        # Token rows padded to a multiple of 64 (50257 -> 50304), for GPU matmul tiles as in nanoGPT. On
+        # CPU the LM head's matmul at 1024 tokens drops 657 -> 535 ms, but cutting the padding columns off
+        # costs about as much: an SFT step is unchanged. The extra rows are zero, never looked up, and
+        # their logits are cut off (head()), so never sampled. Padded after the random init, so a seed
+        # still gives the model it gave before.
+        self.n_rows = -(-cfg.vocab_size // 64) * 64
+        wte = self.transformer.wte
+        wte.weight = nn.Parameter(torch.cat([wte.weight.detach(), wte.weight.new_zeros(self.n_rows - cfg.vocab_size, cfg.n_embd)]))
+        wte.num_embeddings = self.lm_head.out_features = self.n_rows
+        self.lm_head.weight = wte.weight  # tied again
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
