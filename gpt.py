@@ -22,7 +22,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import hf
 from data import Tokenizer
-from util import UserError, atomic_save, main_guard
+from hf import load_checkpoint, load_weights, pad_vocab, save_checkpoint  # also gpt.load_checkpoint etc.
+from util import UserError, main_guard
 
 
 @dataclass
@@ -318,51 +319,7 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
     return (tokens[:, :t], gen_mask[:, :t]) + ((logprobs[:, :t],) if return_logprobs else ())
 
 # -----------------------------------------------------------------------------
-# our checkpoints: one file with the config and the weights, written atomically
-
-def save_checkpoint(path, model, stage, **extra):
-    """{stage, config, model: state_dict, **extra} -> path, via temp file + fsync + rename."""
-    atomic_save({"stage": stage, "config": asdict(model.config), "model": model.state_dict(), **extra}, path)
-
-
-def load_checkpoint(path, stage=None, hint=""):
-    """Read one of our checkpoints (weights_only: never executes code from the file). `stage`: a
-    name or tuple of names it must have; `hint`: how to make it, e.g. "run `python sft.py` first"."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such checkpoint" + (f"; {hint}" if hint else ""))
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: unreadable checkpoint (truncated or corrupt?): {str(e).splitlines()[0][:200]}")
-    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
-        raise UserError(f"{path}: not a minrlhf checkpoint (no config/model); convert HF weights with `python gpt.py convert`")
-    stages = (stage,) if isinstance(stage, str) else stage
-    if stages and ck.get("stage") not in stages:
-        raise UserError(f"{path}: a {ck.get('stage')!r} checkpoint, expected {' or '.join(map(repr, stages))}")
-    return ck
-
-
-def load_weights(model, state, where, ck_config=None):
-    """model.load_state_dict(state), but a missing, extra or misshapen key is one line naming the
-    key and both configs (the model's and the checkpoint's)."""
-    own = model.state_dict()
-    state = pad_vocab(state, own)
-    bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
-    if bad:
-        raise UserError(f"{where}: weights do not fit the model at key {bad[0]!r}: model config "
-                        f"{asdict(model.config) if hasattr(model, 'config') else '?'}, checkpoint config {ck_config}")
-    model.load_state_dict(state)
-
-
-def pad_vocab(state, own):
-    """state with its token rows (V, C) zero-padded to those of the model's state dict `own`:
-    Hugging Face's weights have exactly V rows, ours a multiple of 64 (GPT.__init__)."""
-    state = dict(state)
-    for k in ("transformer.wte.weight", "lm_head.weight"):
-        if k in state and k in own and state[k].dim() == 2 and state[k].size(0) < own[k].size(0):
-            state[k] = torch.cat([state[k], state[k].new_zeros(own[k].size(0) - state[k].size(0), state[k].size(1))])
-    return state
-
+# models from checkpoints: ours (hf.load_checkpoint) and Hugging Face's (hf.read_hf)
 
 def model_from_checkpoint(ck, path="checkpoint"):
     model = GPT(GPTConfig(**ck["config"]))
