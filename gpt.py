@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import hf
 from data import Tokenizer
-from hf import load_checkpoint, load_weights, pad_vocab, save_checkpoint  # also gpt.load_checkpoint etc.
+from hf import TOKEN_ROWS, load_checkpoint, load_weights, pad_rows, pad_vocab, save_checkpoint
 from util import UserError, main_guard
 
 
@@ -196,7 +196,7 @@ class GPT(nn.Module):
         # still gives the model it gave before.
         self.n_rows = -(-cfg.vocab_size // 64) * 64
         wte = self.transformer.wte
-        wte.weight = nn.Parameter(torch.cat([wte.weight.detach(), wte.weight.new_zeros(self.n_rows - cfg.vocab_size, cfg.n_embd)]))
+        wte.weight = nn.Parameter(pad_rows(wte.weight.detach(), self.n_rows))
         wte.num_embeddings = self.lm_head.out_features = self.n_rows
         self.lm_head.weight = wte.weight  # tied again
 
@@ -333,8 +333,7 @@ def load_hf(src):
     path, cfg, sd = hf.read_hf(src)
     model = GPT(GPTConfig(**cfg))
     own = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
-    if sd.get("transformer.wte.weight", torch.empty(0, 0)).size(0) == cfg["vocab_size"]:
-        sd = pad_vocab(sd, own)
+    sd = pad_vocab(sd, own, cfg["vocab_size"])
     for k in sorted(set(own) - set(sd)):
         raise UserError(f"{path}: key {k!r} missing (truncated or not a GPT-2 checkpoint?)")
     for k in sorted(set(sd) - set(own)):
@@ -349,8 +348,7 @@ def load_hf(src):
 
 def export_hf(model, out_dir):
     """Write a GPT in GPT-2's Hugging Face layout (model.safetensors + config.json)."""
-    sd = {k: v[:model.config.vocab_size] if k in ("transformer.wte.weight", "lm_head.weight") else v
-          for k, v in model.state_dict().items()}  # without the padding rows
+    sd = {k: v[:model.config.vocab_size] if k in TOKEN_ROWS else v for k, v in model.state_dict().items()}  # no padding rows
     hf.write_hf(asdict(model.config), sd, out_dir)
 
 # -----------------------------------------------------------------------------

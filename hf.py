@@ -163,7 +163,7 @@ def load_weights(model, state, where, ck_config=None):
     """model.load_state_dict(state), but a missing, extra or misshapen key is one line naming the
     key and both configs (the model's and the checkpoint's)."""
     own = model.state_dict()
-    state = pad_vocab(state, own)
+    state = pad_vocab(state, own, model.config.vocab_size)
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if bad:
         raise UserError(f"{where}: weights do not fit the model at key {bad[0]!r}: model config "
@@ -171,11 +171,17 @@ def load_weights(model, state, where, ck_config=None):
     model.load_state_dict(state)
 
 
-def pad_vocab(state, own):
-    """state with its token rows (V, C) zero-padded to those of the model's state dict `own`:
-    Hugging Face's weights have exactly V rows, ours a multiple of 64 (GPT.__init__)."""
-    state = dict(state)
-    for k in ("transformer.wte.weight", "lm_head.weight"):
-        if k in state and k in own and state[k].dim() == 2 and state[k].size(0) < own[k].size(0):
-            state[k] = torch.cat([state[k], state[k].new_zeros(own[k].size(0) - state[k].size(0), state[k].size(1))])
-    return state
+TOKEN_ROWS = ("transformer.wte.weight", "lm_head.weight")  # (V, C) in files, padded in the model
+
+
+def pad_rows(t, n):
+    """t (V, C) with zero rows appended up to n rows."""
+    return torch.cat([t, t.new_zeros(n - t.size(0), t.size(1))])
+
+
+def pad_vocab(state, own, vocab_size):
+    """state with its token rows zero-padded from exactly vocab_size rows to those of the model's
+    state dict `own`: Hugging Face's weights have V rows, ours a multiple of 64 (GPT.__init__).
+    Any other row count is left as it is, for the caller's shape check to name."""
+    return {k: pad_rows(v, own[k].size(0)) if k in TOKEN_ROWS and k in own and v.dim() == 2
+            and v.size(0) == vocab_size < own[k].size(0) else v for k, v in state.items()}
