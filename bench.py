@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import torch
 
 from gpt import CONFIGS, GPT, GPTConfig, generate
-from ppo import Config as PPOConfig, add_advantages, ppo_update, rollout
+from ppo import Config as PPOConfig, add_advantages, ppo_update
+from rollout import rollout
 from reward import RewardModel
 from sft import sft_loss
 from util import autocast, get_device, main_guard, make_optimizer, parse_config, write_json
@@ -118,7 +119,7 @@ def bench_ppo(cfg, bc, device, ctx):
 
     def iteration():
         t0 = time.perf_counter()
-        b = rollout(policy, ref, rm, critic, prompts, tok, pc, ctx, gen)  # generation + 4 scoring forwards
+        b = rollout(policy, ref, rm, critic, prompts, tok, pc, ctx, gen)  # generation + 3 scoring forwards (ref, reward, critic)
         add_advantages(b, pc, pc.kl_coef, None)
         t1 = time.perf_counter()
         ppo_update(policy, critic, opts, b, pc, ctx, g)

@@ -25,7 +25,7 @@ EXERCISES = [  # (file, function, exercises to solve first, what it takes, pytes
      "test_sft_loss_ and not test_sft_loss_grad_"),
     ("reward.py", "preference_loss", (), "Bradley-Terry, a stable log-sigmoid",
      "test_preference_loss_ and not test_preference_loss_grad_"),
-    ("ppo.py", "token_logprobs", (), "log-softmax and gather", "test_token_logprobs_"),
+    ("rollout.py", "token_logprobs", (), "log-softmax and gather", "test_token_logprobs_"),
     ("ppo.py", "kl_penalized_rewards", (), "the KL penalty's sign, the score at each row's last token",
      "test_kl_penalized_rewards_"),
     ("ppo.py", "gae", (), "a backward recursion that stops at each row's end", "test_gae_"),

@@ -33,7 +33,7 @@ BUGS = [  # (typical student mistake, file, reference snippet, the mistake); eac
      "F.logsigmoid(r_chosen - r_rejected)", "F.logsigmoid(r_rejected - r_chosen)"),
     ("preference_loss: sum over pairs, not mean", "reward.py",
      "-F.logsigmoid(r_chosen - r_rejected).mean()", "-F.logsigmoid(r_chosen - r_rejected).sum()"),
-    ("token_logprobs: log of softmax (overflows)", "ppo.py", "F.log_softmax(logits, -1), -1,",
+    ("token_logprobs: log of softmax (overflows)", "rollout.py", "F.log_softmax(logits, -1), -1,",
      "torch.softmax(logits, -1).log(), -1,"),
     ("kl_penalized_rewards: KL sign flipped", "ppo.py",
      "rewards = -kl_coef * (logprobs - ref_logprobs)", "rewards = kl_coef * (logprobs - ref_logprobs)"),

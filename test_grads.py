@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 import grads
 from gpt import GPT, GPTConfig
-from ppo import entropy, policy_logprobs, ppo_loss, ppo_policy_loss, token_logprobs, value_loss
+from ppo import entropy, ppo_loss, ppo_policy_loss, value_loss
+from rollout import policy_logprobs, token_logprobs
 from reward import RewardModel, preference_loss
 from sft import sft_loss
 
