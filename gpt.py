@@ -11,18 +11,16 @@ References: Radford et al. 2019 (GPT-2); nanoGPT's model.py; Hugging Face's mode
 """
 import math
 import os
-import platform
-import weakref
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import hf
 from data import Tokenizer
 from hf import TOKEN_ROWS, load_checkpoint, load_weights, pad_rows, pad_vocab, save_checkpoint
+from onednn import Linear
 from util import UserError, main_guard
 
 
@@ -45,38 +43,6 @@ CONFIGS = {  # name -> GPTConfig fields; the first four are the published checkp
 
 # -----------------------------------------------------------------------------
 # the model
-
-ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-          and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-_packed = weakref.WeakKeyDictionary()  # Linear -> (weight's key at packing, the weight packed for oneDNN)
-
-
-def _count_steps(opt, args, kwargs):
-    """Fused optimizers write the weights without bumping their _version: count their steps too."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            p.steps_taken = getattr(p, "steps_taken", 0) + 1
-
-
-register_optimizer_step_post_hook(_count_steps)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose fp32 inference on an x86 CPU runs through oneDNN with the weight prepacked
-    into the kernel's blocked layout: a copy, made again whenever the weight changes (an optimizer
-    step, an in-place write such as load_state_dict; writes through .data go unseen). A decode
-    step's few rows then read the weights twice as fast as through the default BLAS: GPT-2 small,
-    batch 8, 2 cores, 76 -> 36 ms a step (bench.py). Training, autocast, other devices: nn.Linear."""
-
-    def forward(self, x):
-        if not (ONEDNN and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
-            return super().forward(x)
-        key = (self.weight.data_ptr(), self.weight._version, getattr(self.weight, "steps_taken", 0))
-        if _packed.get(self, (None,))[0] != key:
-            _packed[self] = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8))  # tuned for 8 rows
-        return torch.ops.mkldnn._linear_pointwise(x, _packed[self][1], self.bias, "none", [], "")
-
 
 class KVCache:
     """Keys and values of every layer for one generate() call, allocated once at full length so a
@@ -150,8 +116,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)  # pre-LayerNorm residual blocks
+    def forward(self, x, mask=None, cache=None, layer=0, first=0):
+        """x: (B, T, C) -> (B, T - first, C), positions first..T-1; the others still give keys and values."""
+        x = x[:, first:] + self.attn(self.ln_1(x), mask, cache, layer)[:, first:]  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
@@ -206,10 +173,11 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def hidden(self, tokens, attention_mask=None, cache=None):
-        """Final hidden states (B, T, C) after ln_f: the trunk that the LM head, the reward head and
-        the value head sit on. tokens: (B, T). attention_mask: None (no padding, or right padding
-        only) or (B, S) over every position so far, S = cache.pos + T (just T without a cache)."""
+    def hidden(self, tokens, attention_mask=None, cache=None, first=0):
+        """Final hidden states (B, T - first, C) after ln_f at positions first..T-1 (all by default):
+        the trunk that the LM head, the reward head and the value head sit on. tokens: (B, T).
+        attention_mask: None (no padding, or right padding only) or (B, S) over every position so
+        far, S = cache.pos + T (just T without a cache)."""
         B, T = tokens.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -222,7 +190,9 @@ class GPT(nn.Module):
         pos = position_ids(attention_mask)[:, -T:]  # (B, T)
         x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i)
+            # Positions before `first` only feed the last block keys and values: it skips their MLP.
+            # PPO (first = the last prompt column; prompt 64 + response 32): update 5.41 -> 5.10 s (bench.py).
+            x = block(x, mask, cache, i, first if i == len(self.transformer.h) - 1 else 0)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -231,7 +201,7 @@ class GPT(nn.Module):
         """Logits (B, T - first, V) at positions first..T-1 (all by default); see hidden() for the
         other arguments. PPO asks for the response positions only: the LM head is 30% of GPT-2
         small's FLOPs per token, and its (B, T, 50257) output the largest tensor of a step."""
-        return self.head(self.hidden(tokens, attention_mask, cache)[:, first:])
+        return self.head(self.hidden(tokens, attention_mask, cache, first))
 
     def head(self, h):
         """Hidden states (..., C) -> logits (..., V) over the real vocabulary (not the padding rows)."""

@@ -198,7 +198,7 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
             share = m.sum() * WORLD / all_sum(m.sum())
             with ctx:
                 logprobs, logits = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], cfg.temperature, P - 1)
-                values = critic(b["tokens"][mb], b["attn"][mb])[:, P - 1:-1].float()
+                values = critic(b["tokens"][mb], b["attn"][mb], first=P - 1)[:, :-1].float()
                 ptx_loss = ptx() if ptx is not None else None
             loss = ppo_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], values, b["values"][mb],
                             b["returns"][mb], logits, m, cfg.clip_eps, cfg.vf_clip, cfg.vf_coef, cfg.ent_coef,

@@ -75,13 +75,14 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(gpt.config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens, attention_mask=None):
-        return self.head(self.gpt.hidden(tokens, attention_mask)).squeeze(-1)  # (B, T)
+    def forward(self, tokens, attention_mask=None, first=0):
+        return self.head(self.gpt.hidden(tokens, attention_mask, first=first)).squeeze(-1)  # (B, T - first)
 
-    def score(self, tokens, attention_mask, left_padded=True):
-        """Rewards (B,) read at each row's last real token. Right-padded rows need no mask."""
-        r = self(tokens, attention_mask if left_padded else None)
-        return r.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
+    def score(self, tokens, attention_mask, left_padded=True, first=0):
+        """Rewards (B,) read at each row's last real token. Right-padded rows need no mask. With
+        first > 0, computed for positions first.. only: every row's last token must be among them."""
+        r = self(tokens, attention_mask if left_padded else None, first)
+        return r.gather(1, last_index(attention_mask)[:, None] - first).squeeze(1)
 
 
 def load_reward_model(path, hint="run `python reward.py` first"):

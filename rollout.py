@@ -43,8 +43,8 @@ def rollout(policy, ref, rm, critic, prompt_ids, tok, cfg, ctx, gen, sampler=Non
         attn = torch.cat([pm, gen_mask[:, P:]], 1)  # (B, P + R) prompt + response, no padding
         logprobs = logprobs[:, P:] if sampler is None else policy_logprobs(policy, tokens, attn, cfg.temperature, P - 1)[0]
         ref_logprobs = policy_logprobs(ref, tokens, attn, cfg.temperature, P - 1)[0] if ref is not None else None
-        scores = rm.score(tokens, attn).float()
-        values = critic(tokens, attn)[:, P - 1:-1].float() if critic is not None else None  # V of the state before each token
+        scores = rm.score(tokens, attn, first=P - 1).float()  # each row's last token is a response token
+        values = critic(tokens, attn, first=P - 1)[:, :-1].float() if critic is not None else None  # V of the state before each token
     policy.train(was_training)
     return dict(tokens=tokens, attn=attn, mask=gen_mask[:, P:].float(), logprobs=logprobs.float(),
                 ref_logprobs=ref_logprobs, values=values, scores=scores,

@@ -12,6 +12,7 @@ import torch
 
 import gpt
 import hf
+import onednn
 from gpt import GPT, GPTConfig, KVCache, generate, load_hf, sample_token
 from util import UserError, make_optimizer
 
@@ -104,27 +105,33 @@ def test_attention_matches_naive_loop():
         assert torch.allclose(attn(x), naive_attention(attn, x), atol=1e-10)
 
 
-@pytest.mark.skipif(not gpt.ONEDNN, reason="oneDNN inference path is for x86 CPUs")
-def test_onednn_inference_equals_training_path():
-    """Without grad, fp32 on CPU, gpt.Linear runs oneDNN on a packed copy of its weight; with grad,
-    nn.Linear's own matmul. The logits agree (the profiler shows the fast path really ran), the
-    packed copy follows in-place weight updates (an optimizer step), and the model still deep-copies."""
+@pytest.mark.skipif(not onednn.ONEDNN, reason="the oneDNN paths are for x86 CPUs")
+def test_onednn_paths_equal_float64():
+    """fp32 on the CPU, gpt.Linear runs oneDNN: on a packed copy of its weight without grad, through
+    its own autograd Function with grad. Logits and every gradient agree with the float64 model (which
+    takes nn.Linear's path), the profiler shows both fast paths ran, the packed copy follows in-place
+    weight updates (a fused AdamW step), and the model still deep-copies."""
     model = tiny()
     ids = torch.randint(0, 97, (3, 9))
     with torch.profiler.profile() as prof, torch.no_grad():
         fast = model(ids)
     assert any("_linear_pointwise" in e.name for e in prof.events())
-    slow = model(ids).detach()
-    assert fast.shape == slow.shape and torch.allclose(fast, slow, atol=1e-5)
-    assert not torch.equal(fast, torch.zeros_like(fast))
+    assert fast.shape == (3, 9, 97) and not torch.equal(fast, torch.zeros_like(fast))
+    assert torch.allclose(fast, copy.deepcopy(model).double()(ids).float(), atol=1e-5)
+    slow = copy.deepcopy(model).double()
+    w = torch.randn(3, 9, 97)
+    with torch.profiler.profile() as prof:
+        (model(ids).logsumexp(-1) * w[..., 0]).sum().backward()
+    assert any(e.name == "_LinearFnBackward" for e in prof.events())
+    (slow(ids).logsumexp(-1) * w[..., 0].double()).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), slow.parameters()):
+        assert p.grad.abs().max() > 0 and torch.allclose(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6 * q.grad.abs().max()), name
     opt = make_optimizer(model.parameters(), 0.5, 0.0)  # fused AdamW, which leaves _version alone
-    model(ids).logsumexp(-1).sum().backward()
     opt.step()
     with torch.no_grad():
         fast2 = model(ids)
         assert (fast2 - fast).abs().max() > 1e-2  # not the stale packed weights
-        assert torch.allclose(fast2, model.double()(ids).float(), atol=1e-5)  # float64: the plain path
-    model.float()
+        assert torch.allclose(fast2, copy.deepcopy(model).double()(ids).float(), atol=1e-5)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         assert torch.allclose(twin(ids), fast2, atol=1e-5)
@@ -191,8 +198,9 @@ def test_generate_cached_equals_uncached():
 
 
 def test_forward_first_and_generate_logprobs():
-    """forward(first=k) is forward()[:, k:]; generate's log-probs are those of the uncached forward
-    at the sampling temperature, on generated tokens only (0 on the prompt and after eos)."""
+    """forward(first=k) is forward()[:, k:] (the last block skips positions < k), with or without a
+    mask, and so are its gradients; generate's log-probs are those of the uncached forward at the
+    sampling temperature, on generated tokens only (0 on the prompt and after eos)."""
     model = tiny()
     prompt = torch.randint(0, 96, (3, 5))
     mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
@@ -203,9 +211,16 @@ def test_forward_first_and_generate_logprobs():
     with torch.no_grad():
         full = model(tokens, attn)
         assert torch.allclose(model(tokens, attn, first=4), full[:, 4:], atol=1e-6)
+        assert torch.allclose(model(tokens, first=9), model(tokens)[:, 9:], atol=1e-6)
         want = torch.log_softmax(full[:, :-1] / 0.7, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
     m = gen_mask[:, 1:].bool()
     assert torch.allclose(logprobs[:, 1:][m], want[m], atol=1e-5) and (logprobs[:, 1:][~m] == 0).all()
+    grads = []
+    for first in (0, 4):
+        model.zero_grad()
+        model(tokens, attn, first=first)[:, 4 - first:].logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(g0, g4, atol=1e-6) for g0, g4 in zip(*grads))
 
 
 def test_generate_left_padded_batch_equals_each_alone():

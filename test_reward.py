@@ -54,6 +54,8 @@ def test_reward_model_score_same_left_or_right_padded():
     with torch.no_grad():
         a = rm.score(right["tokens"], right["attn_mask"], left_padded=False)
         b = rm.score(left_tokens, left_mask)
+        c = rm.score(right["tokens"], right["attn_mask"], left_padded=False, first=2)  # every row ends at 2 or later
         alone = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs])
+    assert torch.allclose(c, alone, atol=1e-5), "score(first=k) reads the same last tokens"
     assert torch.allclose(a, alone, atol=1e-5) and torch.allclose(b, alone, atol=1e-5), \
         "the reward must be read at each row's last real token, with positions restarted after left padding"
