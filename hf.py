@@ -182,6 +182,7 @@ def pad_rows(t, n):
 def pad_vocab(state, own, vocab_size):
     """state with its token rows zero-padded from exactly vocab_size rows to those of the model's
     state dict `own`: Hugging Face's weights have V rows, ours a multiple of 64 (GPT.__init__).
+    Token rows are the keys ending in TOKEN_ROWS (a reward model's gpt.transformer.wte.weight too).
     Any other row count is left as it is, for the caller's shape check to name."""
-    return {k: pad_rows(v, own[k].size(0)) if k in TOKEN_ROWS and k in own and v.dim() == 2
+    return {k: pad_rows(v, own[k].size(0)) if k.endswith(TOKEN_ROWS) and k in own and v.dim() == 2
             and v.size(0) == vocab_size < own[k].size(0) else v for k, v in state.items()}

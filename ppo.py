@@ -21,12 +21,12 @@ from torch.nn import functional as F
 
 import data
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
-from gpt import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from reward import last_index, load_reward_model
 from rollout import evaluate, kl_stats, policy_logprobs, rollout
 from sft import batch_indices, sft_loss
-from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, main_guard, make_optimizer, parse_config,
-                  write_json)
+from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, main_guard, make_optimizer,
+                  parse_config, write_json)
 
 
 @dataclass
@@ -329,9 +329,9 @@ def train(cfg, log=None):
     path = os.path.join(cfg.out_dir, "ppo.pt")
     if cfg.resume:
         ck = load_checkpoint(path, "ppo", "nothing to resume: run `python ppo.py` without --resume")
-        policy.load_state_dict(ck["model"]), critic.load_state_dict(ck["critic"])
+        load_weights(policy, ck["model"], path, ck.get("config")), load_weights(critic, ck["critic"], path)
         for opt, state in zip(opts, ck["optimizers"]):
-            opt.load_state_dict(state)
+            load_optimizer(opt, state, path)
         start, moments.__dict__ = ck["iter"], ck["moments"]
         if kl_ctl:
             kl_ctl.value = ck["kl_coef"]

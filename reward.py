@@ -22,7 +22,8 @@ import data
 from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from gpt import generate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from sft import batch_indices
-from util import GracefulStop, UserError, append_jsonl, autocast, get_device, lr_at, main_guard, make_optimizer, parse_config
+from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, lr_at, main_guard,
+                  make_optimizer, parse_config)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class RewardModel(nn.Module):
     def __init__(self, gpt):
         super().__init__()
         self.gpt = gpt
+        self.config = gpt.config  # the trunk's GPTConfig
         self.head = nn.Linear(gpt.config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(gpt.config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
@@ -202,7 +204,7 @@ def main(argv):
     opt = make_optimizer(rm.parameters(), cfg.lr, cfg.weight_decay)
     start, best = 0, math.inf
     if cfg.resume:
-        opt.load_state_dict(ck["optimizer"])
+        load_optimizer(opt, ck["optimizer"], last_path)
         start, best = ck["iter"], ck["best_loss"]
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")

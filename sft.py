@@ -18,7 +18,8 @@ from torch.nn import functional as F
 import data
 from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, no_sync, save_and_exit
 from gpt import GPT, GPTConfig, generate, load_checkpoint, model_from_checkpoint, save_checkpoint
-from util import GracefulStop, UserError, append_jsonl, autocast, get_device, lr_at, main_guard, make_optimizer, parse_config
+from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, lr_at, main_guard,
+                  make_optimizer, parse_config)
 
 
 @dataclass
@@ -161,7 +162,7 @@ def main(argv):
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     start, best = 0, math.inf
     if cfg.resume:
-        opt.load_state_dict(ck["optimizer"])
+        load_optimizer(opt, ck["optimizer"], last_path)
         start, best = ck["iter"], ck["best_val"]
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")

@@ -1,6 +1,7 @@
 """Robustness as a user meets it: one-line errors with exit code 2, runs that survive SIGKILL and
 Ctrl-C, and resumed runs that match uninterrupted ones step for step."""
 import glob
+import shutil
 import json
 import os
 import re
@@ -148,3 +149,28 @@ def test_sigkill_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
     r = run(*args[:-2], "--max_iters=20", "--eval_interval=5", f"--out_dir={out}", "--resume")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(f"{out}/sft_last.pt", "sft")["iter"] == 20
+
+
+def test_resume_of_a_checkpoint_from_before_the_vocab_padding_is_one_line(tmp_path, ckpts):
+    """Checkpoints written before the token rows were padded hold V rows in the weights and in the
+    AdamW moments. The weights still load (zero-padded); resuming is one line naming the file, for
+    SFT and PPO alike, not a shape error at the first step."""
+    import torch
+    assert run("ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}/reward.pt",
+               *PPO, "--iters=1").returncode == 0
+    shutil.copy(f"{ckpts}/sft_last.pt", tmp_path / "sft_last.pt")
+    for name in ("sft_last.pt", "ppo.pt"):
+        ck = torch.load(tmp_path / name, weights_only=True)
+        V = ck["config"]["vocab_size"]
+        for models in ("model", "critic"):
+            for k, v in ck.get(models, {}).items():
+                if k.endswith(("transformer.wte.weight", "lm_head.weight")):
+                    ck[models][k] = v[:V]
+        states = [ck["optimizer"]] if name == "sft_last.pt" else ck["optimizers"]
+        for st in states:  # parameter 0 of each optimizer is its wte
+            st["state"][0] = {k: (v[:V] if v.dim() == 2 else v) for k, v in st["state"][0].items()}
+        torch.save(ck, tmp_path / name)
+    one_line_error(run("sft.py", f"--out_dir={tmp_path}", *SFT, "--max_iters=6", "--resume"),
+                   "sft_last.pt", "cannot be resumed")
+    one_line_error(run("ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}/reward.pt",
+                       *PPO, "--iters=2", "--resume"), "ppo.pt", "cannot be resumed")

@@ -215,6 +215,19 @@ def make_optimizer(params, lr, weight_decay):
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
+def load_optimizer(opt, state, where):
+    """opt.load_state_dict(state) for --resume, but a moment tensor whose shape does not fit its
+    parameter (a checkpoint of another model, or of an older version: the token rows were not yet
+    padded) is one line naming the file, not a crash at the first step."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                    raise UserError(f"{where}: optimizer state {key} of shape {tuple(v.shape)} does not fit its "
+                                    f"parameter {tuple(p.shape)}; it cannot be resumed: start again without --resume")
+
+
 def lr_at(it, lr, warmup, total, min_lr_frac=0.1):
     """Linear warmup over `warmup` steps, then cosine decay to min_lr_frac * lr at `total`."""
     if it < warmup:
