@@ -161,13 +161,13 @@ def load_checkpoint(path, stage=None, hint=""):
 
 def load_weights(model, state, where, ck_config=None):
     """model.load_state_dict(state), but a missing, extra or misshapen key is one line naming the
-    key and both configs (the model's and the checkpoint's)."""
+    key and both configs (the model's and the checkpoint's). model: a GPT or a RewardModel."""
     own = model.state_dict()
     state = pad_vocab(state, own, model.config.vocab_size)
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if bad:
         raise UserError(f"{where}: weights do not fit the model at key {bad[0]!r}: model config "
-                        f"{asdict(model.config) if hasattr(model, 'config') else '?'}, checkpoint config {ck_config}")
+                        f"{asdict(model.config)}, checkpoint config {ck_config}")
     model.load_state_dict(state)
 
 

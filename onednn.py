@@ -27,7 +27,7 @@ def _count_steps(opt, args, kwargs):
 register_optimizer_step_post_hook(_count_steps)
 
 
-def _mm(x, w, b=None):
+def linear(x, w, b=None):
     """x @ w^T (+ b) by oneDNN; x: (..., K), w: (N, K) in any strides -> (..., N)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
@@ -41,14 +41,14 @@ class _LinearFn(torch.autograd.Function):
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _mm(x, w, b)
+        return linear(x, w, b)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         dy2, x2 = dy.reshape(-1, dy.size(-1)), x.reshape(-1, x.size(-1))
-        dx = _mm(dy, w.t()) if ctx.needs_input_grad[0] else None
-        dw = _mm(dy2.t(), x2.t()) if ctx.needs_input_grad[1] else None
+        dx = linear(dy, w.t()) if ctx.needs_input_grad[0] else None
+        dw = linear(dy2.t(), x2.t()) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -69,4 +69,4 @@ class Linear(nn.Linear):
         key = (self.weight.data_ptr(), self.weight._version, getattr(self.weight, "steps_taken", 0))
         if _packed.get(self, (None,))[0] != key:
             _packed[self] = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8))  # tuned for 8 rows
-        return _mm(x, _packed[self][1], self.bias)
+        return linear(x, _packed[self][1], self.bias)

@@ -72,10 +72,13 @@ class RewardModel(nn.Module):
     def __init__(self, gpt):
         super().__init__()
         self.gpt = gpt
-        self.config = gpt.config  # the trunk's GPTConfig
         self.head = nn.Linear(gpt.config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(gpt.config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self):
+        return self.gpt.config  # the trunk's GPTConfig
 
     def forward(self, tokens, attention_mask=None, first=0):
         return self.head(self.gpt.hidden(tokens, attention_mask, first=first)).squeeze(-1)  # (B, T - first)

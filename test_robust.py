@@ -1,17 +1,19 @@
 """Robustness as a user meets it: one-line errors with exit code 2, runs that survive SIGKILL and
 Ctrl-C, and resumed runs that match uninterrupted ones step for step."""
 import glob
-import shutil
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from gpt import load_checkpoint
+from hf import TOKEN_ROWS
 from util import UserError
 from ppo import Config as PPOConfig, check_config
 
@@ -155,7 +157,6 @@ def test_resume_of_a_checkpoint_from_before_the_vocab_padding_is_one_line(tmp_pa
     """Checkpoints written before the token rows were padded hold V rows in the weights and in the
     AdamW moments. The weights still load (zero-padded); resuming is one line naming the file, for
     SFT and PPO alike, not a shape error at the first step."""
-    import torch
     assert run("ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}/reward.pt",
                *PPO, "--iters=1").returncode == 0
     shutil.copy(f"{ckpts}/sft_last.pt", tmp_path / "sft_last.pt")
@@ -164,7 +165,7 @@ def test_resume_of_a_checkpoint_from_before_the_vocab_padding_is_one_line(tmp_pa
         V = ck["config"]["vocab_size"]
         for models in ("model", "critic"):
             for k, v in ck.get(models, {}).items():
-                if k.endswith(("transformer.wte.weight", "lm_head.weight")):
+                if k.endswith(TOKEN_ROWS):
                     ck[models][k] = v[:V]
         states = [ck["optimizer"]] if name == "sft_last.pt" else ck["optimizers"]
         for st in states:  # parameter 0 of each optimizer is its wte
