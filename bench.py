@@ -2,7 +2,8 @@
 Speed of the three workloads RLHF spends its time on, for GPT-2 small (random init): an SFT
 training step, rollout generation with the KV cache, and one PPO iteration (rollout, scoring,
 update). With `transformers` (and a TRL that still has PPO) installed, the same workloads run
-through them in the same process and the table shows our/their ratios. Neither is ever needed.
+through them in the same process and the table shows our/their ratios (our PPO iterations alternate
+with TRL's, so both see the same machine). Neither is ever needed.
 
     python bench.py                                  # CPU defaults, as quoted in the README
     python bench.py --device=cuda --sft_batch=16 --sft_len=1024 --gen_batches=8,64 --new_tokens=128
@@ -43,17 +44,20 @@ class Config:
     out: str = "bench.json"  # results as JSON
 
 
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
+
+
 def timed(fn, reps, device):
     """Median seconds of fn() over reps runs, after one warm-up run."""
     fn()
     times = []
     for _ in range(reps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -109,8 +113,9 @@ def bench_generate(model, cfg, B, bc, device, ctx):
     return dict(tok_s=B * bc.new_tokens / s, ms_per_step=1000 * s / bc.new_tokens)
 
 
-def bench_ppo(cfg, bc, device, ctx):
-    """One PPO iteration as ppo.py runs it: 4 models (policy, reference, reward, critic)."""
+def ppo_iteration(cfg, bc, device, ctx):
+    """One PPO iteration as ppo.py runs it, 4 models (policy, reference, reward, critic), as a function
+    that appends its (rollout + scoring, update) seconds to the list returned with it."""
     policy = GPT(cfg).to(device)
     ref, rm = GPT(cfg).to(device).eval(), RewardModel(GPT(cfg)).to(device).eval()
     critic = RewardModel(GPT(cfg)).to(device)
@@ -122,15 +127,31 @@ def bench_ppo(cfg, bc, device, ctx):
     gen, g, parts = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0), []
 
     def iteration():
+        sync(device)
         t0 = time.perf_counter()
         b = rollout(policy, ref, rm, critic, prompts, tok, pc, ctx, gen)  # generation + 3 scoring forwards (ref, reward, critic)
         add_advantages(b, pc, pc.kl_coef, None)
+        sync(device)
         t1 = time.perf_counter()
         ppo_update(policy, critic, opts, b, pc, ctx, g)
+        sync(device)
         parts.append((t1 - t0, time.perf_counter() - t1))
-    s = timed(iteration, bc.reps, device)
-    rollout_s = statistics.median(p[0] for p in parts)
-    return dict(iter_s=s, rollout_and_scoring_s=rollout_s, update_s=statistics.median(p[1] for p in parts))
+    return iteration, parts
+
+
+def bench_ppo(cfg, bc, device, ctx, results):
+    """Our PPO iteration; with TRL installed (and compare), TRL's and ours run in alternation, one of
+    ours after each of TRL's steps, so a machine that speeds up or slows down (a shared CPU drifts by
+    10% within minutes) weighs on both sides alike."""
+    iteration, parts = ppo_iteration(cfg, bc, device, ctx)
+    iteration()  # warm-up
+    del parts[:]
+    if not (bc.compare and bench_trl(cfg, bc, device, results, between=iteration)):
+        for _ in range(bc.reps):
+            iteration()
+    results["ppo"] = dict(iter_s=statistics.median(a + b for a, b in parts), iters_s=[round(a + b, 3) for a, b in parts],
+                          rollout_and_scoring_s=statistics.median(p[0] for p in parts),
+                          update_s=statistics.median(p[1] for p in parts))
 
 
 def bench_hf(cfg, bc, device, ctx, results):
@@ -165,10 +186,11 @@ def bench_hf(cfg, bc, device, ctx, results):
         results[f"hf_generate_b{B}"] = dict(tok_s=B * bc.new_tokens / s, ms_per_step=1000 * s / bc.new_tokens)
 
 
-def bench_trl(cfg, bc, device, results):
+def bench_trl(cfg, bc, device, results, between=None):
     """One TRL PPO iteration at bench_ppo's settings: policy, reference, and separate reward and value
-    models (GPT2ForSequenceClassification), one epoch, two minibatches. PPO left TRL's main package
-    after 1.12: `pip install trl==1.12.0` has it as trl.experimental.ppo."""
+    models (GPT2ForSequenceClassification), one epoch, two minibatches; between() runs (untimed) after
+    each of TRL's steps. False if TRL with PPO is not installed: PPO left TRL's main package after
+    1.12, `pip install trl==1.12.0` has it as trl.experimental.ppo."""
     try:
         import datasets
         import transformers
@@ -179,7 +201,7 @@ def bench_trl(cfg, bc, device, results):
             from trl import PPOConfig, PPOTrainer
     except ImportError:
         print("no TRL with PPO installed (pip install trl==1.12.0): no PPO comparison")
-        return
+        return False
     eot = cfg.vocab_size - 1
     tk = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<|endoftext|>": eot}, "<|endoftext|>")),
                                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")  # TRL needs pad/eos ids only
@@ -187,11 +209,14 @@ def bench_trl(cfg, bc, device, results):
                                    n_positions=cfg.block_size, pad_token_id=eot, eos_token_id=eot, num_labels=1)
     lm, head = transformers.GPT2LMHeadModel, transformers.GPT2ForSequenceClassification
     prompts = torch.randint(0, eot, (bc.ppo_prompts, bc.ppo_prompt_len)).tolist()
-    stamps = []
+    stamps = []  # (TRL's step ended, `between` ended)
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, *args, **kwargs):
-            stamps.append(time.perf_counter())
+            t = time.perf_counter()
+            if between is not None:
+                between()
+            stamps.append((t, time.perf_counter()))
     args = PPOConfig(output_dir=os.path.join("out", "bench_trl"), per_device_train_batch_size=bc.ppo_prompts,
                      num_mini_batches=2, num_ppo_epochs=1, response_length=bc.ppo_new_tokens,
                      total_episodes=bc.ppo_prompts * (bc.reps + 1), report_to="none", save_strategy="no",
@@ -201,7 +226,10 @@ def bench_trl(cfg, bc, device, results):
                          callbacks=[Clock()])
     trainer.remove_callback(transformers.PrinterCallback)  # its metrics dict every step
     trainer.train()
-    results["trl_ppo"] = dict(iter_s=statistics.median(b - a for a, b in zip(stamps, stamps[1:])))  # the first is warm-up
+    # TRL's step i runs from the end of `between` after step i-1 to the end of step i; step 0 is warm-up
+    iters = [b[0] - a[1] for a, b in zip(stamps, stamps[1:])]
+    results["trl_ppo"] = dict(iter_s=statistics.median(iters), iters_s=[round(t, 3) for t in iters])
+    return True
 
 
 def main(argv):
@@ -226,12 +254,9 @@ def main(argv):
             res[f"generate_bf16_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
     del model
     if "ppo" in only:
-        res["ppo"] = bench_ppo(cfg, bc, device, ctx)
-    if bc.compare:
-        if "sft" in only or "generate" in only:
-            bench_hf(cfg, bc, device, ctx, res)
-        if "ppo" in only:
-            bench_trl(cfg, bc, device, res)
+        bench_ppo(cfg, bc, device, ctx, res)  # and TRL's, alternating
+    if bc.compare and ("sft" in only or "generate" in only):
+        bench_hf(cfg, bc, device, ctx, res)
     print(f"{'workload':<16} {'ours':>28} {'transformers':>28} {'ratio':>7}")
     s, hs = res.get("sft"), res.get("hf_sft")
     if s:

@@ -301,8 +301,9 @@ def train(cfg, log=None):
     # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
     critic = copy.deepcopy(rm).train().requires_grad_(True)
     # A decode step is bound by reading the weights: a bf16 copy reads half the bytes. On this repo's
-    # CPU it no longer pays (bench.py, batch 8: 44.5 ms a step, fp32 through oneDNN 39.2 ms). It
-    # samples slightly off the fp32 policy, whose log-probs PPO uses (as vLLM rollouts do).
+    # CPU it gains within the noise (bench.py, batch 8: 35.2 vs 38.9 ms a step in one run, 44.5 vs 39.2
+    # in another), and costs a policy forward for the log-probs. It samples slightly off the fp32
+    # policy, whose log-probs PPO uses (as vLLM rollouts do).
     sampler = None if cfg.rollout_dtype == "float32" else copy.deepcopy(policy).to(getattr(torch, cfg.rollout_dtype))
     if rm_ck.get("vocab") != sft_ck.get("vocab"):
         raise UserError(f"{cfg.reward_ckpt} and {cfg.sft_ckpt} use different vocabularies")

@@ -3,8 +3,8 @@
    NotImplementedError and every other test passes;
 2. putting one reference function back (with the exercises it needs) makes its own tests pass (its
    `-k` line in EXERCISES.md), and no other exercise's;
-3. each planted bug of BUGS, a typical student mistake patched into a copy of the reference, makes
-   the suite fail, with a test that passes on the reference.
+3. each planted bug of make_exercises.BUGS, a typical student mistake patched into a copy of the
+   reference, makes the suite fail, with a test that passes on the reference.
 The ~50 pytest runs are forks of one process that has imported torch, run side by side (~1 min on 2
 cores). `python test_exercises.py` prints the planted-bug table and its caught/total figure."""
 import ast
@@ -24,75 +24,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 NOT_RERUN = {"test_scripts.py", "test_robust.py", "test_exercises.py"}  # runs of the scripts (minutes), and this file
 BROKEN = {"SyntaxError", "IndentationError", "ImportError", "ModuleNotFoundError", "NameError"}  # a bad patch
 
-BUGS = [  # (typical student mistake, file, reference snippet, the mistake); each snippet occurs once
-    ("sft_loss: logits/labels shift missing", "sft.py",
-     "targets = torch.roll(tokens, -1, dims=1)", "targets = tokens"),
-    ("sft_loss: averaged over prompt and padding tokens", "sft.py",
-     "return (nll * m).sum() / m.sum()", "return nll.mean()"),
-    ("preference_loss: difference reversed", "reward.py",
-     "F.logsigmoid(r_chosen - r_rejected)", "F.logsigmoid(r_rejected - r_chosen)"),
-    ("preference_loss: sum over pairs, not mean", "reward.py",
-     "-F.logsigmoid(r_chosen - r_rejected).mean()", "-F.logsigmoid(r_chosen - r_rejected).sum()"),
-    ("token_logprobs: log of softmax (overflows)", "rollout.py", "F.log_softmax(logits, -1), -1,",
-     "torch.softmax(logits, -1).log(), -1,"),
-    ("kl_penalized_rewards: KL sign flipped", "ppo.py",
-     "rewards = -kl_coef * (logprobs - ref_logprobs)", "rewards = kl_coef * (logprobs - ref_logprobs)"),
-    ("kl_penalized_rewards: KL penalty on padding", "ppo.py",
-     "rewards = -kl_coef * (logprobs - ref_logprobs) * mask", "rewards = -kl_coef * (logprobs - ref_logprobs)"),
-    ("kl_penalized_rewards: score at the last column, not each row's last token", "ppo.py",
-     "last = last_index(mask)", "last = torch.full_like(last_index(mask), mask.size(1) - 1)"),
-    ("gae: bootstraps past the end of a response", "ppo.py",
-     "values, rewards = values * mask, rewards * mask", "rewards = rewards * mask"),
-    ("gae: lambda forgotten in the recursion", "ppo.py", "gamma * lam * next_adv", "gamma * next_adv"),
-    ("whiten: statistics over padding", "ppo.py",
-     "mean = masked_mean(x, mask)\n    var = masked_mean((x - mean) ** 2, mask)",
-     "mean = x.mean()\n    var = ((x - mean) ** 2).mean()"),
-    ("whiten: padding not zeroed", "ppo.py", "        out = out + mean\n    return out * mask",
-     "        out = out + mean\n    return out"),
-    ("ppo_policy_loss: ratio detached", "ppo.py",
-     "ratio = torch.exp(logprobs - old_logprobs)", "ratio = torch.exp(logprobs - old_logprobs).detach()"),
-    ("ppo_policy_loss: ratio inverted", "ppo.py",
-     "ratio = torch.exp(logprobs - old_logprobs)", "ratio = torch.exp(old_logprobs - logprobs)"),
-    ("ppo_policy_loss: min instead of max", "ppo.py",
-     "torch.max(-advantages * ratio, -advantages * clipped)", "torch.min(-advantages * ratio, -advantages * clipped)"),
-    ("ppo_policy_loss: clip on one side only", "ppo.py",
-     "torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)", "torch.clamp(ratio, max=1 + clip_eps)"),
-    ("ppo_policy_loss: mean over padding", "ppo.py",
-     "masked_mean(torch.max(-advantages * ratio, -advantages * clipped), mask)",
-     "torch.max(-advantages * ratio, -advantages * clipped).mean()"),
-    ("value_loss: clipped around the returns, not the old values", "ppo.py",
-     "old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)",
-     "returns + torch.clamp(values - returns, -clip_eps, clip_eps)"),
-    ("value_loss: min instead of max", "ppo.py", "torch.max((values - returns) ** 2", "torch.min((values - returns) ** 2"),
-    ("value_loss: the 0.5 forgotten", "ppo.py", "return 0.5 * masked_mean(", "return masked_mean("),
-    ("entropy: sign flipped", "ppo.py", "-(logp.exp() * logp).sum(-1)", "(logp.exp() * logp).sum(-1)"),
-    ("entropy: mean over the vocabulary, not sum", "ppo.py", "-(logp.exp() * logp).sum(-1)",
-     "-(logp.exp() * logp).mean(-1)"),
-    ("ppo_loss: entropy bonus added to the loss", "ppo.py", "- ent_coef * entropy(logits, mask)",
-     "+ ent_coef * entropy(logits, mask)"),
-    ("ppo_loss: PPO-ptx term detached", "ppo.py", "loss + ptx_coef * ptx_loss", "loss + ptx_coef * ptx_loss.detach()"),
-    ("entropy: computed from detached logits", "ppo.py", "logp = F.log_softmax(logits, -1)",
-     "logp = F.log_softmax(logits.detach(), -1)"),
-    ("attention: no causal mask", "gpt.py", "F.scaled_dot_product_attention(q, k, v, is_causal=True)",
-     "F.scaled_dot_product_attention(q, k, v)"),
-    ("attention: scores scaled by 1/hs, not 1/sqrt(hs)", "gpt.py", "(q, k, v, is_causal=True)",
-     "(q, k, v, is_causal=True, scale=1.0 / k.size(-1))"),
-    ("attention: padding mask ignored", "gpt.py", "F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
-     "F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) == k.size(2))"),
-    ("attention: heads split without the transpose", "gpt.py",
-     "q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)", "q = q.view(B, self.n_head, T, C // self.n_head)"),
-    ("KV cache: every step written at position 0", "gpt.py",
-     "self.k[layer, :, :, self.pos:end] = k", "self.k[layer, :, :, :k.size(2)] = k"),
-    ("position ids ignore left padding", "gpt.py", "return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
-     "return torch.arange(attention_mask.size(1), device=attention_mask.device).expand_as(attention_mask)"),
-    ("reward read at sum(mask) - 1 (wrong under left padding)", "reward.py",
-     "return T - 1 - mask.flip(1).long().argmax(1)", "return mask.long().sum(1) - 1"),
-    ("sft_loss_grad: shifted the wrong way", "grads.py", "grad[:, :-1] = (p - onehot)", "grad[:, 1:] = (p - onehot)"),
-    ("preference_loss_grad: same sign for both rewards", "grads.py", "return -g, g", "return -g, -g"),
-    ("ppo_policy_loss_grad: clip ignored for negative advantages", "grads.py",
-     "clipped = ((advantages > 0) & (rho > 1 + clip_eps)) | ((advantages < 0) & (rho < 1 - clip_eps))",
-     "clipped = (advantages > 0) & (rho > 1 + clip_eps)"),
-]
 
 # -----------------------------------------------------------------------------
 # copies of the repo, and pytest runs on them read back from --junitxml
@@ -273,7 +204,7 @@ def run_all(tmp, parts=("skeleton", "restore", "bugs")):
     if "skeleton" in parts or "restore" in parts:
         jobs["collect"] = (skel, "collect", (exprs, unit_tests(skel)))
     if "bugs" in parts:
-        for i, bug in enumerate(BUGS):
+        for i, bug in enumerate(mx.BUGS):
             tree = os.path.join(tmp, f"bug{i:02d}")
             copy_repo(tree, bug)
             jobs[bug[0]] = (tree, "pytest", ["-x", *seen_by(tree, bug[1][:-3])])
@@ -289,7 +220,7 @@ def run_all(tmp, parts=("skeleton", "restore", "bugs")):
             jobs[("restore", name)] = (tree, "pytest", [*unit_tests(tree), "-k", " or ".join(f"({k})" for k in exprs)])
     res = run_jobs(tmp, jobs)
     if "bugs" in parts:  # the tests that caught a bug must pass on the reference, or they caught nothing
-        catchers = sorted({k for name, *_ in BUGS for k, (o, _) in res[name].items()
+        catchers = sorted({k for name, *_ in mx.BUGS for k, (o, _) in res[name].items()
                            if o in ("failed", "error") and k != "<no report>"})
         ids = [c.split("::")[0].replace(".", "/") + ".py::" + c.split("::", 1)[1].replace("<tree>", ref_tree)
                for c in catchers]
@@ -391,26 +322,26 @@ def test_restoring_one_exercise_passes_exactly_its_tests(runs, name):
     assert not broken, f"with {sorted(restored)} put back, tests fail otherwise than on a stub: {broken}"
 
 
-@pytest.mark.parametrize("bug", [b[0] for b in BUGS])
+@pytest.mark.parametrize("bug", [b[0] for b in mx.BUGS])
 def test_planted_bug_is_caught(runs, bug):
     caught, how = bug_verdict(bug, runs)
-    _, file, old, new = next(b for b in BUGS if b[0] == bug)
+    _, file, old, new = next(b for b in mx.BUGS if b[0] == bug)
     assert caught, f"planted bug {bug!r} ({file}: {old!r} -> {new!r}): {how}"
 
 
 def test_planted_bugs_reach_every_exercise():
-    assert len(BUGS) >= 12 and len({b[0] for b in BUGS}) == len(BUGS), "at least 12 bugs, each named once"
+    assert len(mx.BUGS) >= 12 and len({b[0] for b in mx.BUGS}) == len(mx.BUGS), "at least 12 bugs, each named once"
     for file, name, *_ in mx.EXERCISES:
         text = open(os.path.join(ROOT, file)).read()
         start, end, _ = mx.body_span(text, file, name)
         body = "".join(text.splitlines(keepends=True)[start:end])
-        assert any(f == file and old in body for _, f, old, _ in BUGS), f"no planted bug in {file}:{name}"
+        assert any(f == file and old in body for _, f, old, _ in mx.BUGS), f"no planted bug in {file}:{name}"
 
 
 def main():
     with tempfile.TemporaryDirectory(prefix="minrlhf-exercises-") as tmp:
         res = run_all(tmp, parts=("bugs",))
-    verdicts = [(name, *bug_verdict(name, res)) for name, *_ in BUGS]
+    verdicts = [(name, *bug_verdict(name, res)) for name, *_ in mx.BUGS]
     for name, caught, how in verdicts:
         print(f"{'caught' if caught else 'MISSED'}  {name:<70}  {how}")
     print(f"planted bugs caught: {sum(c for _, c, _ in verdicts)}/{len(verdicts)}")
