@@ -22,7 +22,7 @@ from ppo import Config as PPOConfig, add_advantages, ppo_update
 from rollout import rollout
 from reward import RewardModel
 from sft import sft_loss
-from util import autocast, get_device, main_guard, make_optimizer, parse_config, write_json
+from util import UserError, autocast, get_device, main_guard, make_optimizer, parse_config, write_json
 
 
 @dataclass
@@ -42,6 +42,33 @@ class Config:
     only: str = "sft,generate,ppo"  # the workloads to time, comma-separated
     compare: bool = True  # also time transformers (+ TRL) when installed
     out: str = "bench.json"  # results as JSON
+
+
+def check_config(bc):
+    """Settings that cannot run are one-line errors naming the setting, before any model is built.
+    Returns the workloads and the generation batch sizes."""
+    if bc.model not in CONFIGS:
+        raise UserError(f"--model={bc.model}: expected one of {', '.join(CONFIGS)}")
+    only = bc.only.split(",")
+    if set(only) - {"sft", "generate", "ppo"}:
+        raise UserError(f"--only={bc.only}: expected a comma-separated subset of sft,generate,ppo")
+    try:
+        batches = [int(b) for b in bc.gen_batches.split(",")]
+    except ValueError:
+        raise UserError(f"--gen_batches={bc.gen_batches}: expected comma-separated integers, such as 1,8") from None
+    for key in ("reps", "sft_batch", "sft_len", "prompt_len", "new_tokens", "ppo_prompt_len", "ppo_new_tokens"):
+        if getattr(bc, key) <= 0:
+            raise UserError(f"--{key}={getattr(bc, key)}: must be positive")
+    if min(batches) <= 0:
+        raise UserError(f"--gen_batches={bc.gen_batches}: batch sizes must be positive")
+    if bc.ppo_prompts < 2 or bc.ppo_prompts % 2:
+        raise UserError(f"--ppo_prompts={bc.ppo_prompts}: must be even and at least 2 (two minibatches)")
+    block = GPTConfig(**CONFIGS[bc.model]).block_size
+    for work, keys in (("sft", ("sft_len",)), ("generate", ("prompt_len", "new_tokens")), ("ppo", ("ppo_prompt_len", "ppo_new_tokens"))):
+        if work in only and sum(getattr(bc, k) for k in keys) > block:
+            raise UserError(f"{' + '.join('--' + k for k in keys)} = {sum(getattr(bc, k) for k in keys)} tokens: "
+                            f"more than --model={bc.model}'s block_size {block}")
+    return only, batches
 
 
 def sync(device):
@@ -234,6 +261,7 @@ def bench_trl(cfg, bc, device, results, between=None):
 
 def main(argv):
     bc = parse_config(Config, argv)
+    only, batches = check_config(bc)
     device = get_device(bc.device)
     bc.device = device
     cfg = GPTConfig(**CONFIGS[bc.model])
@@ -242,15 +270,15 @@ def main(argv):
     model = GPT(cfg).to(device)
     print(f"bench: {bc.model} on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else f'{torch.get_num_threads()} CPU threads'}), "
           f"torch {torch.__version__}")
-    only, res = bc.only.split(","), {}
+    res = {}
     if "sft" in only:
         res["sft"] = bench_sft(model, cfg, bc, device, ctx)
     model.eval()
     if "generate" in only:
-        for B in map(int, bc.gen_batches.split(",")):
+        for B in batches:
             res[f"generate_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
         model.to(torch.bfloat16)  # ppo.py --rollout_dtype=bfloat16: the sampler's weights in bf16
-        for B in map(int, bc.gen_batches.split(",")):
+        for B in batches:
             res[f"generate_bf16_b{B}"] = bench_generate(model, cfg, B, bc, device, ctx)
     del model
     if "ppo" in only:
@@ -263,7 +291,7 @@ def main(argv):
         print(f"{'sft step':<16} {s['step_s']:>9.3f} s {s['tok_s']:>8.0f} tok/s mfu {s['mfu']:.0%}"
               + (f" {hs['step_s']:>15.3f} s {hs['tok_s']:>6.0f} tok/s {hs['step_s'] / s['step_s']:>6.2f}x" if hs else ""))
     for kind, label in (("generate", "generate"), ("generate_bf16", "bf16 gen")) if "generate" in only else ():
-        for B in map(int, bc.gen_batches.split(",")):
+        for B in batches:
             g, h = res[f"{kind}_b{B}"], res.get(f"hf_generate_b{B}")
             line = f"{label + ' B=' + str(B):<16} {g['tok_s']:>9.0f} tok/s {g['ms_per_step']:>8.1f} ms/step"
             if h:  # bf16 rows compare with HF's fp32 sampling

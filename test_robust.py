@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import bench
 from gpt import load_checkpoint
 from hf import TOKEN_ROWS
 from util import UserError
@@ -65,6 +66,17 @@ def test_settings_errors_list_valid_keys(tmp_path):
 def test_impossible_ppo_settings(kw, needle):
     with pytest.raises(UserError, match=needle):
         check_config(PPOConfig(**kw))
+
+
+@pytest.mark.parametrize("kw, needle", [(dict(model="gpt3"), "--model=gpt3"), (dict(only="sft,rl"), "--only=sft,rl"),
+                                        (dict(gen_batches="1,x"), "--gen_batches=1,x"), (dict(reps=0), "--reps=0"),
+                                        (dict(ppo_prompts=3), "--ppo_prompts=3"), (dict(model="tiny", only="sft"), "--sft_len"),
+                                        (dict(model="tiny", only="ppo", ppo_prompt_len=40), "--ppo_prompt_len + --ppo_new_tokens")])
+def test_impossible_bench_settings(kw, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        bench.check_config(bench.Config(**kw))
+    assert bench.check_config(bench.Config(model="tiny", only="generate,ppo", prompt_len=8, new_tokens=8,
+                                           ppo_prompt_len=16, ppo_new_tokens=8)) == (["generate", "ppo"], [1, 8])
 
 
 def test_missing_and_wrong_checkpoints(tmp_path, ckpts):
