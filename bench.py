@@ -64,9 +64,11 @@ def check_config(bc):
     if bc.ppo_prompts < 2 or bc.ppo_prompts % 2:
         raise UserError(f"--ppo_prompts={bc.ppo_prompts}: must be even and at least 2 (two minibatches)")
     block = GPTConfig(**CONFIGS[bc.model]).block_size
-    for work, keys in (("sft", ("sft_len",)), ("generate", ("prompt_len", "new_tokens")), ("ppo", ("ppo_prompt_len", "ppo_new_tokens"))):
-        if work in only and sum(getattr(bc, k) for k in keys) > block:
-            raise UserError(f"{' + '.join('--' + k for k in keys)} = {sum(getattr(bc, k) for k in keys)} tokens: "
+    lengths = dict(sft=("sft_len",), generate=("prompt_len", "new_tokens"), ppo=("ppo_prompt_len", "ppo_new_tokens"))
+    for work in only:
+        n = sum(getattr(bc, k) for k in lengths[work])
+        if n > block:
+            raise UserError(f"{' + '.join('--' + k for k in lengths[work])} = {n} tokens: "
                             f"more than --model={bc.model}'s block_size {block}")
     return only, batches
 
@@ -176,12 +178,13 @@ def bench_ppo(cfg, bc, device, ctx, results):
     if not (bc.compare and bench_trl(cfg, bc, device, results, between=iteration)):
         for _ in range(bc.reps):
             iteration()
-    results["ppo"] = dict(iter_s=statistics.median(a + b for a, b in parts), iters_s=[round(a + b, 3) for a, b in parts],
+    iters = [a + b for a, b in parts]
+    results["ppo"] = dict(iter_s=statistics.median(iters), iters_s=[round(t, 3) for t in iters],
                           rollout_and_scoring_s=statistics.median(p[0] for p in parts),
                           update_s=statistics.median(p[1] for p in parts))
 
 
-def bench_hf(cfg, bc, device, ctx, results):
+def bench_hf(cfg, bc, batches, device, ctx, results):
     try:
         import transformers
     except ImportError:
@@ -202,7 +205,7 @@ def bench_hf(cfg, bc, device, ctx, results):
     results["hf_sft"] = dict(step_s=timed(step, bc.reps, device))
     results["hf_sft"]["tok_s"] = bc.sft_batch * bc.sft_len / results["hf_sft"]["step_s"]
     hf.eval()
-    for B in map(int, bc.gen_batches.split(",")):
+    for B in batches:
         prompt = torch.randint(0, cfg.vocab_size, (B, bc.prompt_len), device=device)
 
         def gen():
@@ -284,7 +287,7 @@ def main(argv):
     if "ppo" in only:
         bench_ppo(cfg, bc, device, ctx, res)  # and TRL's, alternating
     if bc.compare and ("sft" in only or "generate" in only):
-        bench_hf(cfg, bc, device, ctx, res)
+        bench_hf(cfg, bc, batches, device, ctx, res)
     print(f"{'workload':<16} {'ours':>28} {'transformers':>28} {'ratio':>7}")
     s, hs = res.get("sft"), res.get("hf_sft")
     if s:

@@ -1,4 +1,5 @@
-"""ppo.py and rollout.py: each function of the PPO objective and of the rollout against hand-computed values or a naive loop."""
+"""ppo.py and rollout.py: each function of the PPO objective and of the rollout against
+hand-computed values or a naive loop."""
 import copy
 import math
 from types import SimpleNamespace
@@ -6,7 +7,8 @@ from types import SimpleNamespace
 import torch
 
 from gpt import GPT, GPTConfig
-from ppo import AdaptiveKLController, add_advantages, entropy, gae, kl_penalized_rewards, ppo_loss, ppo_policy_loss, value_loss, whiten
+from ppo import (AdaptiveKLController, add_advantages, entropy, gae, kl_penalized_rewards, ppo_loss, ppo_policy_loss,
+                 value_loss, whiten)
 from rollout import kl_stats, policy_logprobs, rollout, token_logprobs
 from reward import RewardModel
 
