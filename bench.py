@@ -12,13 +12,12 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
 import torch
 
 import onednn
 from gpt import CONFIGS, GPT, GPTConfig, generate
-from ppo import Config as PPOConfig, add_advantages, ppo_update
+from ppo import Config as PPOConfig, add_advantages, make_sampler, ppo_update
 from rollout import rollout
 from reward import RewardModel
 from sft import sft_loss
@@ -40,13 +39,23 @@ class Config:
     ppo_prompt_len: int = 64  # PPO iteration: prompt tokens
     ppo_new_tokens: int = 32  # PPO iteration: response tokens
     only: str = "sft,generate,ppo"  # the workloads to time, comma-separated
+    hh: str = ""  # an HH-RLHF .jsonl(.gz): also time SFT steps on its own lengths (sft_batch x up to sft_len)
+    cuda_graph: bool = True  # CUDA: decode with a static KV cache, each step a CUDA graph (as ppo.py)
+    compile: bool = False  # torch.compile the model for the SFT step and the PPO update
+    preset: str = ""  # gpu: the GPU table's settings (cuda, bf16, the sizes below), set over the defaults
     compare: bool = True  # also time transformers (+ TRL) when installed
     out: str = "bench.json"  # results as JSON
+
+
+GPU_PRESET = dict(device="cuda", dtype="bfloat16", sft_batch=16, sft_len=1024, gen_batches="8,64", new_tokens=128,
+                  ppo_prompts=64, ppo_prompt_len=128, ppo_new_tokens=128, reps=3)
 
 
 def check_config(bc):
     """Settings that cannot run are one-line errors naming the setting, before any model is built.
     Returns the workloads and the generation batch sizes."""
+    if bc.preset not in ("", "gpu"):
+        raise UserError(f"--preset={bc.preset}: expected gpu (or nothing)")
     if bc.model not in CONFIGS:
         raise UserError(f"--model={bc.model}: expected one of {', '.join(CONFIGS)}")
     only = bc.only.split(",")
@@ -76,6 +85,15 @@ def check_config(bc):
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
+
+
+def peak_mem(device, reset=False):
+    """GiB of GPU memory allocated at the peak since the last reset (nan on the CPU)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 def timed(fn, reps, device):
@@ -111,35 +129,67 @@ def flops_per_token(cfg, T):
     return 6 * n + 12 * cfg.n_layer * T * cfg.n_embd
 
 
-def bench_sft(model, cfg, bc, device, ctx):
-    x = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
-    mask = torch.ones_like(x)  # every token a response token, as in HF's causal-LM loss
+def bench_sft(model, cfg, bc, device, ctx, batches=None):
+    """SFT steps on sft_batch x sft_len random tokens; with `batches` (lists of token lists, real
+    data), on those instead, each padded to its longest row rounded up to 64 (sft.py's --bucket)."""
+    fmodel = torch.compile(model) if bc.compile else model
     opt = make_optimizer(model.parameters(), 1e-4, 0.1)
+    fixed = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
+    it, seen = iter(batches or []), []
 
     def step():
+        x = fixed
+        if batches:
+            rows = next(it)
+            x = torch.full((len(rows), min(-(-max(map(len, rows)) // 64) * 64, bc.sft_len)), 0, dtype=torch.long)
+            for i, r in enumerate(rows):
+                x[i, :len(r)] = torch.tensor(r[:x.size(1)])
+            seen.append((sum(min(len(r), x.size(1)) for r in rows), x.numel()))
+            x = x.to(device)
         with ctx:
-            loss = sft_loss(model(x), x, mask)
+            loss = sft_loss(fmodel(x), x, torch.ones_like(x))  # every token a response token, as HF's causal-LM loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    peak_mem(device, reset=True)
+    if batches:  # every batch once, timed as a whole: the first sight of each shape is part of the cost
+        step()
+        seen.clear()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(len(batches) - 1):
+            step()
+        sync(device)
+        s, real, padded = time.perf_counter() - t0, sum(a for a, _ in seen), sum(b for _, b in seen)
+        return dict(steps=len(seen), tok_s=padded / s, real_tok_s=real / s, peak_mem_gib=peak_mem(device))
     s = timed(step, bc.reps, device)
     tok_s = bc.sft_batch * bc.sft_len / s
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else float("nan")
     return dict(step_s=s, tok_s=tok_s, mfu=tok_s * flops_per_token(cfg, bc.sft_len) / peak_flops(device, bc.dtype),
-                peak_mem_gib=mem)
+                peak_mem_gib=peak_mem(device))
+
+
+def hh_batches(path, bc):
+    """SFT examples (prompt + response token lists) of an HH-RLHF file in batches of sft_batch, in file order."""
+    import data
+    recs = data.load_records(path, "sft")[0]
+    tok = data.Tokenizer()
+    ex = data.encode_examples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs], bc.sft_len,
+                              bc.sft_len // 2, "bench hh")
+    ex = [p + r for p, r in ex][:bc.sft_batch * (8 if bc.device == "cpu" else 64)]
+    return [ex[i:i + bc.sft_batch] for i in range(0, len(ex) - bc.sft_batch + 1, bc.sft_batch)]
 
 
 def bench_generate(model, cfg, B, bc, device, ctx):
     prompt = torch.randint(0, cfg.vocab_size, (B, bc.prompt_len), device=device)
     mask = torch.ones_like(prompt)
+    static = bc.cuda_graph and device.startswith("cuda")
 
     def gen():
         with ctx:  # pure sampling, no eos: every row makes all new_tokens
-            generate(model, prompt, mask, bc.new_tokens, temperature=1.0)
+            generate(model, prompt, mask, bc.new_tokens, temperature=1.0, static=static)
+    peak_mem(device, reset=True)
     s = timed(gen, bc.reps, device)
-    return dict(tok_s=B * bc.new_tokens / s, ms_per_step=1000 * s / bc.new_tokens)
+    return dict(tok_s=B * bc.new_tokens / s, ms_per_step=1000 * s / bc.new_tokens, peak_mem_gib=peak_mem(device))
 
 
 def ppo_iteration(cfg, bc, device, ctx):
@@ -148,21 +198,27 @@ def ppo_iteration(cfg, bc, device, ctx):
     policy = GPT(cfg).to(device)
     ref, rm = GPT(cfg).to(device).eval(), RewardModel(GPT(cfg)).to(device).eval()
     critic = RewardModel(GPT(cfg)).to(device)
+    onednn.enable(policy, ref, rm, critic)
     pc = PPOConfig(rollout_batch=bc.ppo_prompts, minibatch=bc.ppo_prompts // 2, ppo_epochs=1,
-                   max_new_tokens=bc.ppo_new_tokens, device=device)
+                   max_new_tokens=bc.ppo_new_tokens, device=device, dtype=bc.dtype)
+    sampler, static = make_sampler(policy, pc, device), bc.cuda_graph and device.startswith("cuda")
+    tpolicy, tcritic = (torch.compile(m) for m in (policy, critic)) if bc.compile else (policy, critic)
     opts = [make_optimizer(policy.parameters(), pc.lr, 0.0), make_optimizer(critic.parameters(), pc.vf_lr, 0.0)]
     prompts = torch.randint(0, cfg.vocab_size - 1, (bc.ppo_prompts, bc.ppo_prompt_len)).tolist()
-    tok = SimpleNamespace(eot=cfg.vocab_size - 1)
+    eot = cfg.vocab_size - 1
     gen, g, parts = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0), []
 
     def iteration():
         sync(device)
         t0 = time.perf_counter()
-        b = rollout(policy, ref, rm, critic, prompts, tok, pc, ctx, gen)  # generation + 3 scoring forwards (ref, reward, critic)
+        if sampler is not None:
+            sampler.load_state_dict(policy.state_dict())  # as ppo.py: the bf16 copy follows the policy
+        b = rollout(policy, ref, rm, critic, prompts, eot, pc.max_new_tokens, pc.temperature, ctx, gen,  # generation
+                    sampler, static=static)  # + 3 scoring forwards (ref, reward, critic), 4 with a sampler
         add_advantages(b, pc, pc.kl_coef, None)
         sync(device)
         t1 = time.perf_counter()
-        ppo_update(policy, critic, opts, b, pc, ctx, g)
+        ppo_update(tpolicy, tcritic, opts, b, pc, ctx, g)
         sync(device)
         parts.append((t1 - t0, time.perf_counter() - t1))
     return iteration, parts
@@ -173,6 +229,7 @@ def bench_ppo(cfg, bc, device, ctx, results):
     ours after each of TRL's steps, so a machine that speeds up or slows down (a shared CPU drifts by
     10% within minutes) weighs on both sides alike."""
     iteration, parts = ppo_iteration(cfg, bc, device, ctx)
+    peak_mem(device, reset=True)
     iteration()  # warm-up
     del parts[:]
     if not (bc.compare and bench_trl(cfg, bc, device, results, between=iteration)):
@@ -181,7 +238,7 @@ def bench_ppo(cfg, bc, device, ctx, results):
     iters = [a + b for a, b in parts]
     results["ppo"] = dict(iter_s=statistics.median(iters), iters_s=[round(t, 3) for t in iters],
                           rollout_and_scoring_s=statistics.median(p[0] for p in parts),
-                          update_s=statistics.median(p[1] for p in parts))
+                          update_s=statistics.median(p[1] for p in parts), peak_mem_gib=peak_mem(device))
 
 
 def bench_hf(cfg, bc, batches, device, ctx, results):
@@ -264,6 +321,8 @@ def bench_trl(cfg, bc, device, results, between=None):
 
 def main(argv):
     bc = parse_config(Config, argv)
+    if bc.preset == "gpu":
+        bc = Config(**{**asdict(bc), **GPU_PRESET})
     only, batches = check_config(bc)
     device = get_device(bc.device)
     bc.device = device
@@ -271,11 +330,14 @@ def main(argv):
     ctx = autocast(device, bc.dtype)
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
+    onednn.enable(model)  # the CPU fast path (onednn.py), as the three stages use it
     print(f"bench: {bc.model} on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else f'{torch.get_num_threads()} CPU threads'}), "
           f"torch {torch.__version__}")
     res = {}
     if "sft" in only:
         res["sft"] = bench_sft(model, cfg, bc, device, ctx)
+        if bc.hh:
+            res["sft_hh"] = bench_sft(model, cfg, bc, device, ctx, hh_batches(bc.hh, bc))
     model.eval()
     if "generate" in only:
         for B in batches:
@@ -293,6 +355,10 @@ def main(argv):
     if s:
         print(f"{'sft step':<16} {s['step_s']:>9.3f} s {s['tok_s']:>8.0f} tok/s mfu {s['mfu']:.0%}"
               + (f" {hs['step_s']:>15.3f} s {hs['tok_s']:>6.0f} tok/s {hs['step_s'] / s['step_s']:>6.2f}x" if hs else ""))
+    if "sft_hh" in res:
+        h = res["sft_hh"]
+        print(f"{'sft step, HH':<16} {h['tok_s']:>9.0f} tok/s ({h['real_tok_s']:.0f} without padding) over {h['steps']} "
+              f"batches of its own lengths: {h['tok_s'] / s['tok_s']:.0%} of the fixed-shape rate")
     for kind, label in (("generate", "generate"), ("generate_bf16", "bf16 gen")) if "generate" in only else ():
         for B in batches:
             g, h = res[f"{kind}_b{B}"], res.get(f"hf_generate_b{B}")
@@ -305,7 +371,10 @@ def main(argv):
     if p:
         print(f"{'ppo iteration':<16} {p['iter_s']:>9.2f} s (rollout+scoring {p['rollout_and_scoring_s']:.2f} s, update {p['update_s']:.2f} s)"
               + (f"  TRL {t['iter_s']:.2f} s {t['iter_s'] / p['iter_s']:>6.2f}x" if t else ""))
-    write_json(dict(config=asdict(bc), results=res), bc.out)
+    if device.startswith("cuda"):
+        print("peak GPU memory (GiB): " + ", ".join(f"{k} {v['peak_mem_gib']:.2f}" for k, v in res.items() if "peak_mem_gib" in v))
+    write_json(dict(config=asdict(bc), device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                    results=res), bc.out)
     print(f"wrote {bc.out}")
 
 

@@ -261,7 +261,7 @@ def load_records(data, kind, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# encoding and collation
+# encoding, batching and collation
 
 def encode_examples(tok, prompts, responses, max_len, max_prompt_len, name="data"):
     """[(prompt_ids, response_ids)] with response_ids = tok.encode(response) + [tok.eot]. A prompt is
@@ -314,3 +314,18 @@ def pad_left(prompt_ids_list, pad_id, width=None):
         tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
         attn_mask[b, T - len(p):] = 1
     return tokens, attn_mask
+
+
+def last_index(mask):
+    """(B, T) 0/1 mask -> (B,) index of each row's last 1 (left or right padding alike)."""
+    T = mask.size(1)
+    return T - 1 - mask.flip(1).long().argmax(1)
+
+
+def batch_indices(n, it, batch_size, seed):
+    """The example indices of batch number `it`: epoch e = it // (n // batch_size) walks a
+    permutation seeded by (seed, e). A pure function of `it`, so a resumed run sees the same data."""
+    per_epoch = max(1, n // batch_size)
+    g = torch.Generator().manual_seed(seed * 1000003 + it // per_epoch)
+    j = it % per_epoch
+    return torch.randperm(n, generator=g)[j * batch_size:(j + 1) * batch_size].tolist()

@@ -1,27 +1,20 @@
 """
-GPT-2, exactly as OpenAI and Hugging Face compute it, plus what RLHF needs around it: converted
-weights in and out, our own checkpoint format, and batched sampling with a preallocated KV cache.
+GPT-2, exactly as OpenAI and Hugging Face compute it, and batched sampling with a preallocated
+KV cache. This file imports torch and nothing else: copy it into your own project, as nanoGPT's
+model.py. It loads our converted checkpoints (`GPT.from_checkpoint("gpt2.pt")`); hf.py converts
+Hugging Face's weights to them (`python hf.py download gpt2`), sample.py is a command line sampler.
 
-    python gpt.py download gpt2                   # fetch + convert the official weights (needs internet)
-    python gpt.py convert SRC DST                 # a Hugging Face checkpoint (dir or file) -> our .pt
-    python gpt.py export CKPT DIR                 # our .pt -> model.safetensors + config.json for HF
-    python gpt.py sample --ckpt=out/sft.pt --prompt="..."
-
-References: Radford et al. 2019 (GPT-2); nanoGPT's model.py; Hugging Face's modeling_gpt2.py.
+References: Radford et al. 2019 (GPT-2); nanoGPT's model.py; Hugging Face's modeling_gpt2.py;
+gpt-fast (static KV cache, a decode step replayed as a CUDA graph).
 """
 import math
-import os
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-import hf
-from data import Tokenizer
-from hf import TOKEN_ROWS, load_checkpoint, load_weights, pad_rows, pad_vocab, save_checkpoint
-from onednn import Linear
-from util import UserError, main_guard
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -40,6 +33,11 @@ CONFIGS = {  # name -> GPTConfig fields; the first four are the published checkp
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64),  # the shape of ../shared/fixtures
 }
+# The attention kernels F.scaled_dot_product_attention may choose, in prefill, decode and training.
+# Never cuDNN's, which PyTorch >= 2.9 prefers on Hopper: it builds a plan for every new sequence
+# shape (150-280 ms each on an H200), and in decoding every step is a new shape.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+TOKEN_ROWS = ("transformer.wte.weight", "lm_head.weight")  # (V, C) in files, padded in the model
 
 # -----------------------------------------------------------------------------
 # the model
@@ -51,15 +49,34 @@ class KVCache:
     def __init__(self, n_layer, B, n_head, T_max, head_size, device, dtype):
         self.k = torch.zeros(n_layer, B, n_head, T_max, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.pos = 0  # positions filled so far; GPT.forward advances it after the last layer
+        self.pos = 0  # positions filled so far; GPT.hidden advances it after the last layer
 
     def update(self, layer, k, v):
         """Write this step's keys and values k, v: (B, nh, T, hs) at positions pos..pos+T-1 of
-        `layer`, and return all keys and values so far: two tensors of shape (B, nh, pos+T, hs)."""
+        `layer`, and return all keys and values so far: two tensors of shape (B, nh, pos+T, hs).
+        pos itself is left alone: every layer writes at the same positions, and GPT.hidden
+        advances pos once, after the last layer."""
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose decode steps have the same shapes at every token, so that a CUDA graph can
+    replay them: the prefill writes as KVCache does; then GPT.decode_step writes one column, at
+    `index` (a (1,) tensor), and attends over all T_max columns, the unwritten ones masked."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.index = None  # None during the prefill
+
+    def update(self, layer, k, v):
+        if self.index is None:
+            return super().update(layer, k, v)
+        self.k[layer].index_copy_(2, self.index, k)  # (B, nh, T_max, hs)
+        self.v[layer].index_copy_(2, self.index, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,8 +84,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0
-        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v for all heads in one matmul
-        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.n_head = cfg.n_head
 
     def forward(self, x, mask=None, cache=None, layer=0):
@@ -79,7 +96,8 @@ class CausalSelfAttention(nn.Module):
         att = softmax(q @ k^T / sqrt(hs)) over keys, where query i may attend to key j only if
         j <= i (causal; positions aligned at the right: query i sits at position S - T + i) and,
         when `mask` is given ((B, 1, T, S) bool, True = allowed), only where mask is True.
-        y = att @ v: (B, nh, T, hs), heads concatenated back to (B, T, C), then c_proj(y)."""
+        y = att @ v: (B, nh, T, hs), heads concatenated back to (B, T, C), then c_proj(y).
+        The result has x's dtype and device."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -100,8 +118,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
@@ -139,6 +157,11 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pad_rows(t, n):
+    """t (V, C) with zero rows appended up to n rows."""
+    return torch.cat([t, t.new_zeros(n - t.size(0), t.size(1))])
+
+
 class GPT(nn.Module):
 
     def __init__(self, cfg):
@@ -150,17 +173,15 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
             ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5),
         ))
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scales residual projections by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        # Token rows padded to a multiple of 64 (50257 -> 50304), for GPU matmul tiles as in nanoGPT. On
-        # CPU the LM head's matmul at 1024 tokens drops 657 -> 535 ms, but cutting the padding columns off
-        # costs about as much: an SFT step is unchanged. The extra rows are zero, never looked up, and
-        # their logits are cut off (head()), so never sampled. Padded after the random init, so a seed
-        # still gives the model it gave before.
+        # Token rows padded to a multiple of 64 (50257 -> 50304), for GPU matmul tiles as in nanoGPT.
+        # The extra rows are zero, never looked up, and their logits are cut off (head()), so never
+        # sampled. Padded after the random init, so a seed still gives the model it gave before.
         self.n_rows = -(-cfg.vocab_size // 64) * 64
         wte = self.transformer.wte
         wte.weight = nn.Parameter(pad_rows(wte.weight.detach(), self.n_rows))
@@ -181,7 +202,7 @@ class GPT(nn.Module):
         B, T = tokens.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
-            raise UserError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         if attention_mask is None:
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=tokens.device)
             mask = None if cache is None else attention_mask_4d(attention_mask, T)
@@ -189,10 +210,11 @@ class GPT(nn.Module):
             mask = attention_mask_4d(attention_mask, T)
         pos = position_ids(attention_mask)[:, -T:]  # (B, T)
         x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            # Positions before `first` only feed the last block keys and values: it skips their MLP.
-            # PPO (first = the last prompt column; prompt 64 + response 32): update 5.41 -> 5.10 s (bench.py).
-            x = block(x, mask, cache, i, first if i == len(self.transformer.h) - 1 else 0)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for i, block in enumerate(self.transformer.h):
+                # Positions before `first` only feed the last block keys and values: it skips their MLP
+                # (PPO scores responses with first = the last prompt column).
+                x = block(x, mask, cache, i, first if i == len(self.transformer.h) - 1 else 0)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -207,16 +229,29 @@ class GPT(nn.Module):
         """Hidden states (..., C) -> logits (..., V) over the real vocabulary (not the padding rows)."""
         return self.lm_head(h)[..., :self.config.vocab_size]
 
+    def decode_step(self, token, attention_mask, cache):
+        """One token per row through a StaticKVCache, with the same shapes at every step: token (B, 1)
+        sits at column cache.index; attention_mask (B, T_max) is 1 on the real tokens so far, this one
+        included, and 0 on every later column. Returns its logits (B, V)."""
+        pos = (attention_mask.sum(1, keepdim=True) - 1).clamp(min=0)  # (B, 1): position_ids at this column
+        cols = torch.arange(attention_mask.size(1), device=token.device)
+        mask = (attention_mask.bool() | (cols == cache.index))[:, None, None, :]  # (B, 1, 1, T_max)
+        x = self.transformer.wte(token) + self.transformer.wpe(pos)  # (B, 1, C)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for i, block in enumerate(self.transformer.h):
+                x = block(x, mask, cache, i)
+        return self.head(self.transformer.ln_f(x[:, -1]))  # (B, V)
+
     @classmethod
-    def from_pretrained(cls, src):
-        """A GPT from a published name ("gpt2", downloaded once), our own .pt checkpoint, or a
-        Hugging Face checkpoint (directory, model.safetensors or pytorch_model.bin)."""
-        if src in hf.HUB_NAMES:
-            src = hf.download(src)
-        if src.endswith(".pt"):
-            ck = load_checkpoint(src)
-            return model_from_checkpoint(ck)
-        return load_hf(src)
+    def from_checkpoint(cls, path, map_location="cpu"):
+        """A GPT from one of our .pt files ({"config": GPTConfig fields, "model": state dict}, as sft.py,
+        ppo.py and `python hf.py convert` write them). Token rows stored unpadded (V rows) are padded."""
+        ck = torch.load(path, map_location=map_location, weights_only=True)  # never unpickles code
+        model = cls(GPTConfig(**ck["config"]))
+        state = {k: pad_rows(v, model.n_rows) if k in TOKEN_ROWS and v.size(0) == model.config.vocab_size else v
+                 for k, v in ck["model"].items()}
+        model.load_state_dict(state)
+        return model
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -237,135 +272,114 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keeps the token that crosses top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     # inverse-CDF sampling, one uniform draw per row: torch.multinomial draws an exponential per
-    # vocabulary entry, ~8 ms a step for GPT-2's 50257 tokens at B=8 on 2 CPU cores (bench.py)
+    # vocabulary entry, a large part of a CPU decode step for GPT-2's 50257 tokens
     cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
     u = 1 - torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # in (0, 1]: never a 0-probability token
     return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.size(-1) - 1).squeeze(-1)
 
 
+class DecodeGraph:
+    """GPT.decode_step captured once as a CUDA graph and replayed at every token: one launch instead
+    of ~250 kernels, whose launches, not the GPU, bound a decode step of GPT-2 small. Owns the
+    static buffers the graph reads and writes: the cache, its index, the token and the mask."""
+
+    def __init__(self, model, B, T_max, dtype, device):
+        cfg = model.config
+        self.cache = StaticKVCache(cfg.n_layer, B, cfg.n_head, T_max, cfg.n_embd // cfg.n_head, device, dtype)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(B, T_max, dtype=torch.long, device=device)
+        self.graph = None
+
+    def __call__(self, model):
+        self.cache.index = self.index
+        if self.graph is None:  # captured at the first step: the warm-up runs write what this step writes anyway
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model.decode_step(self.token, self.mask, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model.decode_step(self.token, self.mask, self.cache)
+        self.graph.replay()
+        return self.logits
+
+
+_graphs = weakref.WeakKeyDictionary()  # model -> (its weights' addresses, {(B, T_max, dtype, autocast): DecodeGraph})
+
+
+def decode_graph(model, B, T_max, dtype, device):
+    """The DecodeGraph of this model and shape, captured on first use. A graph reads the weights at
+    the addresses it was captured with: in-place updates (optimizer steps, load_state_dict) are seen,
+    and new weight tensors (model.to(), a new parameter) mean new graphs."""
+    ptrs = tuple(p.data_ptr() for p in model.parameters())
+    if _graphs.get(model, (None,))[0] != ptrs:
+        _graphs[model] = (ptrs, {})
+    graphs, key = _graphs[model][1], (B, T_max, dtype, torch.is_autocast_enabled("cuda"))
+    if key not in graphs:
+        graphs[key] = DecodeGraph(model, B, T_max, dtype, device)
+    return graphs[key]
+
+
 @torch.no_grad()
 def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-             eos_id=None, generator=None, use_cache=True, return_logprobs=False):
+             eos_id=None, generator=None, use_cache=True, return_logprobs=False, static=False):
     """Sample continuations of a left-padded batch of prompts: prompt (B, P), prompt_mask (B, P)
     1 on real tokens. A row stops after it emits eos_id; later positions hold eos_id as padding.
     Returns tokens (B, P + N) and gen_mask (B, P + N), 1 on generated tokens (each row's eos
     included), N <= max_new_tokens (fewer when every row stopped early); with return_logprobs
-    also (B, P + N) log-probs of the generated tokens under softmax(logits / temperature) (before
-    top_k / top_p), 0 elsewhere: PPO's rollout log-probs, without another forward pass."""
+    also (B, P + N) float32 log-probs of the generated tokens under softmax(logits / temperature)
+    (before top_k / top_p; 0 when greedy), 0 elsewhere. static=True decodes with GPT.decode_step, the same shapes
+    at every step; on CUDA that step is a CUDA graph (DecodeGraph), replayed at every token."""
     B, P = prompt.shape
+    device = prompt.device
     pad = 0 if eos_id is None else eos_id
-    tokens = torch.full((B, P + max_new_tokens), pad, dtype=torch.long, device=prompt.device)
-    tokens[:, :P] = prompt
-    mask = torch.zeros_like(tokens)
-    mask[:, :P] = prompt_mask
-    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    logprobs = torch.zeros(tokens.shape, device=prompt.device)
+    T = P + max_new_tokens
     cfg = model.config
-    cache = None
-    if use_cache:
-        dtype = next(model.parameters()).dtype
-        if torch.is_autocast_enabled(prompt.device.type):
-            dtype = torch.get_autocast_dtype(prompt.device.type)
-        cache = KVCache(cfg.n_layer, B, cfg.n_head, P + max_new_tokens, cfg.n_embd // cfg.n_head,
-                        prompt.device, dtype)
-    for t in range(P, P + max_new_tokens):
-        start = cache.pos if use_cache else 0  # with a cache, feed only the tokens it has not seen
-        h = model.hidden(tokens[:, start:t], mask[:, :t], cache)[:, -1]  # (B, C)
-        logits = model.head(h)  # (B, V): only the last position, the prefill's other logits are never used
+    dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    graph = None
+    if static and device.type == "cuda":
+        graph = decode_graph(model, B, -(-T // 64) * 64, dtype, device)  # a few cache widths, a few graphs
+        cache, mask = graph.cache, graph.mask
+        cache.pos, cache.index = 0, None  # the prefill writes as a KVCache
+        mask.zero_()
+    elif static or use_cache:
+        cache = (StaticKVCache if static else KVCache)(cfg.n_layer, B, cfg.n_head, T, cfg.n_embd // cfg.n_head, device, dtype)
+        mask = torch.zeros(B, T, dtype=torch.long, device=device)
+    else:
+        cache, mask = None, torch.zeros(B, T, dtype=torch.long, device=device)
+    tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
+    tokens[:, :P] = prompt
+    mask[:, :P] = prompt_mask
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(B, T, device=device)
+    sync_every = 1 if device.type == "cpu" else 8  # `done.all()` waits for the GPU: not at every token there
+    for t in range(P, T):
+        if t == P or cache is None:  # the prefill (and every step without a cache)
+            logits = model.head(model.hidden(tokens[:, :t], mask[:, :t], cache)[:, -1])  # (B, V)
+        elif graph is not None:
+            graph.token.copy_(tokens[:, t - 1:t])
+            graph.index.fill_(t - 1)
+            logits = graph(model)
+        elif static:
+            cache.index = torch.tensor([t - 1], device=device)
+            logits = model.decode_step(tokens[:, t - 1:t], mask, cache)
+        else:  # feed only the token the cache has not seen
+            logits = model.head(model.hidden(tokens[:, t - 1:t], mask[:, :t], cache)[:, -1])
         nxt = sample_token(logits.float(), temperature, top_k, top_p, generator)
-        if return_logprobs:
+        if return_logprobs and temperature > 0:  # greedy: log 1 = 0
             logprobs[:, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1) * ~done
         tokens[:, t] = torch.where(done, pad, nxt)
         mask[:, t] = (~done).long()
         if eos_id is not None:
             done |= nxt == eos_id
-            if done.all():  # one host sync per step, and it saves the rest of the steps
-                t += 1
+            if (t - P) % sync_every == sync_every - 1 and done.all():  # it saves the rest of the steps
                 break
-    else:
-        t = P + max_new_tokens
-    gen_mask = mask.clone()
+    gen_mask = mask[:, :T].clone()
     gen_mask[:, :P] = 0
+    t = int(gen_mask.any(0).nonzero().max()) + 1 if gen_mask.any() else P  # after the last generated token
     return (tokens[:, :t], gen_mask[:, :t]) + ((logprobs[:, :t],) if return_logprobs else ())
-
-# -----------------------------------------------------------------------------
-# models from checkpoints: ours (hf.load_checkpoint) and Hugging Face's (hf.read_hf)
-
-def model_from_checkpoint(ck, path="checkpoint"):
-    model = GPT(GPTConfig(**ck["config"]))
-    load_weights(model, ck["model"], path, ck["config"])
-    return model
-
-
-def load_hf(src):
-    """A GPT from a Hugging Face GPT-2 checkpoint (see hf.read_hf); every key of the file must be
-    used and every shape must match, or it is a one-line error naming the key."""
-    path, cfg, sd = hf.read_hf(src)
-    model = GPT(GPTConfig(**cfg))
-    own = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
-    sd = pad_vocab(sd, own, cfg["vocab_size"])
-    for k in sorted(set(own) - set(sd)):
-        raise UserError(f"{path}: key {k!r} missing (truncated or not a GPT-2 checkpoint?)")
-    for k in sorted(set(sd) - set(own)):
-        raise UserError(f"{path}: unexpected key {k!r}")
-    with torch.no_grad():
-        for k, v in sd.items():
-            if v.shape != own[k].shape:
-                raise UserError(f"{path}: key {k!r} has shape {tuple(v.shape)}, config.json implies {tuple(own[k].shape)}")
-            own[k].copy_(v)
-    return model
-
-
-def export_hf(model, out_dir):
-    """Write a GPT in GPT-2's Hugging Face layout (model.safetensors + config.json)."""
-    sd = {k: v[:model.config.vocab_size] if k in TOKEN_ROWS else v for k, v in model.state_dict().items()}  # no padding rows
-    hf.write_hf(asdict(model.config), sd, out_dir)
-
-# -----------------------------------------------------------------------------
-# command line
-
-def sample_main(argv):
-    opts = dict(ckpt="", prompt="\n", n=3, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0)
-    for a in argv:
-        k, _, v = a.lstrip("-").partition("=")
-        if k not in opts:
-            raise UserError(f"unknown option --{k}; valid: {', '.join('--' + o for o in opts)}")
-        opts[k] = type(opts[k])(v)
-    if not opts["ckpt"]:
-        raise UserError("--ckpt=PATH is required (a .pt from sft.py/ppo.py/gpt.py convert, or an HF dir)")
-    ck = load_checkpoint(opts["ckpt"]) if opts["ckpt"].endswith(".pt") else None
-    model = model_from_checkpoint(ck, opts["ckpt"]) if ck else load_hf(opts["ckpt"])
-    tok = Tokenizer(ck.get("vocab") if ck else None)
-    ids = torch.tensor([tok.encode(opts["prompt"])] * opts["n"])
-    g = torch.Generator().manual_seed(opts["seed"])
-    out, gen = generate(model.eval(), ids, torch.ones_like(ids), opts["max_new_tokens"], opts["temperature"],
-                        opts["top_k"], opts["top_p"], tok.eot, g)
-    for row, m in zip(out, gen):
-        print(opts["prompt"] + tok.decode(row[m.bool()].tolist()).replace("<|endoftext|>", ""))
-        print("-" * 40)
-
-
-def main(argv):
-    usage = "usage: python gpt.py {download NAME | convert SRC DST | export CKPT DIR | sample --ckpt=... --prompt=...}"
-    if not argv or argv[0] not in ("download", "convert", "export", "sample"):
-        raise UserError(usage)
-    cmd, args = argv[0], argv[1:]
-    if cmd == "sample":
-        return sample_main(args)
-    if len(args) != {"download": 1, "convert": 2, "export": 2}[cmd]:
-        raise UserError(usage)
-    if cmd == "download":
-        out = os.path.join(hf.CACHE_DIR, f"{args[0]}.pt")
-        save_checkpoint(out, load_hf(hf.download(args[0])), "pretrained", source=args[0])
-        print(f"wrote {out}")
-    elif cmd == "convert":
-        save_checkpoint(args[1], load_hf(args[0]), "pretrained", source=args[0])
-        print(f"wrote {args[1]}")
-    else:
-        ck = load_checkpoint(args[0], ("pretrained", "sft", "ppo"))
-        export_hf(model_from_checkpoint(ck, args[0]), args[1])
-        print(f"wrote {args[1]}/model.safetensors and config.json")
-
-
-if __name__ == "__main__":
-    main_guard(main)

@@ -1,9 +1,12 @@
 """
 Weights in and out. Our checkpoints: one file with the config and the weights, written atomically.
-Hugging Face GPT-2 checkpoints <-> our state dicts, with no dependency on transformers or
-safetensors: a .safetensors file is an 8-byte header size, a JSON header and raw bytes, and
-GPT-2's Conv1D layers store their weights transposed. Also the hub download (util.fetch).
-This file knows key names and shapes, not the model: gpt.py builds the GPT from what it returns.
+Hugging Face GPT-2 checkpoints <-> our GPT, with no dependency on transformers or safetensors: a
+.safetensors file is an 8-byte header size, a JSON header and raw bytes, and GPT-2's Conv1D layers
+store their weights transposed. Also the hub download (util.fetch). Bad files are one-line errors.
+
+    python hf.py download gpt2          # fetch + convert the official weights (needs internet)
+    python hf.py convert SRC DST        # a Hugging Face checkpoint (dir or file) -> our .pt
+    python hf.py export CKPT DIR        # our .pt -> model.safetensors + config.json for HF
 """
 import json
 import os
@@ -13,7 +16,8 @@ from dataclasses import asdict
 
 import torch
 
-from util import UserError, atomic_save, atomic_write, fetch
+from gpt import GPT, TOKEN_ROWS, GPTConfig, pad_rows
+from util import UserError, atomic_save, atomic_write, fetch, main_guard
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
@@ -171,14 +175,6 @@ def load_weights(model, state, where, ck_config=None):
     model.load_state_dict(state)
 
 
-TOKEN_ROWS = ("transformer.wte.weight", "lm_head.weight")  # (V, C) in files, padded in the model
-
-
-def pad_rows(t, n):
-    """t (V, C) with zero rows appended up to n rows."""
-    return torch.cat([t, t.new_zeros(n - t.size(0), t.size(1))])
-
-
 def pad_vocab(state, own, vocab_size):
     """state with its token rows zero-padded from exactly vocab_size rows to those of the model's
     state dict `own`: Hugging Face's weights have V rows, ours a multiple of 64 (GPT.__init__).
@@ -186,3 +182,71 @@ def pad_vocab(state, own, vocab_size):
     Any other row count is left as it is, for the caller's shape check to name."""
     return {k: pad_rows(v, own[k].size(0)) if k.endswith(TOKEN_ROWS) and k in own and v.dim() == 2
             and v.size(0) == vocab_size < own[k].size(0) else v for k, v in state.items()}
+
+
+def model_from_checkpoint(ck, path="checkpoint"):
+    """A GPT from a checkpoint dict that load_checkpoint read (GPT.from_checkpoint, with errors that
+    name the file and both configs)."""
+    model = GPT(GPTConfig(**ck["config"]))
+    load_weights(model, ck["model"], path, ck["config"])
+    return model
+
+# -----------------------------------------------------------------------------
+# Hugging Face's GPT-2 <-> our GPT
+
+def load_hf(src):
+    """A GPT from a Hugging Face GPT-2 checkpoint (see read_hf); every key of the file must be
+    used and every shape must match, or it is a one-line error naming the key."""
+    path, cfg, sd = read_hf(src)
+    model = GPT(GPTConfig(**cfg))
+    own = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    sd = pad_vocab(sd, own, cfg["vocab_size"])
+    for k in sorted(set(own) - set(sd)):
+        raise UserError(f"{path}: key {k!r} missing (truncated or not a GPT-2 checkpoint?)")
+    for k in sorted(set(sd) - set(own)):
+        raise UserError(f"{path}: unexpected key {k!r}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if v.shape != own[k].shape:
+                raise UserError(f"{path}: key {k!r} has shape {tuple(v.shape)}, config.json implies {tuple(own[k].shape)}")
+            own[k].copy_(v)
+    return model
+
+
+def export_hf(model, out_dir):
+    """Write a GPT in GPT-2's Hugging Face layout (model.safetensors + config.json)."""
+    sd = {k: v[:model.config.vocab_size] if k in TOKEN_ROWS else v for k, v in model.state_dict().items()}  # no padding rows
+    write_hf(asdict(model.config), sd, out_dir)
+
+
+def from_pretrained(src):
+    """A GPT from a published name ("gpt2", downloaded once), our own .pt checkpoint, or a
+    Hugging Face checkpoint (directory, model.safetensors or pytorch_model.bin)."""
+    if src in HUB_NAMES:
+        src = download(src)
+    if src.endswith(".pt"):
+        return model_from_checkpoint(load_checkpoint(src), src)
+    return load_hf(src)
+
+
+def main(argv):
+    usage = "usage: python hf.py {download NAME | convert SRC DST | export CKPT DIR}"
+    n_args = {"download": 1, "convert": 2, "export": 2}
+    if not argv or argv[0] not in n_args or len(argv) != 1 + n_args[argv[0]]:
+        raise UserError(usage)
+    cmd, args = argv[0], argv[1:]
+    if cmd == "download":
+        out = os.path.join(CACHE_DIR, f"{args[0]}.pt")
+        save_checkpoint(out, load_hf(download(args[0])), "pretrained", source=args[0])
+        print(f"wrote {out}")
+    elif cmd == "convert":
+        save_checkpoint(args[1], load_hf(args[0]), "pretrained", source=args[0])
+        print(f"wrote {args[1]}")
+    else:
+        ck = load_checkpoint(args[0], ("pretrained", "sft", "ppo"))
+        export_hf(model_from_checkpoint(ck, args[0]), args[1])
+        print(f"wrote {args[1]}/model.safetensors and config.json")
+
+
+if __name__ == "__main__":
+    main_guard(main)

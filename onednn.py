@@ -1,41 +1,36 @@
 """
-nn.Linear through oneDNN on x86 CPUs in fp32: the same math (fp32 in, fp32 accumulation, fp32 out,
-summed in another order), faster kernels than the BLAS (MKL) PyTorch calls for fp32 on the CPU.
-Inference reads prepacked weights: a decode step twice as fast. Training, GPT-2 small: a PPO
-update (minibatches of 4 x 96 tokens) 6.0-6.5 -> 5.2-5.4 s, an SFT step (4 x 256) 5.4 -> 4.8 s.
-Other devices and dtypes (float64 in the gradient tests), autocast, torch.compile: plain nn.Linear.
+The CPU fast path: nn.Linear through oneDNN on x86 CPUs in fp32. The same math (fp32 in, fp32
+accumulation, fp32 out, summed in another order), faster kernels than the BLAS (MKL) PyTorch calls
+for fp32 on the CPU. Switched on per model, by the script that wants it, in one visible line:
+
+    onednn.enable(model)            # its nn.Linear layers run oneDNN, with and without grad
+    with onednn.packed(policy):     # a scope in which the weights do not change (a rollout):
+        generate(policy, ...)       # the weights prepacked once, into the kernel's blocked layout
+
+Importing this file changes nothing. Other devices and dtypes (float64 in the gradient tests),
+autocast, torch.compile: plain nn.Linear. oneDNN's linear is a private PyTorch op: enable() checks
+it against F.linear first and leaves the model alone if it is missing or disagrees.
 """
+import contextlib
 import platform
-import weakref
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.nn import functional as F
 
 ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
           and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-_packed = weakref.WeakKeyDictionary()  # Linear -> (weight's key at packing, the weight packed for oneDNN)
-
-
-def _count_steps(opt, args, kwargs):
-    """Fused optimizers write the weights without bumping their _version: count their steps too."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            p.steps_taken = getattr(p, "steps_taken", 0) + 1
-
-
-register_optimizer_step_post_hook(_count_steps)
 
 
 def linear(x, w, b=None):
-    """x @ w^T (+ b) by oneDNN; x: (..., K), w: (N, K) in any strides -> (..., N)."""
+    """x @ w^T (+ b) by oneDNN; x: (..., K), w: (N, K) in any strides, or prepacked -> (..., N)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
 class _LinearFn(torch.autograd.Function):
     """y = x W^T + b. Backward: dx = dy W, dW = dy^T x, db = dy summed over rows; all three matmuls
-    by oneDNN (for an (M, K) x, M = a few hundred rows, MKL runs them at 110-170 GFLOP/s, oneDNN
-    at 160-210 on this 2-core EPYC, whose fp32 peak is ~224)."""
+    by oneDNN (for an (M, K) x of a few hundred rows MKL ran them at 110-170 GFLOP/s, oneDNN at
+    160-210, on a 2-core EPYC whose fp32 peak is ~224)."""
 
     @staticmethod
     def forward(ctx, x, w, b):
@@ -54,19 +49,54 @@ class _LinearFn(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose fp32 work on an x86 CPU runs through oneDNN. With grad: _LinearFn. Without: the
-    weight prepacked into the kernel's blocked layout, a copy made again whenever the weight changes
-    (an optimizer step, an in-place write such as load_state_dict; writes through .data go unseen).
-    A decode step's few rows then read the weights twice as fast as through MKL: GPT-2 small,
-    batch 8, 2 cores, 76 -> 36 ms a step (bench.py)."""
+    """nn.Linear whose fp32 work on the CPU runs through oneDNN, reading the live weight: with grad
+    through _LinearFn, without through oneDNN's linear, or, inside `packed()`, on the packed copy made
+    when the scope began (a decode step's few rows read it about twice as fast)."""
 
     def forward(self, x):
-        if not (ONEDNN and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+        if not (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return super().forward(x)
         if torch.is_grad_enabled():
             return _LinearFn.apply(x, self.weight, self.bias)
-        key = (self.weight.data_ptr(), self.weight._version, getattr(self.weight, "steps_taken", 0))
-        if _packed.get(self, (None,))[0] != key:
-            _packed[self] = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8))  # tuned for 8 rows
-        return linear(x, _packed[self][1], self.bias)
+        return linear(x, self.__dict__.get("_packed", self.weight), self.bias)
+
+
+def _works():
+    """oneDNN's linear is there and agrees with F.linear (its private signature may change)."""
+    if not ONEDNN:
+        return False
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        return all(torch.allclose(y, F.linear(x, w, b), atol=1e-5) for y in (linear(x, w, b), linear(x, packed, b)))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def enable(*models):
+    """Make every nn.Linear of the models a oneDNN Linear (the same module, parameters and state
+    dict; only its forward changes). Returns True if it did, False where oneDNN is unavailable."""
+    if not _works():
+        return False
+    for model in models:
+        for m in model.modules():
+            if type(m) is nn.Linear:
+                m.__class__ = Linear
+    return True
+
+
+@contextlib.contextmanager
+def packed(*models):
+    """A scope in which the models' weights do not change (no optimizer step, no load): the oneDNN
+    Linears' fp32 CPU weights are packed once on entry, used by every no-grad forward inside, and
+    dropped on exit. Only fp32 CPU weights are packed; on other models it does nothing."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, Linear)
+              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    try:
+        for m in layers:
+            m._packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 8)  # tuned for 8 rows
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("_packed", None)

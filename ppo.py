@@ -20,13 +20,14 @@ import torch
 from torch.nn import functional as F
 
 import data
+import onednn
+from data import batch_indices, last_index
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
-from gpt import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from reward import last_index, load_reward_model
-from rollout import evaluate, kl_stats, policy_logprobs, rollout
-from sft import batch_indices, sft_loss
+from hf import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
+from reward import load_reward_model
+from sft import sft_loss
 from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, main_guard, make_optimizer,
-                  parse_config, write_json)
+                  parse_config, resolve_dtype, write_json)
 
 
 @dataclass
@@ -42,7 +43,9 @@ class Config:
     max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
     max_new_tokens: int = 12  # response length cap
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
-    rollout_dtype: str = "float32"  # float32 | bfloat16: weights of the copy that samples (half the bytes to read)
+    rollout_dtype: str = "auto"  # auto (= the training dtype) | float32 | bfloat16: weights of the copy that samples
+    cuda_graph: bool = True  # CUDA: sample with a static KV cache, each decode step one CUDA graph replay
+    compile: bool = False  # torch.compile the policy and the critic for the update
     lr: float = 1e-4  # policy learning rate (constant); 3e-4 was less steady on the built-in task
     vf_lr: float = 3e-4  # critic learning rate (constant)
     clip_eps: float = 0.2  # PPO ratio clip
@@ -70,6 +73,37 @@ class Config:
 
 # -----------------------------------------------------------------------------
 # the math: each function is one object of the PPO objective
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits)[..., tokens]: the log-probability of each token under its logits.
+    logits: (B, T, V), tokens: (B, T) -> (B, T). No shift inside: the caller aligns them
+    (logits[:, :-1] with tokens[:, 1:])."""
+    return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_logprobs(model, tokens, attn, temperature, start=0):
+    """Log-probs (B, T-1-start) of tokens[:, start+1:] at the sampling temperature (the distribution
+    the tokens were drawn from), and the tempered logits (B, T-1-start, V) they came from. With
+    start = P - 1 (P prompt columns) that is the response tokens only, and the LM head skips the prompt."""
+    logits = model(tokens, attn, first=start)[:, :-1] / temperature
+    return token_logprobs(logits, tokens[:, start + 1:]), logits
+
+
+def kl_per_response(b):
+    """KL(policy || reference) on the policy's own samples, summed over each response's tokens:
+    k1 = log p - log q (unbiased, but single samples go negative) and k3 = (r - 1) - log r, r = q / p
+    (never negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html). (B,), (B,)."""
+    d = (b["logprobs"] - b["ref_logprobs"]) * b["mask"]
+    return d.sum(1), ((torch.exp(-d) - 1 + d) * b["mask"]).sum(1)
+
+
+def kl_stats(b):
+    """Per-token means of k1 and k3 over the batch's valid tokens, and the mean per-response k1,
+    which the adaptive controller targets."""
+    k1, k3 = kl_per_response(b)
+    n = b["mask"].sum()
+    return (k1.sum() / n).item(), (k3.sum() / n).item(), k1.mean().item()
+
 
 def masked_mean(x, mask):
     """sum(x * mask) / sum(mask) over every entry. x, mask: same shape. Returns a scalar."""
@@ -200,9 +234,10 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
                 logprobs, logits = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], cfg.temperature, P - 1)
                 values = critic(b["tokens"][mb], b["attn"][mb], first=P - 1)[:, :-1].float()
                 ptx_loss = ptx() if ptx is not None else None
-            loss = ppo_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], values, b["values"][mb],
-                            b["returns"][mb], logits, m, cfg.clip_eps, cfg.vf_clip, cfg.vf_coef, cfg.ent_coef,
-                            ptx_loss, cfg.ptx_coef) * share
+            loss = share * ppo_loss(logprobs=logprobs, old_logprobs=b["logprobs"][mb], advantages=b["advantages"][mb],
+                                    values=values, old_values=b["values"][mb], returns=b["returns"][mb], logits=logits,
+                                    mask=m, clip_eps=cfg.clip_eps, vf_clip=cfg.vf_clip, vf_coef=cfg.vf_coef,
+                                    ent_coef=cfg.ent_coef, ptx_loss=ptx_loss, ptx_coef=cfg.ptx_coef)
             loss.backward()
             norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                      for model in (policy, critic)]
@@ -211,11 +246,13 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
                 opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 log_ratio = logprobs.detach() - b["logprobs"][mb]
-                stats.append(torch.stack([
-                    loss.detach(), share * masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_eps).float(), m),
-                    share * masked_mean(0.5 * log_ratio ** 2, m),
-                    share * value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip), *norms]))
-    s = (all_sum(torch.stack(stats).mean(0)) / WORLD).tolist()  # one host sync for the whole update
+                stats.append(dict(
+                    loss=loss.detach(), clipfrac=share * masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_eps).float(), m),
+                    approx_kl=share * masked_mean(0.5 * log_ratio ** 2, m),
+                    value_loss=share * value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip),
+                    grad_norm=norms[0], vf_grad_norm=norms[1]))
+    means = all_sum(torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0)) / WORLD
+    return dict(zip(stats[0], means.tolist()))  # one host sync for the whole update
     return dict(loss=s[0], clipfrac=s[1], approx_kl=s[2], value_loss=s[3], grad_norm=s[4], vf_grad_norm=s[5])
 
 
@@ -274,10 +311,19 @@ def check_config(cfg):
         raise UserError("--kl_coef, --ent_coef and --ptx_coef must be >= 0")
     if cfg.adaptive_kl != (cfg.kl_target > 0):
         raise UserError("--adaptive_kl=True needs --kl_target > 0, and --kl_target needs --adaptive_kl=True")
-    if cfg.rollout_dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--rollout_dtype={cfg.rollout_dtype}: expected float32, bfloat16 or float16")
+    if cfg.rollout_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--rollout_dtype={cfg.rollout_dtype}: expected auto, float32, bfloat16 or float16")
     if cfg.adaptive_kl and cfg.kl_coef <= 0:
         raise UserError("--adaptive_kl=True needs a starting --kl_coef > 0")
+
+
+def make_sampler(policy, cfg, device):
+    """The copy of the policy that samples, its weights in --rollout_dtype (cast once per update, where
+    autocast would cast them at every decode step), or None: the fp32 policy samples itself. A decode
+    step is bound by reading the weights, and a bf16 copy reads half the bytes. It samples slightly
+    off the policy, whose log-probs a scoring forward then takes (rollout.py), as vLLM rollouts do."""
+    dtype = resolve_dtype(device, cfg.dtype) if cfg.rollout_dtype == "auto" else cfg.rollout_dtype
+    return None if dtype == "float32" else copy.deepcopy(policy).to(getattr(torch, dtype)).requires_grad_(False)
 
 
 def seeded(*key, device="cpu"):
@@ -288,6 +334,7 @@ def seeded(*key, device="cpu"):
 
 def train(cfg, log=None):
     """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation (rank 0 only)."""
+    from rollout import evaluate, rollout  # here, not at the top: rollout.py imports this file's math
     check_config(cfg)
     device = ddp_init(get_device(cfg.device))
     log = log or default_log(cfg.out_dir)
@@ -300,11 +347,8 @@ def train(cfg, log=None):
     # The critic is a separate copy of the reward model (InstructGPT §3.5): initialised to predict
     # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
     critic = copy.deepcopy(rm).train().requires_grad_(True)
-    # A decode step is bound by reading the weights: a bf16 copy reads half the bytes. On this repo's
-    # CPU it gains within the noise (bench.py, batch 8: 35.2 vs 38.9 ms a step in one run, 44.5 vs 39.2
-    # in another), and costs a policy forward for the log-probs. It samples slightly off the fp32
-    # policy, whose log-probs PPO uses (as vLLM rollouts do).
-    sampler = None if cfg.rollout_dtype == "float32" else copy.deepcopy(policy).to(getattr(torch, cfg.rollout_dtype))
+    onednn.enable(policy, ref, rm, critic)  # the CPU fast path: fp32 matmuls through oneDNN (onednn.py)
+    sampler = make_sampler(policy, cfg, device)
     if rm_ck.get("vocab") != sft_ck.get("vocab"):
         raise UserError(f"{cfg.reward_ckpt} and {cfg.sft_ckpt} use different vocabularies")
     tok = data.Tokenizer(sft_ck.get("vocab"))
@@ -338,7 +382,9 @@ def train(cfg, log=None):
             kl_ctl.value = ck["kl_coef"]
         print(f"resumed from {path} at iteration {start}")
     print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}, {WORLD} process(es)")
-    tpolicy, tcritic = ddp_wrap(policy, device), ddp_wrap(critic, device)  # what the update calls; the same weights
+    compiled = (lambda m: torch.compile(m)) if cfg.compile else (lambda m: m)
+    tpolicy, tcritic = (ddp_wrap(compiled(m), device) for m in (policy, critic))  # what the update calls; the same weights
+    static = cfg.cuda_graph and device.startswith("cuda")
 
     def save(it, **extra):
         save_checkpoint(path, policy, "ppo", critic=critic.state_dict(), vocab=tok.vocab, cfg=asdict(cfg), iter=it,
@@ -350,7 +396,9 @@ def train(cfg, log=None):
         if any_rank(stop.requested, device):
             save_and_exit(lambda: save(it), f"ppo: stopped before iteration {it}; saved {path}; continue with --resume")
         if (it % cfg.eval_interval == 0 or it == cfg.iters) and RANK == 0:  # the others wait at the barrier
-            ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, cfg, ctx, builtin)
+            ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, samples=cfg.eval_samples, batch=cfg.rollout_batch,
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, ctx=ctx,
+                          builtin=builtin, static=static)
             log(dict(kind="eval", iter=it, iters=cfg.iters, **ev))
             save(it, eval=ev)
         barrier()
@@ -360,8 +408,8 @@ def train(cfg, log=None):
         if sampler is not None:
             sampler.load_state_dict(policy.state_dict())  # copy_ casts to the sampler's dtype
         prompts = [train_ids[j] for j in batch_indices(len(train_ids), it, cfg.rollout_batch, cfg.seed)]
-        b = rollout(policy, ref, rm, critic, prompts[RANK::WORLD], tok, cfg, ctx,  # this rank's share,
-                    seeded(cfg.seed, 0, RANK, it, device=device), sampler, max(map(len, prompts)))  # padded alike
+        b = rollout(policy, ref, rm, critic, prompts[RANK::WORLD], tok.eot, cfg.max_new_tokens, cfg.temperature, ctx,
+                    seeded(cfg.seed, 0, RANK, it, device=device), sampler, width=max(map(len, prompts)), static=static)
         # Every rank gets all ranks' rollouts (a few numbers per token), so whitening, score normalisation
         # and the KL controller see the global batch, as in one process; each trains on its share of it.
         b = all_gather_rows(b)

@@ -20,8 +20,9 @@ from torch.nn import functional as F
 
 import data
 from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
-from gpt import generate, load_checkpoint, model_from_checkpoint, save_checkpoint
-from sft import batch_indices
+import onednn
+from gpt import generate
+from hf import load_checkpoint, model_from_checkpoint, save_checkpoint
 from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, lr_at, main_guard,
                   make_optimizer, parse_config)
 
@@ -58,11 +59,6 @@ def preference_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
-def last_index(mask):
-    """(B, T) 0/1 mask -> (B,) index of each row's last 1 (left or right padding alike)."""
-    T = mask.size(1)
-    return T - 1 - mask.flip(1).long().argmax(1)
-
 
 class RewardModel(nn.Module):
     """A GPT trunk and a scalar head on its final hidden states. forward -> (B, T), one scalar per
@@ -87,7 +83,7 @@ class RewardModel(nn.Module):
         """Rewards (B,) read at each row's last real token. Right-padded rows need no mask. With
         first > 0, computed for positions first.. only: every row's last token must be among them."""
         r = self(tokens, attention_mask if left_padded else None, first)
-        return r.gather(1, last_index(attention_mask)[:, None] - first).squeeze(1)
+        return r.gather(1, data.last_index(attention_mask)[:, None] - first).squeeze(1)
 
 
 def load_reward_model(path, hint="run `python reward.py` first"):
@@ -131,7 +127,7 @@ def group_batch(groups, idx, pad_id):
 def pair_rewards(rm, b, ci, ri, device):
     """rm: a RewardModel or DDP around one, so it is called through forward (the one method DDP
     hooks) and read at each right-padded row's last token as RewardModel.score does."""
-    r = rm(b["tokens"].to(device)).gather(1, last_index(b["attn_mask"]).to(device)[:, None]).squeeze(1)  # (N_seq,)
+    r = rm(b["tokens"].to(device)).gather(1, data.last_index(b["attn_mask"]).to(device)[:, None]).squeeze(1)  # (N_seq,)
     return r[ci.to(device)], r[ri.to(device)]
 
 
@@ -142,7 +138,7 @@ def evaluate(rm, val, val_gold, cfg, ctx, device, pad_id):
     rm.eval()
     loss = acc = agree = n_gold = n = 0
     for i in range(cfg.eval_batches):
-        idx = batch_indices(len(val), i, cfg.batch_size, cfg.seed + 1)
+        idx = data.batch_indices(len(val), i, cfg.batch_size, cfg.seed + 1)
         b, ci, ri = group_batch(val, idx, pad_id)
         with ctx:
             rc, rr = pair_rewards(rm, b, ci, ri, device)
@@ -204,6 +200,7 @@ def main(argv):
     train, val = encode_groups(train_groups, tok, cfg, "rm train"), encode_groups(val_groups, tok, cfg, "rm val")
     val_gold = [[data.gold_score(p, r) for r in rs] for p, rs in val_groups] if cfg.data == "builtin" else None
     rm.to(device).train()
+    onednn.enable(rm)  # the CPU fast path: fp32 matmuls through oneDNN (onednn.py)
     opt = make_optimizer(rm.parameters(), cfg.lr, cfg.weight_decay)
     start, best = 0, math.inf
     if cfg.resume:
@@ -237,7 +234,7 @@ def main(argv):
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
-        idx = batch_indices(len(train), it, cfg.batch_size, cfg.seed)[RANK::WORLD]  # this rank's prompts
+        idx = data.batch_indices(len(train), it, cfg.batch_size, cfg.seed)[RANK::WORLD]  # this rank's prompts
         b, ci, ri = group_batch(train, idx, tok.eot)
         n_all = all_sum(torch.tensor(len(ci), device=device))  # pairs in the global batch
         with ctx:

@@ -17,7 +17,9 @@ from torch.nn import functional as F
 
 import data
 from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, no_sync, save_and_exit
-from gpt import GPT, GPTConfig, generate, load_checkpoint, model_from_checkpoint, save_checkpoint
+import onednn
+from gpt import GPT, GPTConfig, generate
+from hf import from_pretrained, load_checkpoint, model_from_checkpoint, save_checkpoint
 from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, lr_at, main_guard,
                   make_optimizer, parse_config)
 
@@ -65,14 +67,6 @@ def sft_loss(logits, tokens, loss_mask):
     return (nll * m).sum() / m.sum()
 
 
-def batch_indices(n, it, batch_size, seed):
-    """The example indices of batch number `it`: epoch e = it // (n // batch_size) walks a
-    permutation seeded by (seed, e). A pure function of `it`, so a resumed run sees the same data."""
-    per_epoch = max(1, n // batch_size)
-    g = torch.Generator().manual_seed(seed * 1000003 + it // per_epoch)
-    j = it % per_epoch
-    return torch.randperm(n, generator=g)[j * batch_size:(j + 1) * batch_size].tolist()
-
 
 def load_tokenizer(name):
     """The built-in task uses a small renumbered vocabulary; everything else GPT-2's."""
@@ -84,7 +78,7 @@ def init_model(cfg, tok):
         gcfg = GPTConfig(block_size=cfg.max_len, vocab_size=tok.vocab_size,
                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
         return GPT(gcfg)
-    model = GPT.from_pretrained(cfg.init)
+    model = from_pretrained(cfg.init)
     if model.config.vocab_size != tok.vocab_size:
         raise UserError(f"--init={cfg.init} has vocab_size {model.config.vocab_size}, --data={cfg.data} needs "
                         f"{tok.vocab_size}: use --init=scratch for the built-in task")
@@ -114,7 +108,7 @@ def evaluate(model, val, cfg, tok, ctx, device):
     model.eval()
     losses = []
     for i in range(cfg.eval_batches):
-        b = data.pad_right([val[j] for j in batch_indices(len(val), i, cfg.batch_size, cfg.seed + 1)], tok.eot)
+        b = data.pad_right([val[j] for j in data.batch_indices(len(val), i, cfg.batch_size, cfg.seed + 1)], tok.eot)
         with ctx:
             logits = model(b["tokens"].to(device))
         losses.append(sft_loss(logits, b["tokens"].to(device), b["loss_mask"].to(device)).item())
@@ -159,6 +153,7 @@ def main(argv):
     if model.config.block_size < cfg.max_len:
         raise UserError(f"--max_len={cfg.max_len} exceeds the model's block_size {model.config.block_size}")
     model.to(device).train()
+    onednn.enable(model)  # the CPU fast path: fp32 matmuls through oneDNN (onednn.py)
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     start, best = 0, math.inf
     if cfg.resume:
@@ -195,7 +190,7 @@ def main(argv):
         for group in opt.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(len(train), it * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)[RANK::WORLD]
+            idx = data.batch_indices(len(train), it * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)[RANK::WORLD]
             b = data.pad_right([train[j] for j in idx], tok.eot)
             x, m = b["tokens"].to(device), b["loss_mask"].to(device)
             n = m[:, 1:].sum()  # this rank's response tokens: the ones sft_loss averages over

@@ -13,7 +13,8 @@ import torch
 import gpt
 import hf
 import onednn
-from gpt import GPT, GPTConfig, KVCache, generate, load_hf, sample_token
+from gpt import GPT, GPTConfig, KVCache, generate, sample_token
+from hf import load_hf
 from util import UserError, make_optimizer
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
@@ -48,13 +49,13 @@ def test_load_hf_matches_hf_logits(src):
 
 def test_convert_cli_then_load_matches_hf_logits(tmp_path):
     dst = str(tmp_path / "tiny.pt")
-    subprocess.run([sys.executable, "gpt.py", "convert", HUB, dst], check=True, capture_output=True)
-    check_expected(GPT.from_pretrained(dst), TINY)
+    subprocess.run([sys.executable, "hf.py", "convert", HUB, dst], check=True, capture_output=True)
+    check_expected(hf.from_pretrained(dst), TINY)
 
 
 def test_export_convert_round_trip_exact(tmp_path):
     model = load_hf(TINY)
-    gpt.export_hf(model, str(tmp_path))
+    hf.export_hf(model, str(tmp_path))
     back = load_hf(str(tmp_path))
     for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
@@ -63,10 +64,10 @@ def test_export_convert_round_trip_exact(tmp_path):
         import transformers  # optional: the real consumer of the export
     except ImportError:
         return
-    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
     ids = torch.tensor(json.load(open(os.path.join(TINY, "expected.json")))["input_ids"])
     with torch.no_grad():
-        assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+        assert (theirs(ids).logits - model(ids)).abs().max() < 1e-4
 
 
 def test_download_file_url(tmp_path):
@@ -74,7 +75,7 @@ def test_download_file_url(tmp_path):
     shutil.copytree(TINY, src)
     url = "file://" + str(tmp_path / "hub") + "/{repo}/{file}"
     path = hf.download("gpt2", cache_dir=str(tmp_path / "cache"), url=url)
-    check_expected(GPT.from_pretrained(path), TINY)
+    check_expected(hf.from_pretrained(path), TINY)
     assert hf.download("gpt2", cache_dir=str(tmp_path / "cache"), url="file:///nonexistent/{repo}/{file}") == path
     with pytest.raises(UserError, match="unknown model 'gpt3'"):
         hf.download("gpt3", cache_dir=str(tmp_path / "cache"))
@@ -107,34 +108,134 @@ def test_attention_matches_naive_loop():
 
 @pytest.mark.skipif(not onednn.ONEDNN, reason="the oneDNN paths are for x86 CPUs")
 def test_onednn_paths_equal_float64():
-    """fp32 on the CPU, gpt.Linear runs oneDNN: on a packed copy of its weight without grad, through
-    its own autograd Function with grad. Logits and every gradient agree with the float64 model (which
-    takes nn.Linear's path), the profiler shows both fast paths ran, the packed copy follows in-place
-    weight updates (a fused AdamW step), and the model still deep-copies."""
+    """onednn.enable(model): fp32 on the CPU its Linears run oneDNN, through an autograd Function with
+    grad, without grad on the live weight or, inside onednn.packed(), on a copy packed on entry.
+    Logits and every gradient agree with the float64 model (which takes nn.Linear's path); the
+    model still deep-copies."""
     model = tiny()
+    assert onednn.enable(model) and isinstance(model.transformer.h[0].attn.c_attn, onednn.Linear)
     ids = torch.randint(0, 97, (3, 9))
-    with torch.profiler.profile() as prof, torch.no_grad():
+    want = copy.deepcopy(model).double()(ids).float().detach()
+    with torch.no_grad():
         fast = model(ids)
-    assert any("_linear_pointwise" in e.name for e in prof.events())
-    assert fast.shape == (3, 9, 97) and not torch.equal(fast, torch.zeros_like(fast))
-    assert torch.allclose(fast, copy.deepcopy(model).double()(ids).float(), atol=1e-5)
+        with onednn.packed(model):
+            assert "_packed" in model.lm_head.__dict__
+            packed = model(ids)
+    assert "_packed" not in model.lm_head.__dict__, "the packed copy must not outlive its scope"
+    assert not torch.equal(fast, torch.zeros_like(fast))
+    assert torch.allclose(fast, want, atol=1e-5) and torch.allclose(packed, want, atol=1e-5)
     slow = copy.deepcopy(model).double()
     w = torch.randn(3, 9, 97)
-    with torch.profiler.profile() as prof:
-        (model(ids).logsumexp(-1) * w[..., 0]).sum().backward()
-    assert any(e.name == "_LinearFnBackward" for e in prof.events())
+    (model(ids).logsumexp(-1) * w[..., 0]).sum().backward()
     (slow(ids).logsumexp(-1) * w[..., 0].double()).sum().backward()
     for (name, p), q in zip(model.named_parameters(), slow.parameters()):
         assert p.grad.abs().max() > 0 and torch.allclose(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6 * q.grad.abs().max()), name
-    opt = make_optimizer(model.parameters(), 0.5, 0.0)  # fused AdamW, which leaves _version alone
-    opt.step()
     with torch.no_grad():
-        fast2 = model(ids)
-        assert (fast2 - fast).abs().max() > 1e-2  # not the stale packed weights
-        assert torch.allclose(fast2, copy.deepcopy(model).double()(ids).float(), atol=1e-5)
-    twin = copy.deepcopy(model)
+        assert torch.allclose(copy.deepcopy(model)(ids), fast, atol=1e-5)
+
+
+def plain_twin(model):
+    """The same weights in a model of plain nn.Linear layers (a fresh GPT, never enabled)."""
+    twin = GPT(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    assert all(type(m) is not onednn.Linear for m in twin.modules())
+    return twin
+
+
+@pytest.mark.parametrize("write", ["data", "load_state_dict", "fused_adamw", "sgd_loop"])
+def test_fast_path_never_serves_stale_weights(write):
+    """New weights written through .data (which leaves _version alone), load_state_dict, a fused AdamW
+    step or a hand-written SGD step: every no-grad forward afterwards, inside or outside a packed
+    scope entered after the write, matches a plain nn.Linear model holding the same weights."""
+    model = tiny()
+    onednn.enable(model)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad(), onednn.packed(model):
+        before = model(ids)
+    if write == "data":
+        for p in model.parameters():
+            p.data = p.data + 0.05 * torch.randn_like(p)
+    elif write == "load_state_dict":
+        model.load_state_dict(tiny(seed=5).state_dict())
+    else:
+        model.train()
+        model(ids).logsumexp(-1).sum().backward()
+        if write == "fused_adamw":
+            make_optimizer(model.parameters(), 0.05, 0.0).step()
+        else:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data -= 0.5 * p.grad.data
+        model.eval()
     with torch.no_grad():
-        assert torch.allclose(twin(ids), fast2, atol=1e-5)
+        want = plain_twin(model)(ids)
+        assert (want - before).abs().max() > 1e-3, "the write changed nothing: the test cannot fail"
+        assert torch.allclose(model(ids), want, atol=1e-5), "no-grad forward on stale weights"
+        with onednn.packed(model):
+            assert torch.allclose(model(ids), want, atol=1e-5), "packed forward on stale weights"
+
+
+def test_importing_the_repo_changes_nothing_process_wide():
+    """Importing every module registers no global hook (optimizer, module) and leaves torch's
+    process-wide settings as they were."""
+    code = """if True:
+        import torch, torch.nn.modules.module as M, torch.optim.optimizer as O
+        def state():
+            b = torch.backends
+            return (len(O._global_optimizer_pre_hooks), len(O._global_optimizer_post_hooks),
+                    len(M._global_forward_hooks), len(M._global_forward_pre_hooks), len(M._global_backward_hooks),
+                    torch.get_default_dtype(), torch.get_num_threads(), torch.get_float32_matmul_precision(),
+                    b.cuda.cudnn_sdp_enabled(), b.cuda.flash_sdp_enabled(), b.cuda.mem_efficient_sdp_enabled(),
+                    b.cuda.math_sdp_enabled(), b.mkldnn.enabled, torch.are_deterministic_algorithms_enabled(),
+                    torch.is_grad_enabled())
+        before = state()
+        import bench, data, ddp, gpt, grads, hf, onednn, ppo, reward, rollout, sample, sft, task, util
+        assert state() == before, (before, state())
+        print("unchanged")"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 0 and r.stdout.strip() == "unchanged", r.stderr[-2000:]
+
+
+def test_gpt_py_copied_alone_loads_and_generates_as_the_repo(tmp_path):
+    """gpt.py needs torch alone: copied into an empty directory and imported with none of the repo's
+    files on the path, it loads a checkpoint converted by hf.py and samples the tokens the repo's own
+    path samples."""
+    ck = str(tmp_path / "tiny.pt")
+    subprocess.run([sys.executable, "hf.py", "convert", TINY, ck], check=True, capture_output=True)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt.py"), alone)
+    code = f"""if True:
+        import sys, torch
+        sys.path = [p for p in sys.path if p not in ("", {os.path.dirname(os.path.abspath(__file__))!r})]
+        sys.path.insert(0, {str(alone)!r})
+        import gpt
+        assert gpt.__file__.startswith({str(alone)!r}) and not any(m in sys.modules for m in ("hf", "util", "data", "onednn"))
+        model = gpt.GPT.from_checkpoint({ck!r}).eval()
+        out, _ = gpt.generate(model, torch.tensor([[464, 2068, 7586]]), torch.ones(1, 3, dtype=torch.long), 12,
+                              generator=torch.Generator().manual_seed(3))
+        print(out.tolist())"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = hf.model_from_checkpoint(hf.load_checkpoint(ck), ck).eval()
+    out, _ = generate(model, torch.tensor([[464, 2068, 7586]]), torch.ones(1, 3, dtype=torch.long), 12,
+                      generator=torch.Generator().manual_seed(3))
+    assert json.loads(r.stdout) == out.tolist()
+
+
+def test_attention_never_uses_cudnn():
+    """gpt.ATTENTION_BACKENDS is in force in every forward (training, prefill, decode step): cuDNN's
+    attention, which builds a plan for every new shape, is off inside and as it was outside."""
+    model = tiny()
+    seen = []
+    model.transformer.h[0].attn.register_forward_pre_hook(
+        lambda m, a: seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())))
+    outside = torch.backends.cuda.cudnn_sdp_enabled()
+    ids = torch.randint(0, 97, (2, 5))
+    model(ids).sum().backward()
+    generate(model, ids, torch.ones_like(ids), 3, static=True)
+    assert len(seen) == 1 + 3 and all(s == (False, True) for s in seen), seen
+    assert torch.backends.cuda.cudnn_sdp_enabled() == outside
 
 
 def test_vocab_padding_rows_zero_cut_off_and_loadable():
@@ -152,11 +253,11 @@ def test_vocab_padding_rows_zero_cut_off_and_loadable():
         wte[97:] = 0
     sd = {k: v[:97] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in model.state_dict().items()}
     other = tiny(seed=1)
-    gpt.load_weights(other, sd, "test")
+    hf.load_weights(other, sd, "test")
     assert torch.equal(other.transformer.wte.weight, wte)
     short = {k: v[:90] if k in hf.TOKEN_ROWS else v for k, v in sd.items()}
     with pytest.raises(UserError, match="transformer.wte.weight"):  # neither V nor padded rows: not padded over
-        gpt.load_weights(other, short, "test")
+        hf.load_weights(other, short, "test")
 
 
 def test_kvcache_update_writes_in_place():
@@ -273,20 +374,20 @@ def test_sample_token_top_k_top_p():
 def test_checkpoint_round_trip_and_errors(tmp_path):
     model = tiny()
     p = str(tmp_path / "m.pt")
-    gpt.save_checkpoint(p, model, "sft", step=3)
-    ck = gpt.load_checkpoint(p, "sft")
-    assert ck["step"] == 3 and torch.equal(gpt.model_from_checkpoint(ck).lm_head.weight, model.lm_head.weight)
+    hf.save_checkpoint(p, model, "sft", step=3)
+    ck = hf.load_checkpoint(p, "sft")
+    assert ck["step"] == 3 and torch.equal(hf.model_from_checkpoint(ck).lm_head.weight, model.lm_head.weight)
     assert not [f for f in os.listdir(tmp_path) if f != "m.pt"]  # no temp file left behind
     with pytest.raises(UserError, match=r"a 'sft' checkpoint, expected 'reward'"):
-        gpt.load_checkpoint(p, "reward")
+        hf.load_checkpoint(p, "reward")
     with pytest.raises(UserError, match=r"no such checkpoint; run `python sft.py` first"):
-        gpt.load_checkpoint(str(tmp_path / "none.pt"), hint="run `python sft.py` first")
+        hf.load_checkpoint(str(tmp_path / "none.pt"), hint="run `python sft.py` first")
     other = tiny(n_embd=64)
     with pytest.raises(UserError, match=r"n_embd': 64.*n_embd': 32"):
-        gpt.load_weights(other, ck["model"], p, ck["config"])
+        hf.load_weights(other, ck["model"], p, ck["config"])
     open(tmp_path / "cut.pt", "wb").write(open(p, "rb").read()[:1000])
     with pytest.raises(UserError, match="unreadable checkpoint"):
-        gpt.load_checkpoint(str(tmp_path / "cut.pt"))
+        hf.load_checkpoint(str(tmp_path / "cut.pt"))
 
 
 def test_load_hf_bad_files_name_the_key(tmp_path):
@@ -310,10 +411,28 @@ def test_load_hf_bad_files_name_the_key(tmp_path):
 
 def test_sample_cli_on_converted_fixture(tmp_path):
     dst = str(tmp_path / "tiny.pt")
-    subprocess.run([sys.executable, "gpt.py", "convert", TINY, dst], check=True, capture_output=True)
-    r = subprocess.run([sys.executable, "gpt.py", "sample", f"--ckpt={dst}", "--prompt=Hello", "--n=2",
+    subprocess.run([sys.executable, "hf.py", "convert", TINY, dst], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={dst}", "--prompt=Hello", "--n=2",
                         "--max_new_tokens=8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Hello") == 2
-    r = subprocess.run([sys.executable, "gpt.py", "sample", "--ckpt=missing.pt"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt=missing.pt"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: missing.pt: no such checkpoint"
+
+
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_generate_static_equals_dynamic(temperature):
+    """The static-shape decode (GPT.decode_step on a StaticKVCache: what a CUDA graph replays) gives the
+    tokens, masks and log-probs of the dynamic KV-cache path: greedy and seeded sampling, a left-padded
+    batch, rows that stop early at eos while others go on."""
+    model = tiny(3)
+    prompt = torch.randint(0, 96, (4, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+    with torch.no_grad():
+        eos = int(model(prompt[:1])[0, -1].argmax())  # row 0 stops at once under greedy decoding
+    runs = [generate(model, prompt, mask, 15, temperature=temperature, eos_id=eos, return_logprobs=True,
+                     generator=torch.Generator().manual_seed(1), static=static) for static in (False, True)]
+    (a, ga, la), (b, gb, lb) = runs
+    assert torch.equal(a, b) and torch.equal(ga, gb), "static decoding sampled other tokens"
+    assert ga.sum() > 8 and not ga.all(), "the batch should mix finished and running rows"
+    assert torch.allclose(la, lb, atol=1e-5), f"log-probs differ by {(la - lb).abs().max():.2e}"

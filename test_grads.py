@@ -11,7 +11,7 @@ from torch.nn import functional as F
 import grads
 from gpt import GPT, GPTConfig
 from ppo import entropy, ppo_loss, ppo_policy_loss, value_loss
-from rollout import policy_logprobs, token_logprobs
+from ppo import policy_logprobs, token_logprobs
 from reward import RewardModel, preference_loss
 from sft import sft_loss
 

@@ -9,7 +9,8 @@ import torch
 from gpt import GPT, GPTConfig
 from ppo import (AdaptiveKLController, add_advantages, entropy, gae, kl_penalized_rewards, ppo_loss, ppo_policy_loss,
                  value_loss, whiten)
-from rollout import kl_stats, policy_logprobs, rollout, token_logprobs
+from ppo import kl_stats, policy_logprobs, token_logprobs
+from rollout import rollout
 from reward import RewardModel
 
 # two rows of different lengths: row 0 is left-padded and ends early, row 1 runs to the end
@@ -198,9 +199,7 @@ def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
     (--rollout_dtype) must give the policy's log-probs, recomputed."""
     policy, ref, rm = tiny_models()
     critic = RewardModel(GPT(policy.config)).eval()
-    cfg = SimpleNamespace(max_new_tokens=5, temperature=0.7)
-    tok = SimpleNamespace(eot=10)
-    b = rollout(policy, ref, rm, critic, [[1, 2, 3, 4], [5, 6]], tok, cfg, torch.no_grad(), torch.Generator().manual_seed(0))
+    b = rollout(policy, ref, rm, critic, [[1, 2, 3, 4], [5, 6]], 10, 5, 0.7, torch.no_grad(), torch.Generator().manual_seed(0))
     assert b["mask"].shape == b["logprobs"].shape == b["values"].shape == (2, b["tokens"].size(1) - 4)
     for i in range(2):
         row = b["tokens"][i][b["attn"][i].bool()][None]  # row i without its padding
@@ -212,7 +211,7 @@ def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
                 assert torch.allclose(got, alone, atol=1e-5), f"{key}: positions restart after left padding, temperature 0.7"
             assert torch.allclose(b["values"][i][b["mask"][i].bool()], critic(row)[0, -n - 1:-1], atol=1e-5)
             assert torch.allclose(b["scores"][i], rm(row)[0, -1], atol=1e-5)
-    again = rollout(policy, ref, rm, critic, [[1, 2, 3, 4], [5, 6]], tok, cfg, torch.no_grad(),
+    again = rollout(policy, ref, rm, critic, [[1, 2, 3, 4], [5, 6]], 10, 5, 0.7, torch.no_grad(),
                     torch.Generator().manual_seed(0), sampler=copy.deepcopy(policy))
     assert torch.equal(again["tokens"], b["tokens"]) and torch.allclose(again["logprobs"], b["logprobs"], atol=1e-5)
 
@@ -220,7 +219,7 @@ def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
 def test_add_advantages_whitens_over_valid_tokens():
     policy, ref, rm = tiny_models(1)
     cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0, missing_eos_penalty=0.0, score_norm=False, gamma=1.0, lam=0.95)
-    b = rollout(policy, ref, rm, rm, [[1, 2, 3], [4, 5], [6], [7, 8, 9]], SimpleNamespace(eot=10), cfg,
+    b = rollout(policy, ref, rm, rm, [[1, 2, 3], [4, 5], [6], [7, 8, 9]], 10, cfg.max_new_tokens, cfg.temperature,
                 torch.no_grad(), torch.Generator().manual_seed(0))
     add_advantages(b, cfg, 0.1, None)
     m = b["mask"]

@@ -5,7 +5,8 @@ import torch
 
 import data
 from gpt import GPT, GPTConfig
-from reward import RewardModel, group_batch, last_index, preference_loss
+from data import last_index
+from reward import RewardModel, group_batch, preference_loss
 
 
 def test_preference_loss_matches_hand_computed():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import bench
-from gpt import load_checkpoint
-from hf import TOKEN_ROWS
+from gpt import TOKEN_ROWS
+from hf import load_checkpoint
 from util import UserError
 from ppo import Config as PPOConfig, check_config
 

@@ -67,7 +67,7 @@ def test_scripts_help_lists_settings():
 
 def test_scripts_gpt2_path_on_fixture_and_hh(tmp_path):
     out = str(tmp_path)
-    run("gpt.py", "convert", os.path.join(SHARED, "fixtures", "hf-gpt2-tiny"), f"{out}/gpt2-tiny.pt")
+    run("hf.py", "convert", os.path.join(SHARED, "fixtures", "hf-gpt2-tiny"), f"{out}/gpt2-tiny.pt")
     common = [f"--data={HH}", "--max_len=64", "--max_prompt_len=48"]
     run("sft.py", f"--out_dir={out}", f"--init={out}/gpt2-tiny.pt", *common, *TINY_SFT[3:], "--batch_size=2", "--lr=1e-4")
     run("reward.py", f"--out_dir={out}", f"--sft_ckpt={out}/sft.pt", *common, *TINY_RM[1:], "--batch_size=2", "--norm_samples=2")
@@ -75,5 +75,5 @@ def test_scripts_gpt2_path_on_fixture_and_hh(tmp_path):
             "--max_prompt_len=48", "--max_new_tokens=8", "--iters=1", "--rollout_batch=2", "--minibatch=1",
             "--ppo_epochs=1", "--eval_prompts=2", "--eval_samples=1")
     assert "final evaluation" in r.stdout
-    r = run("gpt.py", "export", f"{out}/ppo.pt", f"{out}/hf")
+    r = run("hf.py", "export", f"{out}/ppo.pt", f"{out}/hf")
     assert os.path.exists(f"{out}/hf/model.safetensors")

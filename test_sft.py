@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from sft import batch_indices, sft_loss
+from data import batch_indices
+from sft import sft_loss
 
 
 def naive_sft_loss(logits, tokens, loss_mask):

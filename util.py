@@ -195,9 +195,14 @@ def get_device(device="auto"):
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def resolve_dtype(device, dtype="auto"):
+    """The one place that picks precision: bf16 on CUDA (no loss scaling needed), fp32 on CPU."""
+    return ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+
+
 def autocast(device, dtype="auto"):
-    """The one place that picks precision: bf16 autocast on CUDA (no loss scaling needed), fp32 on CPU."""
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    """The training precision as a context: autocast to resolve_dtype(device, dtype), or nothing for fp32."""
+    dtype = resolve_dtype(device, dtype)
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))

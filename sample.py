@@ -1,0 +1,40 @@
+"""
+Sample from a checkpoint: ours (.pt, from sft.py, ppo.py or `python hf.py convert`) or a Hugging
+Face GPT-2 directory.
+
+    python sample.py --ckpt=out/ppo.pt --prompt=$'\n\nHuman: How do I bake bread?\n\nAssistant:' --n=3
+"""
+import torch
+
+from data import Tokenizer
+from gpt import generate
+from hf import load_checkpoint, load_hf, model_from_checkpoint
+from util import UserError, main_guard
+
+
+def main(argv):
+    opts = dict(ckpt="", prompt="\n", n=3, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    for a in argv:
+        k, _, v = a.lstrip("-").partition("=")
+        if k not in opts:
+            raise UserError(f"unknown option --{k}; valid: {', '.join('--' + o for o in opts)}")
+        try:
+            opts[k] = type(opts[k])(v)
+        except ValueError:
+            raise UserError(f"--{k}={v}: expected {type(opts[k]).__name__}") from None
+    if not opts["ckpt"]:
+        raise UserError("--ckpt=PATH is required (a .pt from sft.py, ppo.py or hf.py convert, or an HF dir)")
+    ck = load_checkpoint(opts["ckpt"]) if opts["ckpt"].endswith(".pt") else None
+    model = model_from_checkpoint(ck, opts["ckpt"]) if ck else load_hf(opts["ckpt"])
+    tok = Tokenizer(ck.get("vocab") if ck else None)
+    ids = torch.tensor([tok.encode(opts["prompt"])[-(model.config.block_size - opts["max_new_tokens"]):]] * opts["n"])
+    g = torch.Generator().manual_seed(opts["seed"])
+    out, gen = generate(model.eval(), ids, torch.ones_like(ids), opts["max_new_tokens"], opts["temperature"],
+                        opts["top_k"], opts["top_p"], tok.eot, g)
+    for row, m in zip(out, gen):
+        print(opts["prompt"] + tok.decode(row[m.bool()].tolist()).replace("<|endoftext|>", ""))
+        print("-" * 40)
+
+
+if __name__ == "__main__":
+    main_guard(main)
