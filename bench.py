@@ -17,8 +17,8 @@ import torch
 
 import onednn
 from gpt import CONFIGS, GPT, GPTConfig, generate
-from ppo import Config as PPOConfig, add_advantages, make_sampler, ppo_update
-from rollout import rollout
+from ppo import Config as PPOConfig, ppo_update
+from rollout import add_advantages, make_sampler, rollout
 from reward import RewardModel
 from sft import sft_loss
 from util import UserError, autocast, get_device, main_guard, make_optimizer, parse_config, write_json

@@ -27,7 +27,7 @@ from hf import load_checkpoint, load_weights, model_from_checkpoint, save_checkp
 from reward import load_reward_model
 from sft import sft_loss
 from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, main_guard, make_optimizer,
-                  parse_config, resolve_dtype, write_json)
+                  parse_config, write_json)
 
 
 @dataclass
@@ -84,8 +84,11 @@ def token_logprobs(logits, tokens):
 def policy_logprobs(model, tokens, attn, temperature, start=0):
     """Log-probs (B, T-1-start) of tokens[:, start+1:] at the sampling temperature (the distribution
     the tokens were drawn from), and the tempered logits (B, T-1-start, V) they came from. With
-    start = P - 1 (P prompt columns) that is the response tokens only, and the LM head skips the prompt."""
-    logits = model(tokens, attn, first=start)[:, :-1] / temperature
+    start = P - 1 (P prompt columns) that is the response tokens only, and the LM head skips the prompt.
+    Both come out in float32 (or float64) whatever the model's precision (the log-softmax of bf16 logits is off
+    by up to ~0.05), so that the rollout, the reference and the update compute them alike."""
+    logits = model(tokens, attn, first=start)[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     return token_logprobs(logits, tokens[:, start + 1:]), logits
 
 
@@ -185,34 +188,6 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, lo
     return loss
 
 
-class AdaptiveKLController:
-    """Ziegler et al. 2019, §2.2: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)
-    after each batch of n rollouts whose mean per-response KL is KL."""
-
-    def __init__(self, value, target, horizon):
-        self.value, self.target, self.horizon = value, target, horizon
-
-    def update(self, kl, n):
-        self.value *= 1 + max(-0.2, min(0.2, kl / self.target - 1)) * n / self.horizon
-
-
-class RunningMoments:
-    """Running mean and std of all scores seen (Chan et al.'s parallel variance update)."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, x):
-        n, mean, m2 = x.numel(), x.mean().item(), ((x - x.mean()) ** 2).sum().item()
-        delta, tot = mean - self.mean, self.n + n
-        self.mean += delta * n / tot
-        self.m2 += m2 + delta ** 2 * self.n * n / tot
-        self.n = tot
-
-    @property
-    def std(self):
-        return math.sqrt(self.m2 / max(1, self.n - 1)) if self.n > 1 else 1.0
-
 # -----------------------------------------------------------------------------
 # the update (the rollouts it learns from are in rollout.py)
 
@@ -253,30 +228,6 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
                     grad_norm=norms[0], vf_grad_norm=norms[1]))
     means = all_sum(torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0)) / WORLD
     return dict(zip(stats[0], means.tolist()))  # one host sync for the whole update
-    return dict(loss=s[0], clipfrac=s[1], approx_kl=s[2], value_loss=s[3], grad_norm=s[4], vf_grad_norm=s[5])
-
-
-def add_advantages(b, cfg, kl_coef, moments):
-    """Rollout batch b -> b["rewards"], b["advantages"] (whitened over the batch's valid tokens)
-    and b["returns"]: scores (with the optional no-eos penalty and running normalisation) become
-    per-token KL-penalised rewards, then GAE."""
-    scores = b["scores"]
-    if cfg.missing_eos_penalty:
-        scores = scores - cfg.missing_eos_penalty * (~b["ended"]).float()
-    if cfg.score_norm:
-        moments.update(scores)
-        scores = (scores - moments.mean) / moments.std
-    b["rewards"] = kl_penalized_rewards(scores, b["logprobs"], b["ref_logprobs"], b["mask"], kl_coef)
-    adv, b["returns"] = gae(b["rewards"], b["values"], b["mask"], cfg.gamma, cfg.lam)
-    b["advantages"] = whiten(adv, b["mask"])  # per batch, so the policy step size does not follow the reward scale
-    return b
-
-
-def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over valid tokens: 1 = a perfect critic, 0 = no better than a constant."""
-    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    d = returns - values
-    return (1 - masked_mean((d - masked_mean(d, mask)) ** 2, mask) / var_r).item()
 
 
 def default_log(out_dir):
@@ -317,15 +268,6 @@ def check_config(cfg):
         raise UserError("--adaptive_kl=True needs a starting --kl_coef > 0")
 
 
-def make_sampler(policy, cfg, device):
-    """The copy of the policy that samples, its weights in --rollout_dtype (cast once per update, where
-    autocast would cast them at every decode step), or None: the fp32 policy samples itself. A decode
-    step is bound by reading the weights, and a bf16 copy reads half the bytes. It samples slightly
-    off the policy, whose log-probs a scoring forward then takes (rollout.py), as vLLM rollouts do."""
-    dtype = resolve_dtype(device, cfg.dtype) if cfg.rollout_dtype == "auto" else cfg.rollout_dtype
-    return None if dtype == "float32" else copy.deepcopy(policy).to(getattr(torch, dtype)).requires_grad_(False)
-
-
 def seeded(*key, device="cpu"):
     """A generator seeded by a tuple of ints: each iteration's randomness is a function of (seed,
     rank, iteration), so --resume needs no generator state and every rank samples its own."""
@@ -334,7 +276,8 @@ def seeded(*key, device="cpu"):
 
 def train(cfg, log=None):
     """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation (rank 0 only)."""
-    from rollout import evaluate, rollout  # here, not at the top: rollout.py imports this file's math
+    from rollout import (AdaptiveKLController, RunningMoments, add_advantages, evaluate, explained_variance,  # here:
+                         make_sampler, rollout)  # rollout.py imports this file's math
     check_config(cfg)
     device = ddp_init(get_device(cfg.device))
     log = log or default_log(cfg.out_dir)

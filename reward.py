@@ -77,7 +77,9 @@ class RewardModel(nn.Module):
         return self.gpt.config  # the trunk's GPTConfig
 
     def forward(self, tokens, attention_mask=None, first=0):
-        return self.head(self.gpt.hidden(tokens, attention_mask, first=first)).squeeze(-1)  # (B, T - first)
+        h = self.gpt.hidden(tokens, attention_mask, first=first)  # (B, T - first, C)
+        with torch.autocast(h.device.type, enabled=False):  # the scalar head in fp32, under bf16 autocast too
+            return self.head(h.to(self.head.weight.dtype)).squeeze(-1)  # (B, T - first)
 
     def score(self, tokens, attention_mask, left_padded=True, first=0):
         """Rewards (B,) read at each row's last real token. Right-padded rows need no mask. With

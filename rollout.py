@@ -1,15 +1,29 @@
 """
 The experience PPO learns from: sample responses from the policy and score them (log-probs under
-the policy and the reference, the reward model's score, the critic's values), and evaluate a policy
-on held-out prompts against the SFT policy. The math they use is ppo.py's; ppo.py's loop calls them,
-bench.py times them.
+the policy and the reference, the reward model's score, the critic's values), turn them into
+advantages, and evaluate a policy on held-out prompts against the SFT policy. The math they use is
+ppo.py's; ppo.py's loop calls them, bench.py times them.
 """
+import copy
+import math
+
 import torch
 
 import data
 import onednn
 from gpt import generate
-from ppo import kl_per_response, policy_logprobs
+from ppo import gae, kl_penalized_rewards, kl_per_response, masked_mean, policy_logprobs, whiten
+from util import resolve_dtype
+
+
+def make_sampler(policy, cfg, device):
+    """The copy of the policy that samples, its weights in --rollout_dtype (cast once per update, where
+    autocast would cast them at every decode step), or None: the fp32 policy samples itself. A decode
+    step is bound by reading the weights, and a bf16 copy reads half the bytes. It samples slightly
+    off the policy, whose log-probs a scoring forward then takes (rollout.py), as vLLM rollouts do."""
+    dtype = resolve_dtype(device, cfg.dtype) if cfg.rollout_dtype == "auto" else cfg.rollout_dtype
+    return None if dtype == "float32" else copy.deepcopy(policy).to(getattr(torch, dtype)).requires_grad_(False)
+
 
 
 @torch.no_grad()
@@ -17,9 +31,12 @@ def rollout(policy, ref, rm, critic, prompt_ids, pad_id, max_new_tokens, tempera
             width=None, static=False):
     """Sample responses to prompt_ids (token lists, left-padded with pad_id, the eos, to `width`
     columns, default the longest) and score them: everything PPO needs, on the R response columns:
-    mask (B, R) = 1 where a token was generated. Log-probs come from the sampling step itself (same
-    weights, same temperature) unless `sampler`, a low-precision copy of the policy, sampled: then
-    from policy. ref or critic None: no reference log-probs or values. static: see gpt.generate."""
+    mask (B, R) = 1 where a token was generated. In fp32 the policy's log-probs come from the sampling
+    step itself (same weights, same temperature: equal to a full forward's to ~1e-6); when `sampler`,
+    a low-precision copy of the policy, sampled, or under bf16 autocast, from a scoring forward of
+    policy, the same computation as the reference's and the update's (policy_logprobs), so that at
+    iteration 0 KL = 0 and ratio = 1 as in fp32. ref or critic None: no reference log-probs or
+    values. static: see gpt.generate."""
     x, pm = data.pad_left(prompt_ids, pad_id, width)
     device, P, was_training = next(policy.parameters()).device, x.size(1), policy.training
     x, pm = x.to(device), pm.to(device)
@@ -28,7 +45,8 @@ def rollout(policy, ref, rm, critic, prompt_ids, pad_id, max_new_tokens, tempera
         tokens, gen_mask, logprobs = generate(sampler or policy, x, pm, max_new_tokens, temperature, eos_id=pad_id,
                                               generator=gen, return_logprobs=True, static=static)
         attn = torch.cat([pm, gen_mask[:, P:]], 1)  # (B, P + R) prompt + response, no padding
-        logprobs = logprobs[:, P:] if sampler is None else policy_logprobs(policy, tokens, attn, temperature, P - 1)[0]
+        exact = sampler is None and not torch.is_autocast_enabled(device.type)  # the sampling step's log-probs are exact
+        logprobs = logprobs[:, P:] if exact else policy_logprobs(policy, tokens, attn, temperature, P - 1)[0]
         ref_logprobs = policy_logprobs(ref, tokens, attn, temperature, P - 1)[0] if ref is not None else None
         scores = rm.score(tokens, attn, first=P - 1).float()  # each row's last token is a response token
         values = critic(tokens, attn, first=P - 1)[:, :-1].float() if critic is not None else None  # V of the state before each token
@@ -36,6 +54,58 @@ def rollout(policy, ref, rm, critic, prompt_ids, pad_id, max_new_tokens, tempera
     return dict(tokens=tokens, attn=attn, mask=gen_mask[:, P:].float(), logprobs=logprobs.float(),
                 ref_logprobs=ref_logprobs, values=values, scores=scores,
                 ended=((tokens == pad_id) & gen_mask.bool()).any(1))
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, §2.2: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)
+    after each batch of n rollouts whose mean per-response KL is KL."""
+
+    def __init__(self, value, target, horizon):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl, n):
+        self.value *= 1 + max(-0.2, min(0.2, kl / self.target - 1)) * n / self.horizon
+
+
+class RunningMoments:
+    """Running mean and std of all scores seen (Chan et al.'s parallel variance update)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x):
+        n, mean, m2 = x.numel(), x.mean().item(), ((x - x.mean()) ** 2).sum().item()
+        delta, tot = mean - self.mean, self.n + n
+        self.mean += delta * n / tot
+        self.m2 += m2 + delta ** 2 * self.n * n / tot
+        self.n = tot
+
+    @property
+    def std(self):
+        return math.sqrt(self.m2 / max(1, self.n - 1)) if self.n > 1 else 1.0
+
+
+def add_advantages(b, cfg, kl_coef, moments):
+    """Rollout batch b -> b["rewards"], b["advantages"] (whitened over the batch's valid tokens)
+    and b["returns"]: scores (with the optional no-eos penalty and running normalisation) become
+    per-token KL-penalised rewards, then GAE."""
+    scores = b["scores"]
+    if cfg.missing_eos_penalty:
+        scores = scores - cfg.missing_eos_penalty * (~b["ended"]).float()
+    if cfg.score_norm:
+        moments.update(scores)
+        scores = (scores - moments.mean) / moments.std
+    b["rewards"] = kl_penalized_rewards(scores, b["logprobs"], b["ref_logprobs"], b["mask"], kl_coef)
+    adv, b["returns"] = gae(b["rewards"], b["values"], b["mask"], cfg.gamma, cfg.lam)
+    b["advantages"] = whiten(adv, b["mask"])  # per batch, so the policy step size does not follow the reward scale
+    return b
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 = a perfect critic, 0 = no better than a constant."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    d = returns - values
+    return (1 - masked_mean((d - masked_mean(d, mask)) ** 2, mask) / var_r).item()
 
 
 def responses(batch, tok):

@@ -86,6 +86,7 @@ def ppo_update_worker(out):
     responses end early. Gather, advantages (score normalisation on), 2 epochs x 2 minibatches of
     PPO; rank 0 saves."""
     import ppo
+    import rollout
     from ddp import RANK, WORLD, all_gather_rows, ddp_init, ddp_wrap
     from gpt import GPT, GPTConfig
     from util import make_optimizer
@@ -111,7 +112,7 @@ def ppo_update_worker(out):
         b = {k: v[rows, :v.size(1) - R + cut] if v.dim() > 1 else v[rows] for k, v in b.items()}
     b = all_gather_rows(b)
     cfg = ppo.Config(rollout_batch=B, minibatch=4, ppo_epochs=2, score_norm=True, ent_coef=0.01, lr=1e-3, vf_lr=1e-3)
-    ppo.add_advantages(b, cfg, cfg.kl_coef, ppo.RunningMoments())
+    rollout.add_advantages(b, cfg, cfg.kl_coef, rollout.RunningMoments())
     opts = [make_optimizer(m.parameters(), 1e-3, 0.0) for m in (policy, critic)]
     stats = ppo.ppo_update(ddp_wrap(policy, "cpu"), ddp_wrap(critic, "cpu"), opts, b, cfg, contextlib.nullcontext(),
                            ppo.seeded(0, 1, 0))

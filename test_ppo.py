@@ -4,14 +4,16 @@ import copy
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
+import ppo
 from gpt import GPT, GPTConfig
-from ppo import (AdaptiveKLController, add_advantages, entropy, gae, kl_penalized_rewards, ppo_loss, ppo_policy_loss,
+from ppo import (entropy, gae, kl_penalized_rewards, kl_stats, policy_logprobs, ppo_loss, ppo_policy_loss, token_logprobs,
                  value_loss, whiten)
-from ppo import kl_stats, policy_logprobs, token_logprobs
-from rollout import rollout
 from reward import RewardModel
+from rollout import AdaptiveKLController, add_advantages, make_sampler, rollout
+from util import autocast
 
 # two rows of different lengths: row 0 is left-padded and ends early, row 1 runs to the end
 MASK = torch.tensor([[0., 1., 1., 1., 0.], [1., 1., 1., 1., 1.]])
@@ -226,3 +228,27 @@ def test_add_advantages_whitens_over_valid_tokens():
     assert abs((b["advantages"] * m).sum() / m.sum()) < 1e-5
     assert abs(((b["advantages"] ** 2) * m).sum() / m.sum() - 1) < 1e-3, "advantages are whitened"
     assert (b["advantages"][m == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,rollout_dtype,tol", [("float32", "auto", 1e-6), ("bfloat16", "auto", 1e-4),
+                                                     ("bfloat16", "float32", 1e-4)])
+def test_iteration_zero_kl_is_zero_and_ratio_is_one(dtype, rollout_dtype, tol):
+    """With the policy equal to the reference, the rollout's KL is 0 per token and the update's first
+    ratio is 1, in fp32 and under bf16 autocast (where ppo.py samples with a bf16 copy and takes the
+    log-probs from a scoring forward over fp32 logits, the update's computation). Full vocabulary."""
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
+    ref, rm = copy.deepcopy(policy).eval(), RewardModel(copy.deepcopy(policy)).eval()
+    ctx = autocast("cpu", dtype)
+    sampler = make_sampler(policy, ppo.Config(dtype=dtype, rollout_dtype=rollout_dtype), "cpu")
+    assert (sampler is None) == (dtype == "float32" or rollout_dtype == "float32")
+    prompts = torch.randint(0, 50256, (8, 6)).tolist()
+    b = rollout(policy, ref, rm, rm, prompts, 50256, 10, 0.7, ctx, torch.Generator().manual_seed(0), sampler)
+    k1, k3, _ = kl_stats(b)
+    assert abs(k1) <= tol and abs(k3) <= tol, f"{dtype}: KL per token at iteration 0 is k1 {k1:.2e}, k3 {k3:.2e}, not 0"
+    mb, P = torch.tensor([5, 2, 7]), b["tokens"].size(1) - b["mask"].size(1)
+    with ctx:
+        lp, _ = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], 0.7, P - 1)
+    ratio = torch.exp(lp - b["logprobs"][mb])[b["mask"][mb].bool()]
+    assert (ratio - 1).abs().max() <= tol, f"{dtype}: first PPO ratio off 1 by {(ratio - 1).abs().max():.2e}"
+    assert b["mask"].sum() > 20 and lp.dtype == torch.float32

@@ -41,6 +41,9 @@ def main_guard(main, argv=None):
             raise
         print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
+    except BrokenPipeError:  # `python ppo.py --help | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's docs, "Note on SIGPIPE"
+        sys.exit(1)
 
 
 def keep_freed_memory():
@@ -105,8 +108,10 @@ def parse_config(cls, argv):
     if "--help" in argv or "-h" in argv:
         comments = _field_comments(cls)
         print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\n\nsettings:")
-        for name, f in fields.items():
-            print(f"  --{name}={f.default!s:<14} {comments.get(name, '')}")
+        left = {name: f"--{name}={f.default!s}" for name, f in fields.items()}
+        width = max(map(len, left.values()))
+        for name in fields:
+            print(f"  {left[name]:<{width}}  {comments.get(name, '')}")
         sys.exit(0)
     overrides = {}
     for arg in argv:
