@@ -6,7 +6,7 @@ through them in the same process and the table shows our/their ratios (our PPO i
 with TRL's, so both see the same machine). Neither is ever needed.
 
     python bench.py                                  # CPU defaults, as quoted in the README
-    python bench.py --device=cuda --sft_batch=16 --sft_len=1024 --gen_batches=8,64 --new_tokens=128
+    python bench.py --preset=gpu --hh=harmless-base-test.jsonl.gz   # the README's GPU table (+ an SFT row on real lengths)
 """
 import os
 import statistics
@@ -132,7 +132,8 @@ def flops_per_token(cfg, T):
 def bench_sft(model, cfg, bc, device, ctx, batches=None):
     """SFT steps on sft_batch x sft_len random tokens; with `batches` (lists of token lists, real
     data), on those instead, each padded to its longest row rounded up to 64 (sft.py's --bucket)."""
-    fmodel = torch.compile(model) if bc.compile else model
+    loss_fn = lambda x: sft_loss(model(x), x, torch.ones_like(x))  # every token a response token, as HF's causal-LM loss
+    loss_fn = torch.compile(loss_fn) if bc.compile else loss_fn  # the model and the loss: the LM head's softmax fused
     opt = make_optimizer(model.parameters(), 1e-4, 0.1)
     fixed = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
     it, seen = iter(batches or []), []
@@ -147,7 +148,7 @@ def bench_sft(model, cfg, bc, device, ctx, batches=None):
             seen.append((sum(min(len(r), x.size(1)) for r in rows), x.numel()))
             x = x.to(device)
         with ctx:
-            loss = sft_loss(fmodel(x), x, torch.ones_like(x))  # every token a response token, as HF's causal-LM loss
+            loss = loss_fn(x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -286,12 +286,16 @@ def encode_examples(tok, prompts, responses, max_len, max_prompt_len, name="data
     return examples
 
 
-def pad_right(examples, pad_id):
+def pad_right(examples, pad_id, multiple=1, limit=None):
     """Batch [(prompt_ids, response_ids)] for training: row b is prompt + response, right-padded with
-    pad_id to T, the longest row. Returns a dict of (B, T) long tensors: tokens; attn_mask, 1 on real
-    tokens; loss_mask, 1 on response tokens only (targets: the logits at t-1 predict the token at t).
-    pad_id may be the eot: the masks, not the ids, tell padding apart."""
-    T = max(len(p) + len(r) for p, r in examples)
+    pad_id to T, the longest row rounded up to a multiple of `multiple` but not past `limit` (few
+    distinct shapes for compiled GPU kernels). Returns a dict of (B, T) long tensors: tokens;
+    attn_mask, 1 on real tokens; loss_mask, 1 on response tokens only (targets: the logits at t-1
+    predict the token at t). pad_id may be the eot: the masks, not the ids, tell padding apart."""
+    longest = max(len(p) + len(r) for p, r in examples)
+    T = -(-longest // multiple) * multiple
+    if limit is not None:
+        T = max(longest, min(T, limit))
     tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
     attn_mask = torch.zeros_like(tokens)  # (B, T)
     loss_mask = torch.zeros_like(tokens)  # (B, T)

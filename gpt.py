@@ -294,17 +294,25 @@ class DecodeGraph:
     def __call__(self, model):
         self.cache.index = self.index
         if self.graph is None:  # captured at the first step: the warm-up runs write what this step writes anyway
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    model.decode_step(self.token, self.mask, self.cache)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = model.decode_step(self.token, self.mask, self.cache)
+            # Under autocast, fp32 weights are cast once per autocast region and the cast cached; a graph
+            # would keep reading the cached copy after the region has freed it. Without the cache, the
+            # casts are in the graph (ppo.py samples with a bf16 copy of the policy: no casts at all).
+            on, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+            with torch.autocast("cuda", dtype, enabled=on, cache_enabled=False):
+                self.capture(model)
         self.graph.replay()
         return self.logits
+
+    def capture(self, model):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.decode_step(self.token, self.mask, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.token, self.mask, self.cache)
 
 
 _graphs = weakref.WeakKeyDictionary()  # model -> (its weights' addresses, {(B, T_max, dtype, autocast): DecodeGraph})

@@ -156,7 +156,7 @@ def load_checkpoint(path, stage=None, hint=""):
     except Exception as e:
         raise UserError(f"{path}: unreadable checkpoint (truncated or corrupt?): {str(e).splitlines()[0][:200]}")
     if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
-        raise UserError(f"{path}: not a minrlhf checkpoint (no config/model); convert HF weights with `python gpt.py convert`")
+        raise UserError(f"{path}: not a minrlhf checkpoint (no config/model); convert HF weights with `python hf.py convert`")
     stages = (stage,) if isinstance(stage, str) else stage
     if stages and ck.get("stage") not in stages:
         raise UserError(f"{path}: a {ck.get('stage')!r} checkpoint, expected {' or '.join(map(repr, stages))}")

@@ -48,6 +48,8 @@ class Config:
     seed: int = 0  # data order and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model for training (CUDA)
+    bucket: int = 0  # batch lengths rounded up to a multiple of this, up to max_len (0 = 64 on CUDA, 1 on CPU)
     resume: bool = False  # continue from out_dir/reward_last.pt
 
 
@@ -112,9 +114,10 @@ def encode_groups(groups, tok, cfg, name):
     return out
 
 
-def group_batch(groups, idx, pad_id):
+def group_batch(groups, idx, pad_id, bucket=1, limit=None):
     """Groups idx -> padded sequences (every response once) and the (chosen, rejected) row
-    indices of all K(K-1)/2 pairs of each group: response i beats response j when i < j."""
+    indices of all K(K-1)/2 pairs of each group: response i beats response j when i < j. The
+    sequences are right-padded by data.pad_right (lengths rounded up to a multiple of bucket, up to limit)."""
     seqs, ci, ri = [], [], []
     for g in (groups[j] for j in idx):
         base = len(seqs)
@@ -123,7 +126,7 @@ def group_batch(groups, idx, pad_id):
             for j in range(i + 1, len(g)):
                 ci.append(base + i)
                 ri.append(base + j)
-    return data.pad_right(seqs, pad_id), torch.tensor(ci), torch.tensor(ri)
+    return data.pad_right(seqs, pad_id, bucket, limit), torch.tensor(ci), torch.tensor(ri)
 
 
 def pair_rewards(rm, b, ci, ri, device):
@@ -211,7 +214,7 @@ def main(argv):
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")
     ctx = autocast(device, cfg.dtype)
-    trm = ddp_wrap(rm, device)  # for training; rank 0 evaluates with rm alone
+    trm = ddp_wrap(torch.compile(rm) if cfg.compile else rm, device)  # for training; rank 0 evaluates with rm alone
     print(f"reward: {len(train)} train / {len(val)} val {cfg.kind}, device {device}")
 
     def save(path, it, best_loss, **extra):
@@ -237,7 +240,7 @@ def main(argv):
         for group in opt.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
         idx = data.batch_indices(len(train), it, cfg.batch_size, cfg.seed)[RANK::WORLD]  # this rank's prompts
-        b, ci, ri = group_batch(train, idx, tok.eot)
+        b, ci, ri = group_batch(train, idx, tok.eot, cfg.bucket or (64 if device.startswith("cuda") else 1), cfg.max_len)
         n_all = all_sum(torch.tensor(len(ci), device=device))  # pairs in the global batch
         with ctx:
             rc, rr = pair_rewards(trm, b, ci, ri, device)

@@ -47,7 +47,8 @@ class Config:
     seed: int = 0  # data order, init and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: bool = False  # torch.compile the model and the loss for training (CUDA; H200: SFT step 50 -> 37 ms)
+    bucket: int = 0  # batch lengths rounded up to a multiple of this, up to max_len (0 = 64 on CUDA, 1 on CPU)
     resume: bool = False  # continue from out_dir/sft_last.pt
 
 
@@ -162,8 +163,10 @@ def main(argv):
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")
     ctx = autocast(device, cfg.dtype)
-    fmodel = torch.compile(model) if cfg.compile else model
-    tmodel = ddp_wrap(fmodel, device)  # for training; rank 0 evaluates and samples with fmodel/model alone
+    tmodel = ddp_wrap(model, device)  # for training; rank 0 evaluates and samples with model alone
+    train_loss = lambda x, m: sft_loss(tmodel(x), x, m)
+    train_loss = torch.compile(train_loss) if cfg.compile else train_loss  # the LM head's softmax fused in
+    bucket = cfg.bucket or (64 if device.startswith("cuda") else 1)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"sft: {n_params / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val examples, device {device}")
 
@@ -177,7 +180,7 @@ def main(argv):
             save_and_exit(lambda: save(last_path, it, best), f"sft: stopped before step {it}; saved {last_path}; continue with --resume")
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             if RANK == 0:  # one process evaluates and saves while the others wait at the barrier
-                val_loss = evaluate(fmodel, val, cfg, tok, ctx, device)
+                val_loss = evaluate(model, val, cfg, tok, ctx, device)
                 print(f"sft {it}/{cfg.max_iters} | val loss {val_loss:.4f}")
                 print_samples(model, [r["prompt"] for r in val_rec], tok, cfg, device)
                 if val_loss < best:
@@ -191,7 +194,7 @@ def main(argv):
             group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
         for micro in range(cfg.grad_accum):
             idx = data.batch_indices(len(train), it * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)[RANK::WORLD]
-            b = data.pad_right([train[j] for j in idx], tok.eot)
+            b = data.pad_right([train[j] for j in idx], tok.eot, bucket, cfg.max_len)
             x, m = b["tokens"].to(device), b["loss_mask"].to(device)
             n = m[:, 1:].sum()  # this rank's response tokens: the ones sft_loss averages over
             n_all = all_sum(n.clone())  # ... and the whole global batch's
@@ -202,7 +205,7 @@ def main(argv):
                     # gradients over ranks: the update is then the single-process one on the same global
                     # batch (without torchrun n = n_all, WORLD = 1: a factor 1). Dividing by grad_accum
                     # makes the summed gradient the mean over micro-batches.
-                    loss = sft_loss(tmodel(x), x, m) * (n * WORLD / n_all) / cfg.grad_accum
+                    loss = train_loss(x, m) * (n * WORLD / n_all) / cfg.grad_accum
                 loss.backward()
             tokens_seen += int(b["attn_mask"].sum())
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)

@@ -267,3 +267,14 @@ def test_pad_left_shapes_masks_by_hand():
     assert tokens.dtype == torch.long and tokens.shape == (3, 3)
     assert tokens.tolist() == [[99, 1, 2], [99, 99, 3], [4, 5, 6]]
     assert attn_mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
+
+
+def test_pad_right_buckets_lengths_up_to_the_limit():
+    """Lengths rounded up to a multiple of `multiple` (few shapes for compiled kernels), never past
+    `limit`, never below the longest row; the masks still mark exactly the real tokens."""
+    ex = [([1, 2], [3, 4, 5]), ([6], [7])]
+    assert pad_right(ex, 0)["tokens"].shape == (2, 5)
+    b = pad_right(ex, 0, 4)
+    assert b["tokens"].shape == (2, 8) and b["attn_mask"].sum(1).tolist() == [5, 2] and b["loss_mask"].sum(1).tolist() == [3, 1]
+    assert pad_right(ex, 0, 4, limit=6)["tokens"].shape == (2, 6)
+    assert pad_right(ex, 0, 64, limit=3)["tokens"].shape == (2, 5)
