@@ -37,7 +37,9 @@ class Config:
     reward_ckpt: str = "out/reward.pt"  # the frozen reward model; also the critic's init
     out_dir: str = "out"  # writes ppo.pt, ppo_metrics.jsonl, ppo_eval.json
     iters: int = 75  # PPO iterations (one rollout batch + its update epochs each)
-    rollout_batch: int = 64  # prompts sampled per iteration
+    rollout_batch: int = 64  # responses sampled per iteration (rollout_batch / samples_per_prompt prompts)
+    advantage: str = "gae"  # gae (PPO's critic) | rloo | grpo: critic-free, from samples_per_prompt >= 2 per prompt
+    samples_per_prompt: int = 1  # k responses to each prompt (RLOO's and GRPO's group)
     minibatch: int = 16  # rollouts per gradient step; must divide rollout_batch (both: by the processes too)
     ppo_epochs: int = 4  # passes over each rollout batch
     max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
@@ -139,6 +141,24 @@ def gae(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
+def rloo_advantages(returns, k):
+    """RLOO, REINFORCE Leave-One-Out (Ahmadian et al. 2024, arXiv:2402.14740): the baseline of each
+    response is the mean return of the other k - 1 responses to its prompt.
+    returns: (B,) one return per response, B = n_prompts * k, the k responses of a prompt in adjacent
+    rows. A_i = R_i - (sum_j R_j - R_i) / (k - 1) over its group, k >= 2. Returns (B,), R's dtype."""
+    r = returns.view(-1, k)  # (n_prompts, k)
+    return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)
+
+
+def grpo_advantages(returns, k, eps=1e-4):
+    """GRPO's group-normalised advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2):
+    A_i = (R_i - mean(R_group)) / (std(R_group) + eps), std with Bessel's correction (n - 1), over the
+    k >= 2 responses to the same prompt. returns: (B,), B = n_prompts * k, groups in adjacent rows.
+    A group whose returns are all equal gets 0 (nothing to learn from it). Returns (B,), R's dtype."""
+    r = returns.view(-1, k)  # (n_prompts, k)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
 def whiten(x, mask, shift_mean=True):
     """Normalise over valid entries: (x - mean) / sqrt(var + 1e-8), mean = masked_mean(x),
     var = masked_mean((x - mean)^2). With shift_mean=False the mean is added back (only the
@@ -207,7 +227,8 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
             share = m.sum() * WORLD / all_sum(m.sum())
             with ctx:
                 logprobs, logits = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], cfg.temperature, P - 1)
-                values = critic(b["tokens"][mb], b["attn"][mb], first=P - 1)[:, :-1].float()
+                # without a critic (RLOO, GRPO) values, old values and returns are 0: no value loss
+                values = 0 * m if critic is None else critic(b["tokens"][mb], b["attn"][mb], first=P - 1)[:, :-1].float()
                 ptx_loss = ptx() if ptx is not None else None
             loss = share * ppo_loss(logprobs=logprobs, old_logprobs=b["logprobs"][mb], advantages=b["advantages"][mb],
                                     values=values, old_values=b["values"][mb], returns=b["returns"][mb], logits=logits,
@@ -215,7 +236,7 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
                                     ent_coef=cfg.ent_coef, ptx_loss=ptx_loss, ptx_coef=cfg.ptx_coef)
             loss.backward()
             norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                     for model in (policy, critic)]
+                     if model is not None else torch.zeros(()) for model in (policy, critic)]
             for opt in opts:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -266,6 +287,13 @@ def check_config(cfg):
         raise UserError(f"--rollout_dtype={cfg.rollout_dtype}: expected auto, float32, bfloat16 or float16")
     if cfg.adaptive_kl and cfg.kl_coef <= 0:
         raise UserError("--adaptive_kl=True needs a starting --kl_coef > 0")
+    if cfg.advantage not in ("gae", "rloo", "grpo"):
+        raise UserError(f"--advantage={cfg.advantage}: expected gae, rloo or grpo")
+    if cfg.samples_per_prompt < (1 if cfg.advantage == "gae" else 2):
+        raise UserError(f"--advantage={cfg.advantage} needs --samples_per_prompt >= 2 (a group to compare within)")
+    if cfg.rollout_batch % (cfg.samples_per_prompt * WORLD):
+        raise UserError(f"--rollout_batch={cfg.rollout_batch}: not whole groups of --samples_per_prompt="
+                        f"{cfg.samples_per_prompt} for each of the {WORLD} processes")
 
 
 def seeded(*key, device="cpu"):
@@ -277,7 +305,7 @@ def seeded(*key, device="cpu"):
 def train(cfg, log=None):
     """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation (rank 0 only)."""
     from rollout import (AdaptiveKLController, RunningMoments, add_advantages, evaluate, explained_variance,  # here:
-                         make_sampler, rollout)  # rollout.py imports this file's math
+                         make_sampler, responses, rollout)  # rollout.py imports this file's math
     check_config(cfg)
     device = ddp_init(get_device(cfg.device))
     log = log or default_log(cfg.out_dir)
@@ -289,8 +317,9 @@ def train(cfg, log=None):
     rm = rm.to(device).eval().requires_grad_(False)  # frozen: the proxy reward
     # The critic is a separate copy of the reward model (InstructGPT §3.5): initialised to predict
     # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
-    critic = copy.deepcopy(rm).train().requires_grad_(True)
-    onednn.enable(policy, ref, rm, critic)  # the CPU fast path: fp32 matmuls through oneDNN (onednn.py)
+    critic = copy.deepcopy(rm).train().requires_grad_(True) if cfg.advantage == "gae" else None  # RLOO, GRPO: none
+    models = [m for m in (policy, ref, rm, critic) if m is not None]
+    onednn.enable(*models)  # the CPU fast path: fp32 matmuls through oneDNN (onednn.py)
     sampler = make_sampler(policy, cfg, device)
     if rm_ck.get("vocab") != sft_ck.get("vocab"):
         raise UserError(f"{cfg.reward_ckpt} and {cfg.sft_ckpt} use different vocabularies")
@@ -310,14 +339,16 @@ def train(cfg, log=None):
     def demo_loss(g):  # through the plain policy: DDP still all-reduces these gradients in the same backward
         p = data.pad_right([demos[j] for j in torch.randint(len(demos), (cfg.minibatch // WORLD,), generator=g)], tok.eot)
         return sft_loss(policy(p["tokens"].to(device)), p["tokens"].to(device), p["loss_mask"].to(device))
-    opts = [make_optimizer(policy.parameters(), cfg.lr, 0.0), make_optimizer(critic.parameters(), cfg.vf_lr, 0.0)]
+    opts = [make_optimizer(m.parameters(), lr, 0.0) for m, lr in ((policy, cfg.lr), (critic, cfg.vf_lr)) if m is not None]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     moments = RunningMoments()
     ctx, builtin, start, ev = autocast(device, cfg.dtype), cfg.data == "builtin", 0, None
     path = os.path.join(cfg.out_dir, "ppo.pt")
     if cfg.resume:
         ck = load_checkpoint(path, "ppo", "nothing to resume: run `python ppo.py` without --resume")
-        load_weights(policy, ck["model"], path, ck.get("config")), load_weights(critic, ck["critic"], path)
+        load_weights(policy, ck["model"], path, ck.get("config"))
+        if critic is not None:
+            load_weights(critic, ck["critic"], path)
         for opt, state in zip(opts, ck["optimizers"]):
             load_optimizer(opt, state, path)
         start, moments.__dict__ = ck["iter"], ck["moments"]
@@ -326,11 +357,11 @@ def train(cfg, log=None):
         print(f"resumed from {path} at iteration {start}")
     print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}, {WORLD} process(es)")
     compiled = (lambda m: torch.compile(m)) if cfg.compile else (lambda m: m)
-    tpolicy, tcritic = (ddp_wrap(compiled(m), device) for m in (policy, critic))  # what the update calls; the same weights
+    tpolicy, tcritic = (m and ddp_wrap(compiled(m), device) for m in (policy, critic))  # what the update calls; same weights
     static = cfg.cuda_graph and device.startswith("cuda")
 
     def save(it, **extra):
-        save_checkpoint(path, policy, "ppo", critic=critic.state_dict(), vocab=tok.vocab, cfg=asdict(cfg), iter=it,
+        save_checkpoint(path, policy, "ppo", critic=critic and critic.state_dict(), vocab=tok.vocab, cfg=asdict(cfg), iter=it,
                         optimizers=[o.state_dict() for o in opts], moments=dict(moments.__dict__),
                         kl_coef=kl_ctl.value if kl_ctl else cfg.kl_coef, **extra)
 
@@ -350,9 +381,14 @@ def train(cfg, log=None):
         t0 = time.time()
         if sampler is not None:
             sampler.load_state_dict(policy.state_dict())  # copy_ casts to the sampler's dtype
-        prompts = [train_ids[j] for j in batch_indices(len(train_ids), it, cfg.rollout_batch, cfg.seed)]
-        b = rollout(policy, ref, rm, critic, prompts[RANK::WORLD], tok.eot, cfg.max_new_tokens, cfg.temperature, ctx,
-                    seeded(cfg.seed, 0, RANK, it, device=device), sampler, width=max(map(len, prompts)), static=static)
+        k = cfg.samples_per_prompt  # each rank rolls out whole groups: k adjacent copies of a prompt
+        idx = batch_indices(len(train_ids), it, cfg.rollout_batch // k, cfg.seed)
+        mine = [j for j in idx[RANK::WORLD] for _ in range(k)]
+        b = rollout(policy, ref, rm, critic, [train_ids[j] for j in mine], tok.eot, cfg.max_new_tokens, cfg.temperature,
+                    ctx, seeded(cfg.seed, 0, RANK, it, device=device), sampler, static=static,
+                    width=max(len(train_ids[j]) for j in idx))  # padded alike on every rank
+        gold = sum(map(data.gold_score, [train_prompts[j] for j in mine], responses(b, tok))) / len(mine) if builtin else None
+        b = {k: v for k, v in b.items() if v is not None}  # no values without a critic
         # Every rank gets all ranks' rollouts (a few numbers per token), so whitening, score normalisation
         # and the KL controller see the global batch, as in one process; each trains on its share of it.
         b = all_gather_rows(b)
@@ -367,8 +403,8 @@ def train(cfg, log=None):
             kl_ctl.update(kl_seq, cfg.rollout_batch)
         m = dict(kind="train", iter=it, iters=cfg.iters, score=b["scores"].mean().item(), kl=k1, k3=k3, kl_seq=kl_seq,
                  kl_coef=kl_coef, entropy=masked_mean(-b["logprobs"], b["mask"]).item(),  # sampled: E[-log p] = H
-                 length=b["mask"].sum(1).mean().item(),
-                 ended=b["ended"].float().mean().item(), explained_var=explained_variance(b["values"], b["returns"], b["mask"]),
+                 length=b["mask"].sum(1).mean().item(), ended=b["ended"].float().mean().item(), **({"gold": gold} if builtin else {}),
+                 explained_var=float("nan") if critic is None else explained_variance(b["values"], b["returns"], b["mask"]),
                  rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
         if not all(math.isfinite(m[k]) for k in ("score", "loss", "kl", "grad_norm", "vf_grad_norm")):
             bad = [k for k in ("score", "loss", "kl", "grad_norm", "vf_grad_norm") if not math.isfinite(m[k])]

@@ -12,7 +12,8 @@ import torch
 import data
 import onednn
 from gpt import generate
-from ppo import gae, kl_penalized_rewards, kl_per_response, masked_mean, policy_logprobs, whiten
+from ppo import (gae, grpo_advantages, kl_penalized_rewards, kl_per_response, masked_mean, policy_logprobs,
+                 rloo_advantages, whiten)
 from util import resolve_dtype
 
 
@@ -86,9 +87,11 @@ class RunningMoments:
 
 
 def add_advantages(b, cfg, kl_coef, moments):
-    """Rollout batch b -> b["rewards"], b["advantages"] (whitened over the batch's valid tokens)
-    and b["returns"]: scores (with the optional no-eos penalty and running normalisation) become
-    per-token KL-penalised rewards, then GAE."""
+    """Rollout batch b -> b["rewards"], b["advantages"] and b["returns"]: scores (with the optional
+    no-eos penalty and running normalisation) become per-token KL-penalised rewards; then, with
+    cfg.advantage = gae, GAE over the critic's values, whitened over the batch's valid tokens; with
+    rloo or grpo, each response's return (its rewards summed: score - kl_coef * its KL) against the
+    other responses to its prompt, the same advantage on every token (returns and values 0: no critic)."""
     scores = b["scores"]
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * (~b["ended"]).float()
@@ -96,8 +99,14 @@ def add_advantages(b, cfg, kl_coef, moments):
         moments.update(scores)
         scores = (scores - moments.mean) / moments.std
     b["rewards"] = kl_penalized_rewards(scores, b["logprobs"], b["ref_logprobs"], b["mask"], kl_coef)
-    adv, b["returns"] = gae(b["rewards"], b["values"], b["mask"], cfg.gamma, cfg.lam)
-    b["advantages"] = whiten(adv, b["mask"])  # per batch, so the policy step size does not follow the reward scale
+    if cfg.advantage == "gae":
+        adv, b["returns"] = gae(b["rewards"], b["values"], b["mask"], cfg.gamma, cfg.lam)
+        b["advantages"] = whiten(adv, b["mask"])  # per batch, so the policy step size does not follow the reward scale
+        return b
+    estimator = rloo_advantages if cfg.advantage == "rloo" else grpo_advantages
+    adv = estimator(b["rewards"].sum(1), cfg.samples_per_prompt)  # (B,): the KL is in the return, as in both papers' RLHF
+    b["advantages"] = adv[:, None] * b["mask"]
+    b["values"] = b["returns"] = torch.zeros_like(b["mask"])
     return b
 
 

@@ -220,7 +220,8 @@ def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
 
 def test_add_advantages_whitens_over_valid_tokens():
     policy, ref, rm = tiny_models(1)
-    cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0, missing_eos_penalty=0.0, score_norm=False, gamma=1.0, lam=0.95)
+    cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0, missing_eos_penalty=0.0, score_norm=False, gamma=1.0, lam=0.95,
+                          advantage="gae")
     b = rollout(policy, ref, rm, rm, [[1, 2, 3], [4, 5], [6], [7, 8, 9]], 10, cfg.max_new_tokens, cfg.temperature,
                 torch.no_grad(), torch.Generator().manual_seed(0))
     add_advantages(b, cfg, 0.1, None)
@@ -252,3 +253,48 @@ def test_iteration_zero_kl_is_zero_and_ratio_is_one(dtype, rollout_dtype, tol):
     ratio = torch.exp(lp - b["logprobs"][mb])[b["mask"][mb].bool()]
     assert (ratio - 1).abs().max() <= tol, f"{dtype}: first PPO ratio off 1 by {(ratio - 1).abs().max():.2e}"
     assert b["mask"].sum() > 20 and lp.dtype == torch.float32
+
+
+def test_rloo_advantages_known_values():
+    """Two prompts, k = 3: each return minus the mean of the OTHER two of its group (not of all three,
+    which is GRPO's centre without the scale, and not of the whole batch)."""
+    from ppo import rloo_advantages
+    R = torch.tensor([1.0, 2.0, 6.0, -1.0, -1.0, 5.0])
+    got = rloo_advantages(R, 3)
+    want = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, -1 - 2.0, -1 - 2.0, 5 + 1.0])
+    assert torch.allclose(got, want), f"rloo {got.tolist()} != {want.tolist()} (leave-one-out mean of the group)"
+    group_centred = R.view(2, 3) - R.view(2, 3).mean(1, keepdim=True)
+    assert not torch.allclose(got, group_centred.view(-1)), "the inputs must tell leave-one-out from the group mean"
+    assert torch.allclose(got, group_centred.view(-1) * 3 / 2), "RLOO is the group-centred return times k / (k - 1)"
+
+
+def test_grpo_advantages_known_values_and_constant_groups():
+    """Group-normalised: (R - mean) / (sample std + eps) per prompt; a group of equal returns gives 0, not NaN."""
+    from ppo import grpo_advantages
+    R = torch.tensor([1.0, 2.0, 6.0, 3.0, 3.0, 3.0], dtype=torch.float64)
+    got = grpo_advantages(R, 3)
+    std = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)  # Bessel: divide by k - 1
+    want = torch.tensor([-2 / (std + 1e-4), -1 / (std + 1e-4), 3 / (std + 1e-4), 0, 0, 0], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-12), f"grpo {got.tolist()} != {want.tolist()}"
+    assert got.dtype == torch.float64 and torch.isfinite(got).all()
+    pop = torch.tensor([-2.0, -1.0, 3.0]) / (math.sqrt(14 / 3) + 1e-4)
+    assert not torch.allclose(got[:3].float(), pop), "the std divides by k - 1 (Bessel), as torch.std"
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_add_advantages_critic_free_uses_kl_penalised_returns(advantage):
+    """RLOO and GRPO: each response's return is its score minus kl_coef times its summed KL (the rewards
+    summed), its advantage the estimator over its prompt's group (k = 2 adjacent rows), on every
+    response token and nowhere else; no values, no returns."""
+    from ppo import grpo_advantages, rloo_advantages
+    mask = torch.tensor([[1., 1., 0.], [1., 1., 1.], [1., 0., 0.], [1., 1., 0.]])
+    logprobs = torch.tensor([[-1., -2., 0.], [-0.5, -1., -3.], [-2., 0., 0.], [-1., -1., 0.]])
+    ref = torch.tensor([[-1.5, -1., 0.], [-0.5, -2., -1.], [-1., 0., 0.], [-1., -3., 0.]])
+    b = dict(scores=torch.tensor([1.0, 0.0, 2.0, -1.0]), logprobs=logprobs, ref_logprobs=ref, mask=mask,
+             ended=torch.ones(4, dtype=torch.bool))
+    cfg = SimpleNamespace(missing_eos_penalty=0.0, score_norm=False, advantage=advantage, samples_per_prompt=2)
+    add_advantages(b, cfg, 0.5, None)
+    R = torch.tensor([1 - 0.5 * (0.5 - 1), 0 - 0.5 * (0 + 1 - 2), 2 - 0.5 * (-1), -1 - 0.5 * (0 + 2)])  # score - beta sum KL
+    A = (rloo_advantages if advantage == "rloo" else grpo_advantages)(R, 2)
+    assert torch.allclose(b["advantages"], A[:, None] * mask, atol=1e-6), f"{advantage}: advantages {b['advantages']}"
+    assert (b["returns"] == 0).all() and (b["values"] == 0).all()

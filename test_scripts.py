@@ -59,6 +59,23 @@ def test_scripts_ppo_options(builtin_run):
     assert coefs[0] == 0.1 and coefs[1] != coefs[0], "the adaptive controller moves kl_coef"
 
 
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_scripts_ppo_critic_free(builtin_run, advantage):
+    """RLOO and GRPO: groups of k responses per prompt, no critic built, trained or saved; gold logged
+    per iteration (the built-in task); a resumed run goes on."""
+    out, ck_args = builtin_run, [f"--sft_ckpt={builtin_run}/sft.pt", f"--reward_ckpt={builtin_run}/reward.pt"]
+    args = [f"--out_dir={out}/{advantage}", *ck_args, *TINY_PPO, f"--advantage={advantage}", "--samples_per_prompt=4"]
+    run("ppo.py", *args)
+    ck = torch.load(os.path.join(out, advantage, "ppo.pt"), weights_only=True)
+    assert ck["critic"] is None and len(ck["optimizers"]) == 1
+    train = [json.loads(l) for l in open(os.path.join(out, advantage, "ppo_metrics.jsonl")) if '"train"' in l]
+    assert len(train) == 2 and all(-5 <= l["gold"] <= 1 for l in train) and all(l["vf_grad_norm"] == 0 for l in train)
+    r = run("ppo.py", *args, "--iters=3", "--resume")
+    assert "resumed from" in r.stdout and "ppo eval 3/3" in r.stdout
+    r = run("ppo.py", *args, "--samples_per_prompt=3", ok=False)
+    assert r.returncode == 2 and "whole groups" in r.stderr
+
+
 def test_scripts_help_lists_settings():
     for script in ("sft.py", "reward.py", "ppo.py"):
         r = run(script, "--help")
