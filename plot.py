@@ -95,13 +95,13 @@ def main(argv):
         raise UserError("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=FILE.png] [--kind=training|overopt]")
     if opts["kind"] not in ("training", "overopt"):
         raise UserError(f"--kind={opts['kind']}: expected training or overopt")
+    runs = {d: read_metrics(d) for d in dirs}
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no screen needed
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plot.py needs matplotlib: pip install matplotlib") from None
-    runs = {d: read_metrics(d) for d in dirs}
     out = opts["out"] or f"{opts['kind']}.png"
     (plot_training if opts["kind"] == "training" else plot_overopt)(runs, out, plt)
     print(f"wrote {out}")

@@ -94,3 +94,23 @@ def test_scripts_gpt2_path_on_fixture_and_hh(tmp_path):
     assert "final evaluation" in r.stdout
     r = run("hf.py", "export", f"{out}/ppo.pt", f"{out}/hf")
     assert os.path.exists(f"{out}/hf/model.safetensors")
+
+
+def test_plot_draws_runs_or_says_what_it_needs(tmp_path):
+    """plot.py: PNGs from runs' metrics files where matplotlib is installed, else one line saying so;
+    a directory without metrics is one line naming the file."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [dict(kind="train", iter=i, score=0.1 * i, gold=0.2 * i, kl=0.01 * i, length=4) for i in range(3)]
+    rows += [dict(kind="eval", iter=i, score=0.1 * i, gold=0.3, kl=0.01, kl_seq=0.05 * i, length=4) for i in (0, 2)]
+    (run_dir / "ppo_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = str(tmp_path / "t.png")
+    r = run("plot.py", str(run_dir), f"--out={png}", ok=False)
+    try:
+        import matplotlib  # noqa: F401 (optional)
+        assert r.returncode == 0 and os.path.getsize(png) > 1000, r.stderr
+        run("plot.py", str(run_dir), "--kind=overopt", f"--out={png}")
+    except ImportError:
+        assert r.returncode == 2 and r.stderr.strip() == "error: plot.py needs matplotlib: pip install matplotlib"
+    r = run("plot.py", str(tmp_path), ok=False)
+    assert r.returncode == 2 and "ppo_metrics.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
