@@ -90,9 +90,10 @@ def enable(*models):
 def packed(*models):
     """A scope in which the models' weights do not change (no optimizer step, no load): the oneDNN
     Linears' fp32 CPU weights are packed once on entry, used by every no-grad forward inside, and
-    dropped on exit. Only fp32 CPU weights are packed; on other models it does nothing."""
-    layers = [m for model in models for m in model.modules() if isinstance(m, Linear)
-              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    dropped on exit. Only fp32 CPU weights are packed; on other models it does nothing. Scopes nest:
+    layers an outer scope packed stay as they are (a frozen model can be packed once for a whole run)."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, Linear) and "_packed" not in m.__dict__
+              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]  # an outer scope's stay packed
     try:
         for m in layers:
             m._packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 8)  # tuned for 8 rows

@@ -121,6 +121,11 @@ def test_onednn_paths_equal_float64():
         with onednn.packed(model):
             assert "_packed" in model.lm_head.__dict__
             packed = model(ids)
+        with onednn.packed(model):
+            outer = model.lm_head._packed
+            with onednn.packed(model):  # nested: the outer scope's packed copy stays, and outlives the inner
+                assert model.lm_head._packed is outer
+            assert model.lm_head._packed is outer
     assert "_packed" not in model.lm_head.__dict__, "the packed copy must not outlive its scope"
     assert not torch.equal(fast, torch.zeros_like(fast))
     assert torch.allclose(fast, want, atol=1e-5) and torch.allclose(packed, want, atol=1e-5)
