@@ -27,6 +27,9 @@ def assert_close(what, got, want, tol=TOL, mistakes=(), hint="", labels=None):
                 "and logsumexp subtract the max first)"
     else:
         named = [n for n, wrong in mistakes if ((g - f64(wrong)).abs() <= tol).all()]
+        if not named and tol < 1e-9 and (err <= 1e-6 * w.abs().clamp(min=1)).all():
+            named = ["float32 rounding (1e-7 relative): float32 arithmetic on float64 inputs (.float(), a new "
+                     "tensor without dtype=)?"]
         first = f"looks like {named[0]}" if named else "0 everywhere: is the result cut from its input (.detach(), " \
             ".item(), .data, numpy) or never written?" if not g.any() else hint or "wrong values"
     bad = (err > tol).nonzero().tolist()

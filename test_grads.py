@@ -290,7 +290,7 @@ def test_sft_loss_grad_matches_finite_differences():
                      wrong_way))
     assert_close("grads.sft_loss_grad", got, want, mistakes=mistakes, hint=DERIVE)
     autograd = autograd_grads(lambda l: sft_loss(l, tokens, mask), logits)[0]
-    assert_close("grads.sft_loss_grad vs autograd", got, autograd)
+    assert_close("grads.sft_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12)
 
 
 def test_sft_loss_grad_stable_for_large_logits():
@@ -313,6 +313,8 @@ def test_preference_loss_grad_matches_finite_differences():
     assert_close("grads.preference_loss_grad d/d r_chosen", got_c, want_c, mistakes=mistakes, hint=DERIVE)
     assert_close("grads.preference_loss_grad d/d r_rejected", got_r, want_r,
                  mistakes=[("d/d r_rejected = -(d/d r_chosen): only the difference enters the loss", want_c)])
+    for what, g, a in zip(("r_chosen", "r_rejected"), (got_c, got_r), autograd_grads(preference_loss, rc, rr)):
+        assert_close(f"grads.preference_loss_grad d/d {what} vs autograd, to float64 precision", g, a, 1e-12)
 
 
 def test_preference_loss_grad_stable_for_large_differences():
@@ -343,6 +345,8 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
     mistakes.append(("the clip for A < 0 ignored: there the max picks the clipped term once rho < 1 - eps",
                      unclipped * ~((adv > 0) & (rho > 1 + CLIP))))
     assert_close("grads.ppo_policy_loss_grad", got, want, mistakes=mistakes, labels=labels, hint=DERIVE)
+    autograd = autograd_grads(lambda lp: ppo_policy_loss(lp, old, adv, mask, CLIP), logprobs)[0]
+    assert_close("grads.ppo_policy_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12, labels=labels)
 
 # -----------------------------------------------------------------------------
 # end to end: the parameters of a tiny float64 GPT (+ value head), every entry

@@ -180,7 +180,7 @@ def test_whiten_near_constant_and_constant_inputs_float64():
     want = (x - mean) / torch.sqrt(var + 1e-8) * m
     assert_close("whiten of a near-constant x (var 2e-10)", whiten(x, m), want, 1e-9,
                  [("divided by std + 1e-8: it is sqrt(var + 1e-8), which differs when var is near 0",
-                   (x - mean) / (var.sqrt() + 1e-8) * m)])
+                   (x - mean) / (var.sqrt() + 1e-8) * m)], "in x's dtype: float32 keeps only 7 digits of x = 3.00001")
     const = torch.full((2, 5), 4.0, dtype=torch.float64)
     assert_close("whiten of a constant x", whiten(const, m), torch.zeros_like(const), 1e-12,
                  hint="var = 0: the 1e-8 inside the sqrt keeps (x - mean) / sqrt(var + 1e-8) at 0")
