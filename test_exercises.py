@@ -397,7 +397,7 @@ def main():
           f"(the other {len(rows) - len(mine)} lie outside the exercises)")
     for file, name, *_, k in mx.EXERCISES:
         got = [r[1] for r in mine if r[0] == name]
-        print(f"  {file + ' ' + name:<36} {sum(got)}/{len(got)}  -k \"{k}\"")
+        print(f"  {file + ' ' + name:<36} {f'{sum(got)}/{len(got)}':>5}  -k \"{k}\"")
 
 
 if __name__ == "__main__":
