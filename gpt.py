@@ -53,7 +53,8 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Write this step's keys and values k, v: (B, nh, T, hs) at positions pos..pos+T-1 of
-        `layer`, and return all keys and values so far: two tensors of shape (B, nh, pos+T, hs).
+        `layer` (into self.k and self.v, in place), and return all keys and values so far: two
+        views of the cache of shape (B, nh, pos+T, hs), the cache's dtype and device.
         pos itself is left alone: every layer writes at the same positions, and GPT.hidden
         advances pos once, after the last layer."""
         end = self.pos + k.size(2)
@@ -95,7 +96,8 @@ class CausalSelfAttention(nn.Module):
         which returns the keys and values of all S positions so far; without one, S = T.
         att = softmax(q @ k^T / sqrt(hs)) over keys, where query i may attend to key j only if
         j <= i (causal; positions aligned at the right: query i sits at position S - T + i) and,
-        when `mask` is given ((B, 1, T, S) bool, True = allowed), only where mask is True.
+        when `mask` is given ((B, 1, T, S) bool, True = allowed), only where mask is True (GPT.hidden
+        builds it whenever a cache holds earlier positions, causality included).
         y = att @ v: (B, nh, T, hs), heads concatenated back to (B, T, C), then c_proj(y).
         The result has x's dtype and device."""
         B, T, C = x.size()

@@ -1,17 +1,21 @@
 """
 Generate the course skeleton from the reference: the whole repo, with the body of every function
 in EXERCISES replaced by `raise NotImplementedError(...)`. The def line(s), decorators, docstring
-and every other line, comments included, are kept byte for byte: the docstring is the spec.
+and every other line, comments included, are kept byte for byte: the docstring is the spec. Two
+exceptions: a docstring's derivation after a line `Answer (stripped from the skeleton):` (the
+closed-form gradients) stays in the reference, and README.md loses what speaks of files the skeleton
+lacks (its course section points to EXERCISES.md instead).
 
     python make_exercises.py ../minrlhf-exercises    # then read ../minrlhf-exercises/EXERCISES.md
 
 Make it beside the repo: the tests read ../shared (fixtures, tokenizer files) relative to it.
 The skeleton is never committed; test_exercises.py checks it (every test that touches an exercise
 fails with NotImplementedError, putting one function back makes its own tests pass).
-This file and test_exercises.py stay out of the skeleton: the planted bugs quote the reference.
+This file, planted_bugs.py and test_exercises.py stay out of the skeleton: they quote the reference.
 """
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,79 +47,8 @@ EXERCISES = [  # (file, function, exercises to solve first, what it takes, pytes
     ("grads.py", "ppo_policy_loss_grad", ("ppo_policy_loss",), "which branch of the max is active",
      "test_ppo_policy_loss_grad_"),
 ]
-# Typical student mistakes, each planted in a copy of the reference by test_exercises.py, which checks
-# that a test fails on it and passes on the reference: (name, file, reference snippet, the mistake);
-# each snippet occurs once in its file, and every exercise's body holds at least one.
-BUGS = [
-    ("sft_loss: logits/labels shift missing", "sft.py",
-     "targets = torch.roll(tokens, -1, dims=1)", "targets = tokens"),
-    ("sft_loss: averaged over prompt and padding tokens", "sft.py",
-     "return (nll * m).sum() / m.sum()", "return nll.mean()"),
-    ("preference_loss: difference reversed", "reward.py",
-     "F.logsigmoid(r_chosen - r_rejected)", "F.logsigmoid(r_rejected - r_chosen)"),
-    ("preference_loss: sum over pairs, not mean", "reward.py",
-     "-F.logsigmoid(r_chosen - r_rejected).mean()", "-F.logsigmoid(r_chosen - r_rejected).sum()"),
-    ("token_logprobs: log of softmax (overflows)", "ppo.py", "F.log_softmax(logits, -1), -1,",
-     "torch.softmax(logits, -1).log(), -1,"),
-    ("kl_penalized_rewards: KL sign flipped", "ppo.py",
-     "rewards = -kl_coef * (logprobs - ref_logprobs)", "rewards = kl_coef * (logprobs - ref_logprobs)"),
-    ("kl_penalized_rewards: KL penalty on padding", "ppo.py",
-     "rewards = -kl_coef * (logprobs - ref_logprobs) * mask", "rewards = -kl_coef * (logprobs - ref_logprobs)"),
-    ("kl_penalized_rewards: score at the last column, not each row's last token", "ppo.py",
-     "last = last_index(mask)", "last = torch.full_like(last_index(mask), mask.size(1) - 1)"),
-    ("gae: bootstraps past the end of a response", "ppo.py",
-     "values, rewards = values * mask, rewards * mask", "rewards = rewards * mask"),
-    ("gae: lambda forgotten in the recursion", "ppo.py", "gamma * lam * next_adv", "gamma * next_adv"),
-    ("whiten: statistics over padding", "ppo.py",
-     "mean = masked_mean(x, mask)\n    var = masked_mean((x - mean) ** 2, mask)",
-     "mean = x.mean()\n    var = ((x - mean) ** 2).mean()"),
-    ("whiten: padding not zeroed", "ppo.py", "        out = out + mean\n    return out * mask",
-     "        out = out + mean\n    return out"),
-    ("ppo_policy_loss: ratio detached", "ppo.py",
-     "ratio = torch.exp(logprobs - old_logprobs)", "ratio = torch.exp(logprobs - old_logprobs).detach()"),
-    ("ppo_policy_loss: ratio inverted", "ppo.py",
-     "ratio = torch.exp(logprobs - old_logprobs)", "ratio = torch.exp(old_logprobs - logprobs)"),
-    ("ppo_policy_loss: min instead of max", "ppo.py",
-     "torch.max(-advantages * ratio, -advantages * clipped)", "torch.min(-advantages * ratio, -advantages * clipped)"),
-    ("ppo_policy_loss: clip on one side only", "ppo.py",
-     "torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)", "torch.clamp(ratio, max=1 + clip_eps)"),
-    ("ppo_policy_loss: mean over padding", "ppo.py",
-     "masked_mean(torch.max(-advantages * ratio, -advantages * clipped), mask)",
-     "torch.max(-advantages * ratio, -advantages * clipped).mean()"),
-    ("value_loss: clipped around the returns, not the old values", "ppo.py",
-     "old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)",
-     "returns + torch.clamp(values - returns, -clip_eps, clip_eps)"),
-    ("value_loss: min instead of max", "ppo.py", "torch.max((values - returns) ** 2", "torch.min((values - returns) ** 2"),
-    ("value_loss: the 0.5 forgotten", "ppo.py", "return 0.5 * masked_mean(", "return masked_mean("),
-    ("entropy: sign flipped", "ppo.py", "-(logp.exp() * logp).sum(-1)", "(logp.exp() * logp).sum(-1)"),
-    ("entropy: mean over the vocabulary, not sum", "ppo.py", "-(logp.exp() * logp).sum(-1)",
-     "-(logp.exp() * logp).mean(-1)"),
-    ("ppo_loss: entropy bonus added to the loss", "ppo.py", "- ent_coef * entropy(logits, mask)",
-     "+ ent_coef * entropy(logits, mask)"),
-    ("ppo_loss: PPO-ptx term detached", "ppo.py", "loss + ptx_coef * ptx_loss", "loss + ptx_coef * ptx_loss.detach()"),
-    ("entropy: computed from detached logits", "ppo.py", "logp = F.log_softmax(logits, -1)",
-     "logp = F.log_softmax(logits.detach(), -1)"),
-    ("attention: no causal mask", "gpt.py", "F.scaled_dot_product_attention(q, k, v, is_causal=True)",
-     "F.scaled_dot_product_attention(q, k, v)"),
-    ("attention: scores scaled by 1/hs, not 1/sqrt(hs)", "gpt.py", "(q, k, v, is_causal=True)",
-     "(q, k, v, is_causal=True, scale=1.0 / k.size(-1))"),
-    ("attention: padding mask ignored", "gpt.py", "F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
-     "F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) == k.size(2))"),
-    ("attention: heads split without the transpose", "gpt.py",
-     "q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)", "q = q.view(B, self.n_head, T, C // self.n_head)"),
-    ("KV cache: every step written at position 0", "gpt.py",
-     "self.k[layer, :, :, self.pos:end] = k", "self.k[layer, :, :, :k.size(2)] = k"),
-    ("position ids ignore left padding", "gpt.py", "return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
-     "return torch.arange(attention_mask.size(1), device=attention_mask.device).expand_as(attention_mask)"),
-    ("reward read at sum(mask) - 1 (wrong under left padding)", "data.py",
-     "return T - 1 - mask.flip(1).long().argmax(1)", "return mask.long().sum(1) - 1"),
-    ("sft_loss_grad: shifted the wrong way", "grads.py", "grad[:, :-1] = (p - onehot)", "grad[:, 1:] = (p - onehot)"),
-    ("preference_loss_grad: same sign for both rewards", "grads.py", "return -g, g", "return -g, -g"),
-    ("ppo_policy_loss_grad: clip ignored for negative advantages", "grads.py",
-     "clipped = ((advantages > 0) & (rho > 1 + clip_eps)) | ((advantages < 0) & (rho < 1 - clip_eps))",
-     "clipped = (advantages > 0) & (rho > 1 + clip_eps)"),
-]
-NOT_IN_SKELETON = {"make_exercises.py", "test_exercises.py"}  # they hold reference code; the checks run on the reference
+NOT_IN_SKELETON = {"make_exercises.py", "planted_bugs.py", "test_exercises.py"}  # they quote reference code
+ANSWER = "Answer (stripped from the skeleton):"  # a docstring line: it and the lines after it stay in the reference
 SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".benchmarks", "out", "runs", ".cache", "exercises"}
 
 
@@ -123,10 +56,8 @@ class ExerciseError(Exception):
     """A stale table or a function that cannot be stubbed: one line, exit code 2."""
 
 
-def body_span(text, file, name):
-    """Lines [start, end) of function `name` ("f" or "Class.method") in `text` that follow its
-    docstring, and the body's indentation. The span ends at the last statement (trailing comments
-    after a body are not part of it)."""
+def function_node(text, file, name):
+    """The ast node of function `name` ("f" or "Class.method") in `text`, and its docstring's node."""
     scope, node = ast.parse(text, filename=file), None
     for part in name.split("."):
         node = next((n for n in ast.iter_child_nodes(scope) if isinstance(n, (ast.FunctionDef, ast.ClassDef,
@@ -139,14 +70,37 @@ def body_span(text, file, name):
     doc = node.body[0]
     if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
         raise ExerciseError(f"{file}:{node.lineno}: {name} has no docstring, and the skeleton keeps only the docstring")
+    return node, doc
+
+
+def body_span(text, file, name):
+    """Lines [start, end) of function `name` in `text` that follow its docstring, and the body's
+    indentation. The span ends at the last statement (trailing comments after a body are not part of it)."""
+    node, doc = function_node(text, file, name)
     if len(node.body) < 2 or node.body[1].lineno <= doc.end_lineno:
         raise ExerciseError(f"{file}:{node.lineno}: {name} has no body on the lines after its docstring")
     indent = text.splitlines()[doc.lineno - 1][:doc.col_offset]
     return doc.end_lineno, node.end_lineno, indent  # 0-based start = 1-based docstring end line
 
 
+def strip_answer(text, file, name):
+    """`text` without the lines of `name`'s docstring from the ANSWER line to its closing quotes."""
+    _, doc = function_node(text, file, name)
+    lines = text.splitlines(keepends=True)
+    start, end = doc.lineno - 1, doc.end_lineno  # 0-based [start, end): the docstring's lines
+    at = [i for i in range(start, end) if ANSWER in lines[i]]
+    if not at:
+        return text
+    if lines[at[0]].strip() != ANSWER or lines[end - 1].strip() != '"""' or at[0] == start:
+        raise ExerciseError(f"{file}:{at[0] + 1}: {name}: {ANSWER!r} must be a line of its own inside the "
+                            f"docstring, whose closing quotes follow the answer on their own line")
+    return "".join(lines[:at[0]] + lines[end - 1:])
+
+
 def stub(text, file, name):
-    """`text` with the body of `name` after its docstring replaced by one raise statement."""
+    """`text` with the body of `name` after its docstring replaced by one raise statement, and the
+    docstring's answer (if any) cut."""
+    text = strip_answer(text, file, name)
     start, end, indent = body_span(text, file, name)
     lines = text.splitlines(keepends=True)
     newline = "\r\n" if lines[start].endswith("\r\n") else "\n"
@@ -160,6 +114,27 @@ def restore(text, reference, file, name):
     ref_start, ref_end, _ = body_span(reference, file, name)
     lines, ref = text.splitlines(keepends=True), reference.splitlines(keepends=True)
     return "".join(lines[:start] + ref[ref_start:ref_end] + lines[end:])
+
+
+def skeleton_readme(text, exercises=EXERCISES):
+    """README.md for the skeleton: the table rows that name a file it lacks (NOT_IN_SKELETON) go, and
+    the course section says where to start; it is an error if such a file is still named."""
+    out, in_course = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            in_course = line.strip() == "## The course version"
+            if in_course:
+                out += [line, "\n", f"This is the course version: {len(exercises)} functions wait to be written. "
+                        "`EXERCISES.md` gives their order\nand the command that tests each.\n", "\n"]
+        if in_course or (line.startswith("|") and any(f"`{f}`" in line for f in NOT_IN_SKELETON)):
+            continue
+        out.append(line)
+    text = "".join(out)
+    for f in sorted(NOT_IN_SKELETON):
+        if f in text:
+            raise ExerciseError(f"README.md names {f}, which the skeleton lacks: outside its course section "
+                                f"and its file table; update skeleton_readme in make_exercises.py")
+    return text
 
 
 def repo_files(repo):
@@ -205,6 +180,8 @@ def make_skeleton(repo, out_dir, exercises=EXERCISES):
             continue
         dst = os.path.join(out_dir, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if rel == "README.md":
+            texts[rel] = skeleton_readme(open(os.path.join(repo, rel), newline="").read(), exercises)
         if rel in texts:
             with open(dst, "w", newline="") as f:
                 f.write(texts[rel])
@@ -214,6 +191,11 @@ def make_skeleton(repo, out_dir, exercises=EXERCISES):
         f.write(exercises_md(exercises))
 
 
+def commands(md):
+    """The shell commands that EXERCISES.md gives, in order: every `python ...` between backticks."""
+    return re.findall(r"`(python [^`]+)`", md)
+
+
 def exercises_md(exercises=EXERCISES):
     rows = [f"| {i} | `{file}` `{name}` | {about}{'; after ' + ', '.join(needs) if needs else ''} | "
             f"`python -m pytest -q -k \"{k}\"` |" for i, (file, name, needs, about, k) in enumerate(exercises, 1)]
@@ -221,14 +203,18 @@ def exercises_md(exercises=EXERCISES):
     return "\n".join([
         "# Exercises", "",
         "Each function below raises `NotImplementedError`. Its docstring is the specification: formula,",
-        "shapes, masking and reduction. Solve them in this order; each line's command runs that function's",
-        "own tests (tests that touch no exercise pass from the start). The `_grad` exercises are the",
-        "closed-form gradients that backward() computes: derive them on paper first.", "",
+        "shapes, masking, reduction, and the dtype of the result. Solve them in this order; each line's",
+        "command runs that function's own tests (tests that touch no exercise pass from the start).",
+        "The `_grad` exercises are the closed-form gradients that backward() computes: their docstrings",
+        "give the loss and what to derive. Derive it on paper, then write it; the tests check it against",
+        "finite differences and autograd.", "",
         "| # | function | what it takes | check |", "|---|---|---|---|", *rows, "",
         "When a file is done, run all of its tests: "
         + ", ".join(f"`python -m pytest -q test_{f}`" for f in files) + ".",
-        "Then everything, end to end through a tiny GPT: `python -m pytest -q` (and `python sft.py`,",
-        "`python reward.py`, `python ppo.py` on the built-in task).", ""])
+        "Then everything, end to end through a tiny GPT: `python -m pytest -q`; and the three stages on",
+        "the built-in task: `python sft.py && python reward.py && python ppo.py`.",
+        "Each command here runs as written; until the exercises it needs are done, it fails only with",
+        "`NotImplementedError` naming the missing one.", ""])
 
 
 def main(argv):

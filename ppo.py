@@ -78,8 +78,8 @@ class Config:
 
 def token_logprobs(logits, tokens):
     """log softmax(logits)[..., tokens]: the log-probability of each token under its logits.
-    logits: (B, T, V), tokens: (B, T) -> (B, T). No shift inside: the caller aligns them
-    (logits[:, :-1] with tokens[:, 1:])."""
+    logits: (B, T, V), tokens: (B, T) -> (B, T), of logits' dtype and device, finite for logits of any
+    size. No shift inside: the caller aligns them (logits[:, :-1] with tokens[:, 1:])."""
     return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -118,7 +118,7 @@ def masked_mean(x, mask):
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     """Per-token rewards: r_t = -kl_coef * (logprobs_t - ref_logprobs_t) on valid tokens
     (mask = 1), 0 elsewhere, plus scores[b] added at each row's last valid token.
-    scores: (B,); logprobs, ref_logprobs, mask: (B, T). Returns (B, T)."""
+    scores: (B,); logprobs, ref_logprobs, mask: (B, T). Returns (B, T), of logprobs' dtype and device."""
     rewards = -kl_coef * (logprobs - ref_logprobs) * mask
     last = last_index(mask)  # (B,)
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
@@ -128,7 +128,7 @@ def gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016). rewards, values, mask: (B, T).
     delta_t = r_t + gamma * V_{t+1} - V_t, with V = 0 after each row's last valid token;
     A_t = sum_l (gamma * lam)^l * delta_{t+l} over valid positions; returns = A + V.
-    Returns (advantages, returns), both (B, T) and 0 where mask = 0."""
+    Returns (advantages, returns), both (B, T), 0 where mask = 0, of rewards' dtype and device."""
     values, rewards = values * mask, rewards * mask
     adv = torch.zeros_like(rewards)
     next_adv = torch.zeros_like(rewards[:, 0])
@@ -162,7 +162,8 @@ def grpo_advantages(returns, k, eps=1e-4):
 def whiten(x, mask, shift_mean=True):
     """Normalise over valid entries: (x - mean) / sqrt(var + 1e-8), mean = masked_mean(x),
     var = masked_mean((x - mean)^2). With shift_mean=False the mean is added back (only the
-    scale changes). Entries where mask = 0 are 0 in the output. x, mask: (B, T) -> (B, T)."""
+    scale changes). Entries where mask = 0 are 0 in the output. x, mask: (B, T) -> (B, T), of x's
+    dtype and device."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -174,7 +175,7 @@ def whiten(x, mask, shift_mean=True):
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
     """Clipped surrogate: masked mean of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)),
     rho = exp(logprobs - old_logprobs). All (B, T); old_logprobs and advantages are constants of
-    the rollout. Returns a scalar (a loss: minimised)."""
+    the rollout. Returns a scalar (a loss: minimised) of logprobs' dtype and device."""
     ratio = torch.exp(logprobs - old_logprobs)
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     return masked_mean(torch.max(-advantages * ratio, -advantages * clipped), mask)
@@ -182,14 +183,16 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
 
 def value_loss(values, old_values, returns, mask, clip_eps):
     """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2).
-    values V, old_values V_old (the rollout's), returns R, mask: (B, T). Returns a scalar."""
+    values V, old_values V_old (the rollout's), returns R, mask: (B, T). Returns a scalar of values'
+    dtype and device."""
     clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
 def entropy(logits, mask):
     """Masked mean over tokens of the entropy H = -sum_v p_v log p_v, p = softmax(logits).
-    logits: (B, T, V), mask: (B, T). Returns a scalar."""
+    logits: (B, T, V), mask: (B, T). Returns a scalar of logits' dtype and device, finite for logits
+    of any size."""
     logp = F.log_softmax(logits, -1)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
 
@@ -198,7 +201,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, lo
              clip_eps, vf_clip, vf_coef, ent_coef, ptx_loss=None, ptx_coef=0.0):
     """The full objective: ppo_policy_loss + vf_coef * value_loss - ent_coef * entropy(logits)
     (+ ptx_coef * ptx_loss, the SFT loss on demonstrations, for PPO-ptx). Shapes as in those
-    functions; ptx_loss a scalar or None. Returns a scalar."""
+    functions; ptx_loss a scalar or None. Returns a scalar of logprobs' dtype and device."""
     loss = (ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
             + vf_coef * value_loss(values, old_values, returns, mask, vf_clip))
     if ent_coef:  # skipped at 0: a softmax over the vocabulary at every token, and its backward

@@ -57,7 +57,7 @@ def preference_loss(r_chosen, r_rejected):
     """Bradley-Terry negative log-likelihood that the chosen response wins.
     r_chosen, r_rejected: (N,) rewards of N (chosen, rejected) pairs.
     loss = mean over the N pairs of -log sigmoid(r_chosen - r_rejected), computed with logsigmoid
-    (stable for large differences). Returns a scalar."""
+    (stable for large differences). Returns a scalar of the rewards' dtype and device."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 

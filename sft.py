@@ -57,7 +57,8 @@ def sft_loss(logits, tokens, loss_mask):
     logits: (B, T, V) = model(tokens); tokens: (B, T) long; loss_mask: (B, T), 1 on response tokens.
     Position t-1 predicts token t, so the loss is the mean, over positions t >= 1 with
     loss_mask[:, t] = 1, of -log softmax(logits[:, t-1])[tokens[:, t]]. Prompt and padding
-    tokens contribute nothing. Returns a scalar."""
+    tokens contribute nothing. Returns a scalar of logits' dtype and device (float64 logits: a
+    float64 loss)."""
     V = logits.size(-1)
     # shift the labels, not the logits: logits[:, :-1] would copy (B, T, V), 200 MB for GPT-2 at 4x256
     targets = torch.roll(tokens, -1, dims=1)  # (B, T): targets[:, t] = tokens[:, t+1]

@@ -1,15 +1,21 @@
 """The course skeleton (make_exercises.py) and the strength of the tests, by running pytest on copies:
-1. the skeleton imports, `python ppo.py --help` works, every test that touches an exercise fails with
-   NotImplementedError and every other test passes;
+1. in the skeleton, every command of EXERCISES.md runs as written and fails only with
+   NotImplementedError (each `-k` line selects tests, none of which passes yet), `python ppo.py --help`
+   works, and no docstring holds the answer that the reference keeps after its ANSWER line;
 2. putting one reference function back (with the exercises it needs) makes its own tests pass (its
-   `-k` line in EXERCISES.md), and no other exercise's;
-3. each planted bug of make_exercises.BUGS, a typical student mistake patched into a copy of the
-   reference, makes the suite fail, with a test that passes on the reference.
-The ~50 pytest runs are forks of one process that has imported torch, run side by side (~1 min on 2
-cores). `python test_exercises.py` prints the planted-bug table and its caught/total figure."""
+   `-k` line), and no other exercise's;
+3. each planted bug of planted_bugs.BUGS, a typical student mistake patched into a copy of the
+   reference, makes its exercise's own `-k` line fail (bugs outside the exercises: the suite), with
+   a test that passes on the reference.
+The ~150 pytest runs are forks of one process that has imported torch, run side by side (a few minutes
+on 2 cores). `python test_exercises.py` prints the planted-bug table and the catch rates: by the
+suite, and by each exercise's own line."""
 import ast
+import itertools
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,9 +25,11 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import make_exercises as mx
+from planted_bugs import BUGS, owner
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NOT_RERUN = {"test_scripts.py", "test_robust.py", "test_exercises.py"}  # runs of the scripts (minutes), and this file
+JOB_IDS = itertools.count()  # names of the jobs' logs and reports, unique within a run
 BROKEN = {"SyntaxError", "IndentationError", "ImportError", "ModuleNotFoundError", "NameError"}  # a bad patch
 
 
@@ -76,7 +84,8 @@ def key(tree, classname, name):
 def env():
     e = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # import the copy's modules, never ROOT's
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",  # copies run side by side, one core each
-             PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")  # no third-party plugins: hypothesis alone costs 1.4 s a run
+             PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",  # no third-party plugins: hypothesis alone costs 1.4 s a run
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))  # `python`: this one
     return e
 
 
@@ -85,26 +94,13 @@ import pytest, torch  # loaded once (1.5 s); each job is a fork of this process 
 jobs, workers, running, codes = json.load(open(sys.argv[1])), int(sys.argv[2]), {}, {}
 
 
-class Grab:
-    def pytest_collection_finish(self, session):
-        self.ids = [item.nodeid for item in session.items]
-
-
 def job(j):
     os.chdir(j["tree"])
     sys.path.insert(0, j["tree"])
     signal.alarm(j["timeout"])  # a planted bug may loop forever
     if "exec" in j:
-        os.execv(sys.executable, [sys.executable, *j["exec"]])
-    if "collect" not in j:
-        return pytest.main(j["args"])
-    out = {}
-    for expr in j["collect"]:  # -k expressions -> the test ids pytest itself selects
-        grab = Grab()
-        pytest.main(["--collect-only", "-q", "-k", expr, *j["args"]], plugins=[grab])
-        out[expr] = grab.ids
-    json.dump(out, open(j["out"], "w"))
-    return 0
+        os.execvp(j["exec"][0], j["exec"])
+    return pytest.main(j["args"])
 
 
 while jobs or running:
@@ -129,16 +125,14 @@ json.dump(codes, open(sys.argv[3], "w"))
 
 
 def run_jobs(tmp, jobs):
-    """{name: (tree, kind, args)} with kind pytest | collect (args: exprs, then files) | exec -> {name: result}:
-    pytest -> {test key: (outcome, message)}, outcome passed | failed | error | skipped;
-    collect -> {-k expression: set of test keys}; exec -> (exit code, output). Run os.cpu_count() at a time."""
+    """{name: (tree, kind, args)} with kind pytest | exec -> {name: result}: pytest -> {test key:
+    (outcome, message)}, outcome passed | failed | error | skipped; exec (argv, `python` the running
+    interpreter) -> (exit code, output). Run os.cpu_count() at a time."""
     specs = []
     for name, (tree, kind, args) in jobs.items():
-        spec = dict(tree=tree, log=tree + f".{len(specs)}.log", timeout=600)
+        spec = dict(tree=tree, log=os.path.join(tmp, f"job{next(JOB_IDS)}.log"), timeout=600)
         if kind == "pytest":
-            spec["args"] = ["-q", "-p", "no:cacheprovider", "--tb=native", f"--junitxml={tree}.xml", *args]
-        elif kind == "collect":
-            spec.update(collect=args[0], args=["-p", "no:cacheprovider", *args[1]], out=tree + ".collected.json")
+            spec["args"] = ["-q", "-p", "no:cacheprovider", "--tb=native", f"--junitxml={spec['log']}.xml", *args]
         else:
             spec["exec"] = args
         specs.append(spec)
@@ -146,23 +140,18 @@ def run_jobs(tmp, jobs):
         json.dump(specs, f)
     workers = min(8, max(2, os.cpu_count() or 2))  # each fork holds ~200 MB of its own
     subprocess.run([sys.executable, "-c", RUNNER, "jobs.json", str(workers), "codes.json"],
-                   cwd=tmp, env=env(), check=True, timeout=1800)
+                   cwd=tmp, env=env(), check=True, timeout=3600)
     codes = json.load(open(os.path.join(tmp, "codes.json")))
     out = {}
     for (name, (tree, kind, _)), spec in zip(jobs.items(), specs):
         log = open(spec["log"], errors="replace").read()
         if kind == "exec":
             out[name] = (codes[spec["log"]], log)
-        elif kind == "collect":
-            if codes[spec["log"]] != 0:
-                raise RuntimeError(f"collecting the tests in {tree} failed:\n{log[-3000:]}")
-            junit = lambda n: (n.split("::")[0][:-3].replace("/", "."), n.split("::", 1)[1].replace("::", "."))
-            out[name] = {e: {key(tree, *junit(n)) for n in ids} for e, ids in json.load(open(spec["out"])).items()}
-        elif not os.path.exists(tree + ".xml"):  # killed by its alarm, or pytest could not start
+        elif not os.path.exists(spec["log"] + ".xml"):  # killed by its alarm, or pytest could not start
             out[name] = {"<no report>": ("error", f"exit code {codes[spec['log']]}:\n{log[-3000:]}")}
         else:
             out[name] = {}
-            for case in ET.parse(tree + ".xml").getroot().iter("testcase"):
+            for case in ET.parse(spec["log"] + ".xml").getroot().iter("testcase"):
                 bad = [c for c in case if c.tag in ("failure", "error", "skipped")]
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[bad[0].tag] if bad else "passed"
                 msg = (bad[0].get("message", "") + "\n" + (bad[0].text or "")) if bad else ""
@@ -188,8 +177,13 @@ def closure(name):
     return out
 
 
+def k_command(k):
+    return f'python -m pytest -q -k "{k}"'
+
+
 def run_all(tmp, parts=("skeleton", "restore", "bugs")):
-    """Make the copies under tmp (beside a link to ../shared) and run every check's pytest."""
+    """Make the copies under tmp (beside a link to ../shared) and run every check's pytest: results
+    under ("cmd", command), "help", ("restore", exercise), ("line" | "suite", bug name), "reference"."""
     shared = os.path.join(ROOT, "..", "shared")
     if os.path.isdir(shared):
         os.symlink(os.path.abspath(shared), os.path.join(tmp, "shared"))
@@ -198,16 +192,22 @@ def run_all(tmp, parts=("skeleton", "restore", "bugs")):
     copy_repo(ref_tree)  # now, with the others: the repo may change while the checks run
     exprs = [k for *_, k in mx.EXERCISES]
     jobs = {}
-    if "skeleton" in parts:
-        jobs["skeleton"] = (skel, "pytest", unit_tests(skel))
-        jobs["help"] = (skel, "exec", ["ppo.py", "--help"])
-    if "skeleton" in parts or "restore" in parts:
-        jobs["collect"] = (skel, "collect", (exprs, unit_tests(skel)))
+    if "skeleton" in parts or "restore" in parts:  # EXERCISES.md's commands, the -k lines among them
+        for cmd in mx.commands(open(os.path.join(skel, "EXERCISES.md")).read()):
+            argv = shlex.split(cmd)
+            if argv[:3] == ["python", "-m", "pytest"]:
+                jobs[("cmd", cmd)] = (skel, "pytest", argv[3:])
+            elif "skeleton" in parts:
+                jobs[("cmd", cmd)] = (skel, "exec", ["bash", "-c", cmd])
+        jobs["help"] = (skel, "exec", [sys.executable, "ppo.py", "--help"])
+    suite_args = {}  # bug name -> (tree, pytest arguments): every test file that can see the bug
     if "bugs" in parts:
-        for i, bug in enumerate(mx.BUGS):
-            tree = os.path.join(tmp, f"bug{i:02d}")
+        for i, bug in enumerate(BUGS):
+            tree, (_, k) = os.path.join(tmp, f"bug{i:02d}"), owner(bug)
             copy_repo(tree, bug)
-            jobs[bug[0]] = (tree, "pytest", ["-x", *seen_by(tree, bug[1][:-3])])
+            suite_args[bug[0]] = (tree, "pytest", ["-x", *seen_by(tree, bug[1][:-3])])
+            jobs[("line" if k else "suite", bug[0])] = (tree, "pytest", ["-k", k, *suite_args[bug[0]][2]]) if k \
+                else suite_args[bug[0]]
     if "restore" in parts:
         ref = {file: open(os.path.join(ROOT, file), newline="").read() for file, *_ in mx.EXERCISES}
         for file, name, *_ in mx.EXERCISES:
@@ -219,27 +219,32 @@ def run_all(tmp, parts=("skeleton", "restore", "bugs")):
                     open(os.path.join(tree, f), "w", newline="").write(mx.restore(text, ref[f], f, n))
             jobs[("restore", name)] = (tree, "pytest", [*unit_tests(tree), "-k", " or ".join(f"({k})" for k in exprs)])
     res = run_jobs(tmp, jobs)
-    if "bugs" in parts:  # the tests that caught a bug must pass on the reference, or they caught nothing
-        catchers = sorted({k for name, *_ in mx.BUGS for k, (o, _) in res[name].items()
-                           if o in ("failed", "error") and k != "<no report>"})
+    if "bugs" in parts:  # a bug that its line missed: the whole of each test file that can see it
+        missed = [n for n in suite_args if ("line", n) in res and not any(o in ("failed", "error")
+                                                                          for o, _ in res[("line", n)].values())]
+        res.update(run_jobs(tmp, {("suite", n): suite_args[n] for n in missed}))
+        for n in suite_args:
+            res.setdefault(("suite", n), res.get(("line", n)))
+        catchers = sorted({k for name, *_ in BUGS for kind in ("line", "suite") for k, (o, _) in
+                           (res.get((kind, name)) or {}).items() if o in ("failed", "error") and k != "<no report>"})
         ids = [c.split("::")[0].replace(".", "/") + ".py::" + c.split("::", 1)[1].replace("<tree>", ref_tree)
                for c in catchers]
         res["reference"] = run_jobs(tmp, {"reference": (ref_tree, "pytest", ids)})["reference"] if ids else {}
     return res
 
 
-def bug_verdict(name, res):
+def bug_verdict(result, reference):
     """(caught?, by which test and how): caught = a test fails on the bug and passes on the reference."""
-    failed = [(k, m) for k, (o, m) in res[name].items() if o in ("failed", "error")]
+    failed = [(k, m) for k, (o, m) in result.items() if o in ("failed", "error")]
     if not failed:
         return False, "survived: every test passed"
     k, m = failed[0]
-    what = m.split("\n")[0][:90]
+    what = m.split("\n")[0][:100]
     if k == "<no report>" or what.split(":")[0] in BROKEN or "collection failure" in what:
         return False, f"the patch broke the module or the run: {k}: {what}"
-    if res["reference"].get(k, ("missing",))[0] != "passed":
+    if reference.get(k, ("missing",))[0] != "passed":
         return False, f"{k} fails on the reference too"
-    return True, f"{k} ({what})"
+    return True, f"{k.split('::')[1]} ({what})"
 
 
 @pytest.fixture(scope="module")
@@ -256,10 +261,13 @@ def test_make_exercises_stubs_listed_bodies_and_keeps_every_other_byte(tmp_path)
     mx.make_skeleton(ROOT, skel)
     files = {file for file, *_ in mx.EXERCISES}
     for rel in mx.repo_files(ROOT):
+        ref = open(os.path.join(ROOT, rel), "rb").read()
         if rel in mx.NOT_IN_SKELETON:
             assert not (skel / rel).exists(), f"{rel} must stay out of the skeleton: it holds reference code"
+        elif rel == "README.md":
+            assert open(skel / rel, "rb").read() == mx.skeleton_readme(ref.decode()).encode(), "README.md changed"
         elif rel not in files:
-            assert open(skel / rel, "rb").read() == open(os.path.join(ROOT, rel), "rb").read(), f"{rel} changed"
+            assert open(skel / rel, "rb").read() == ref, f"{rel} changed"
     for file in files:
         ref = open(os.path.join(ROOT, file), newline="").read()
         text = open(skel / file, newline="").read()
@@ -270,10 +278,32 @@ def test_make_exercises_stubs_listed_bodies_and_keeps_every_other_byte(tmp_path)
                 assert body == [f'{indent}raise NotImplementedError("exercise {file}:{name}: see its docstring")'], \
                     f"{file}:{name}: the skeleton's body is {body}, not the one raise: reference code leaks"
                 text = mx.restore(text, ref, file, name)
-        assert text == ref, f"{file}: the skeleton with every body put back differs from the reference"
+                ref = mx.strip_answer(ref, file, name)
+        assert text == ref, f"{file}: the skeleton with every body put back differs from the reference " \
+                            f"(less the answers of its docstrings)"
     md = open(skel / "EXERCISES.md").read()
     for file, name, _, _, k in mx.EXERCISES:
-        assert f"`{file}` `{name}`" in md and f'-k "{k}"' in md, f"EXERCISES.md lacks {name} or its -k line"
+        assert f"`{file}` `{name}`" in md and k_command(k) in mx.commands(md), f"EXERCISES.md lacks {name} or its -k line"
+
+
+def test_skeleton_keeps_no_answer_and_names_only_its_files(tmp_path):
+    """The _grad exercises' docstrings keep the loss and what to derive, not the derivation; the
+    README names no file that the skeleton lacks."""
+    skel = tmp_path / "skeleton"
+    mx.make_skeleton(ROOT, skel)
+    for file, name, *_ in mx.EXERCISES:
+        ref = open(os.path.join(ROOT, file)).read()
+        _, doc = mx.function_node(ref, file, name)
+        answer = doc.value.value.split(mx.ANSWER)[1:]
+        assert answer or not name.endswith("_grad"), f"{file}:{name}: a derivation exercise with no answer to strip"
+        skel_doc = mx.function_node(open(skel / file).read(), file, name)[1].value.value
+        assert mx.ANSWER not in skel_doc and len(skel_doc.split()) > 20, f"{file}:{name}: docstring in the skeleton"
+        for line in "".join(answer).splitlines():
+            assert len(line.strip()) < 12 or line.strip() not in skel_doc, f"{file}:{name}: the answer leaks: {line}"
+    readme = open(skel / "README.md").read()
+    for f in sorted(set(re.findall(r"\b[\w/.-]+\.(?:py|md)\b", readme))):
+        assert (skel / f).exists(), f"the skeleton's README.md names {f}, which the skeleton lacks"
+    assert "EXERCISES.md" in readme
 
 
 def test_make_exercises_stale_table_is_an_error(tmp_path):
@@ -282,6 +312,9 @@ def test_make_exercises_stale_table_is_an_error(tmp_path):
         mx.make_skeleton(ROOT, tmp_path / "a", bad)
     with pytest.raises(mx.ExerciseError, match=r"needs gae, which is not an exercise listed before it"):
         mx.make_skeleton(ROOT, tmp_path / "b", [("ppo.py", "whiten", ("gae",), "", "x")])
+    text = f'def f():\n    """Spec.\n    {mx.ANSWER} f = 1"""\n    return 1\n'
+    with pytest.raises(mx.ExerciseError, match="must be a line of its own"):
+        mx.stub(text, "x.py", "f")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "work.py").write_text("a student's work")
     r = subprocess.run([sys.executable, "make_exercises.py", str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
@@ -295,22 +328,30 @@ def test_skeleton_imports_and_ppo_help_works(runs):
     assert code == 0 and "usage: python ppo.py" in out, f"`python ppo.py --help` in the skeleton:\n{out}"
 
 
-def test_skeleton_tests_fail_only_on_stubs(runs):
-    res, collected = runs["skeleton"], runs["collect"]
-    assert len(res) > 50, f"only {len(res)} tests ran in the skeleton"
-    other = {k: m.splitlines()[0] for k, (o, m) in res.items() if o in ("failed", "error") and not stub_hit(m)}
-    assert not other, "in the skeleton these tests fail, but not on an exercise's stub:\n" + \
-        "\n".join(f"  {k}: {m}" for k, m in sorted(other.items()))
-    for file, name, _, _, k in mx.EXERCISES:
-        assert collected[k], f"`pytest -k \"{k}\"` ({name}) selects no test"
-        passing = sorted(t for t in collected[k] if res.get(t, ("missing",))[0] == "passed")
-        assert not passing, f"-k \"{k}\" ({name}) selects tests that pass without it: {passing}"
+def test_exercises_md_commands_fail_only_on_stubs(runs):
+    """Every command of EXERCISES.md, run as written in the skeleton: each -k line selects tests and
+    none of them passes yet; the test files, the whole suite and the three stages fail only on stubs."""
+    cmds = [c for kind, c in (k for k in runs if isinstance(k, tuple)) if kind == "cmd"]
+    assert k_command(mx.EXERCISES[0][4]) in cmds and "python -m pytest -q" in cmds and len(cmds) > len(mx.EXERCISES)
+    for cmd in cmds:
+        res = runs[("cmd", cmd)]
+        if isinstance(res, tuple):  # not pytest: a shell command; the traceback's last line names the stub
+            code, out = res
+            last = out.strip().splitlines()[-1] if out.strip() else ""
+            assert code != 0 and last.startswith("NotImplementedError: exercise "), f"`{cmd}`: exit {code}\n{out[-2000:]}"
+            continue
+        other = {k: m.splitlines()[0] for k, (o, m) in res.items() if o in ("failed", "error") and not stub_hit(m)}
+        assert res and not other, f"`{cmd}` in the skeleton: tests fail, but not on an exercise's stub:\n" + \
+            "\n".join(f"  {k}: {m}" for k, m in sorted(other.items()))
+        passing = sorted(k for k, (o, _) in res.items() if o == "passed")
+        assert " -k " not in cmd or not passing, f"`{cmd}` selects tests that pass without the exercise: {passing}"
+    assert len(runs[("cmd", "python -m pytest -q")]) > 100, "the whole suite ran too few tests in the skeleton"
 
 
 @pytest.mark.parametrize("name", [n for _, n, *_ in mx.EXERCISES])
 def test_restoring_one_exercise_passes_exactly_its_tests(runs, name):
-    res, collected = runs[("restore", name)], runs["collect"]
-    restored = closure(name)
+    res, restored = runs[("restore", name)], closure(name)
+    collected = {k: set(runs[("cmd", k_command(k))]) for *_, k in mx.EXERCISES}
     k = next(k for _, n, *_, k in mx.EXERCISES if n == name)
     failing = {t: res.get(t, ("not run",))[0] for t in collected[k] if res.get(t, ("",))[0] not in ("passed", "skipped")}
     assert not failing, f"with {sorted(restored)} put back, tests of {name} (-k \"{k}\") do not pass: {failing}"
@@ -322,29 +363,41 @@ def test_restoring_one_exercise_passes_exactly_its_tests(runs, name):
     assert not broken, f"with {sorted(restored)} put back, tests fail otherwise than on a stub: {broken}"
 
 
-@pytest.mark.parametrize("bug", [b[0] for b in mx.BUGS])
-def test_planted_bug_is_caught(runs, bug):
-    caught, how = bug_verdict(bug, runs)
-    _, file, old, new = next(b for b in mx.BUGS if b[0] == bug)
-    assert caught, f"planted bug {bug!r} ({file}: {old!r} -> {new!r}): {how}"
+@pytest.mark.parametrize("bug", [b[0] for b in BUGS])
+def test_planted_bug_is_caught_by_its_exercise_line(runs, bug):
+    """A bug in an exercise must fail that exercise's own -k line (what a student runs); a bug
+    outside the exercises, the suite."""
+    b = next(b for b in BUGS if b[0] == bug)
+    ex, k = owner(b)
+    caught, how = bug_verdict(runs[("line" if ex else "suite", bug)], runs["reference"])
+    where = f'{ex}\'s line -k "{k}"' if ex else "the suite"
+    assert caught, f"planted bug {bug!r} ({b[1]}: {b[2]!r} -> {b[3]!r}) is not caught by {where}: {how}"
 
 
 def test_planted_bugs_reach_every_exercise():
-    assert len(mx.BUGS) >= 12 and len({b[0] for b in mx.BUGS}) == len(mx.BUGS), "at least 12 bugs, each named once"
+    assert len(BUGS) >= 50 and len({b[0] for b in BUGS}) == len(BUGS), "at least 50 bugs, each named once"
+    owners = [owner(b)[0] for b in BUGS]
     for file, name, *_ in mx.EXERCISES:
-        text = open(os.path.join(ROOT, file)).read()
-        start, end, _ = mx.body_span(text, file, name)
-        body = "".join(text.splitlines(keepends=True)[start:end])
-        assert any(f == file and old in body for _, f, old, _ in mx.BUGS), f"no planted bug in {file}:{name}"
+        assert owners.count(name) >= 3, f"{file}:{name}: {owners.count(name)} planted bugs, want 3 or more"
 
 
 def main():
     with tempfile.TemporaryDirectory(prefix="minrlhf-exercises-") as tmp:
         res = run_all(tmp, parts=("bugs",))
-    verdicts = [(name, *bug_verdict(name, res)) for name, *_ in mx.BUGS]
-    for name, caught, how in verdicts:
-        print(f"{'caught' if caught else 'MISSED'}  {name:<70}  {how}")
-    print(f"planted bugs caught: {sum(c for _, c, _ in verdicts)}/{len(verdicts)}")
+    rows = []  # (exercise or None, caught by its line, caught by the suite)
+    for bug in BUGS:
+        ex = owner(bug)[0]
+        suite, how = bug_verdict(res[("suite", bug[0])], res["reference"])
+        line = bug_verdict(res[("line", bug[0])], res["reference"])[0] if ex else None
+        rows.append((ex, line, suite))
+        print(f"{'caught' if suite and line is not False else 'line MISSED' if suite else 'MISSED':<11} {bug[0]:<78} {how}")
+    mine = [r for r in rows if r[0]]
+    print(f"planted bugs caught by the suite: {sum(r[2] for r in rows)}/{len(rows)}")
+    print(f"planted bugs caught by their exercise's own -k line: {sum(r[1] for r in mine)}/{len(mine)} "
+          f"(the other {len(rows) - len(mine)} lie outside the exercises)")
+    for file, name, *_, k in mx.EXERCISES:
+        got = [r[1] for r in mine if r[0] == name]
+        print(f"  {file + ' ' + name:<36} {f'{sum(got)}/{len(got)}':>5}  -k \"{k}\"")
 
 
 if __name__ == "__main__":

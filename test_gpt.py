@@ -15,6 +15,7 @@ import hf
 import onednn
 from gpt import GPT, GPTConfig, KVCache, generate, sample_token
 from hf import load_hf
+from checks import assert_close
 from util import UserError, make_optimizer
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
@@ -83,18 +84,21 @@ def test_download_file_url(tmp_path):
         hf.download("gpt2-xl", cache_dir=str(tmp_path / "cache"), url=url)
 
 
-def naive_attention(attn, x):
-    """Loop over batch, head and query: softmax over keys j <= i of q.k/sqrt(hs)."""
+def naive_attention(attn, x, allowed=None, scale=None):
+    """Loop over batch, head and query: softmax over the keys j that query i may see (allowed (B, 1, T, T)
+    bool, True = allowed; causal j <= i by default) of q.k * scale, scale = 1/sqrt(hs)."""
     B, T, C = x.shape
     nh, hs = attn.n_head, C // attn.n_head
+    scale = hs ** -0.5 if scale is None else scale
     q, k, v = attn.c_attn(x).split(C, dim=2)
     y = torch.zeros(B, T, C, dtype=x.dtype)
     for b in range(B):
         for h in range(nh):
             sl = slice(h * hs, (h + 1) * hs)
             for i in range(T):
-                w = torch.softmax(torch.stack([q[b, i, sl] @ k[b, j, sl] / hs ** 0.5 for j in range(i + 1)]), 0)
-                y[b, i, sl] = sum(w[j] * v[b, j, sl] for j in range(i + 1))
+                js = [j for j in range(T) if (j <= i if allowed is None else allowed[b, 0, i, j])]
+                w = torch.softmax(torch.stack([q[b, i, sl] @ k[b, j, sl] * scale for j in js]), 0)
+                y[b, i, sl] = sum(wj * v[b, j, sl] for wj, j in zip(w, js))
     return attn.c_proj(y)
 
 
@@ -103,7 +107,45 @@ def test_attention_matches_naive_loop():
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     attn = model.transformer.h[0].attn
     with torch.no_grad():
-        assert torch.allclose(attn(x), naive_attention(attn, x), atol=1e-10)
+        assert_close("CausalSelfAttention(x), no mask or cache", attn(x), naive_attention(attn, x), 1e-10,
+                     [("no causal mask: query i sees keys j <= i only", naive_attention(attn, x, torch.ones(2, 1, 7, 7))),
+                      ("scores scaled by 1/hs: it is 1/sqrt(hs)", naive_attention(attn, x, scale=1 / 8))],
+                     "softmax over the keys (last dim) of q k^T / sqrt(hs); heads split (B, nh, T, hs) and merged back")
+
+
+def test_attention_with_padding_mask_and_cache_matches_naive_loop():
+    """A left-padded batch through a KVCache as GPT.hidden drives it (a prefill of 4 positions, then
+    one at a time, the test advancing cache.pos) equals one pass over all positions, each query
+    attending to the keys its row's mask allows."""
+    model = tiny().double()
+    attn, S, P = model.transformer.h[0].attn, 7, 4
+    x = torch.randn(2, S, 32, dtype=torch.float64)
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])  # row 0: 2 padding positions
+    cache = KVCache(1, 2, 4, S, 8, "cpu", torch.float64)
+    with torch.no_grad():
+        want = naive_attention(attn, x, gpt.attention_mask_4d(am, S))
+        steps = [attn(x[:, :P], gpt.attention_mask_4d(am[:, :P], P), cache, 0)]
+        for t in range(P, S):
+            cache.pos = t  # GPT.hidden's job, after the last layer
+            steps.append(attn(x[:, t:t + 1], gpt.attention_mask_4d(am[:, :t + 1], 1), cache, 0))
+        got = torch.cat(steps, 1)
+        assert_close("CausalSelfAttention with a padding mask and a KV cache", got, want, 1e-10,
+                     [("the padding mask ignored: keys where mask is False are not attended to",
+                       naive_attention(attn, x))],
+                     "mask (B, 1, T, S): True = allowed; with a cache, attend over all S keys it returns, the "
+                     "queries being the last T positions")
+
+
+def test_attention_stable_for_large_scores():
+    model = tiny()
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        attn.c_attn.weight.normal_(0, 3.0)  # scores q.k / sqrt(hs) of a few hundred: exp() overflows float32
+        x = torch.randn(2, 6, 32)
+        got = attn(x)
+        want = naive_attention(copy.deepcopy(attn).double(), x.double())
+    assert_close("CausalSelfAttention at scores of a few hundred (float32)", got, want.float(),
+                 1e-4 * want.abs().max().item(), hint="a softmax by hand must subtract each row's max first")
 
 
 @pytest.mark.skipif(not onednn.ONEDNN, reason="the oneDNN paths are for x86 CPUs")
@@ -266,14 +308,34 @@ def test_vocab_padding_rows_zero_cut_off_and_loadable():
 
 
 def test_kvcache_update_writes_in_place():
-    c = KVCache(n_layer=2, B=1, n_head=1, T_max=5, head_size=2, device="cpu", dtype=torch.float32)
-    k1, v1 = torch.ones(1, 1, 3, 2), 2 * torch.ones(1, 1, 3, 2)
-    k, v = c.update(1, k1, v1)
-    assert k.shape == (1, 1, 3, 2) and torch.equal(k, k1) and torch.equal(v, v1)
-    c.pos = 3
-    k, v = c.update(1, 3 * torch.ones(1, 1, 1, 2), 4 * torch.ones(1, 1, 1, 2))
-    assert k.shape == (1, 1, 4, 2) and k[0, 0, :, 0].tolist() == [1, 1, 1, 3] and v[0, 0, :, 0].tolist() == [2, 2, 2, 4]
-    assert c.k[0].abs().sum() == 0  # other layers untouched
+    c = KVCache(n_layer=2, B=2, n_head=2, T_max=5, head_size=3, device="cpu", dtype=torch.float64)
+    buffers = c.k.data_ptr(), c.v.data_ptr()
+    k1 = torch.arange(36, dtype=torch.float64).view(2, 2, 3, 3)  # (B, nh, T, hs): every entry its own value
+    k, v = c.update(1, k1, -k1)
+    assert k.shape == v.shape == (2, 2, 3, 3), f"KVCache.update returned shapes {tuple(k.shape)}, {tuple(v.shape)}, " \
+        f"want (B, nh, pos + T, hs) = (2, 2, 3, 3)"
+    assert c.k[0].abs().sum() == 0 and c.v[0].abs().sum() == 0, "update(1, k, v) changed layer 0: write into layer 1"
+    assert torch.equal(k, k1) and torch.equal(v, -k1), "the first update must return the keys and values it was given" + \
+        (": keys and values swapped" if torch.equal(k, -k1) else "")
+    c.pos = 3  # as GPT.hidden sets it after the last layer
+    k2 = 100 + torch.arange(12, dtype=torch.float64).view(2, 2, 1, 3)
+    k, v = c.update(1, k2, -k2)
+    assert k.shape == (2, 2, 4, 3), f"KVCache.update at pos 3 with T = 1 returned keys of shape {tuple(k.shape)}, " \
+        f"want (2, 2, 4, 3): all keys so far, positions 0..pos+T-1" + (", not this step's only" if k.size(2) == 1 else "")
+    want = torch.cat([k1, k2], 2)
+    assert torch.equal(k, want) and torch.equal(v, -want), f"keys at positions 0..3 are {k[0, 0, :, 0].tolist()} " \
+        f"(batch 0, head 0, entry 0), want {want[0, 0, :, 0].tolist()}: write at positions pos..pos+T-1"
+    assert (c.k.data_ptr(), c.v.data_ptr()) == buffers and torch.equal(c.k[1, :, :, :4], want), \
+        "the keys must be written into the preallocated c.k (by slice), not into a new tensor"
+    assert c.k[0].abs().sum() == 0 and c.v[0].abs().sum() == 0, "update(1, k, v) changed layer 0: write into layer 1"
+
+
+def test_kvcache_update_leaves_pos_alone():
+    c = KVCache(n_layer=2, B=1, n_head=1, T_max=6, head_size=2, device="cpu", dtype=torch.float32)
+    for layer in (0, 1):
+        c.update(layer, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+        assert c.pos == 0, f"KVCache.update (layer {layer}) moved cache.pos from 0 to {c.pos}: leave it alone; " \
+                           f"every layer writes at the same positions, and GPT.hidden advances pos once after the last"
 
 
 def test_position_ids_restart_after_left_padding():
@@ -292,7 +354,9 @@ def test_generate_cached_equals_uncached():
     mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
     a, ga = generate(model, prompt, mask, 20, temperature=0)
     b, gb = generate(model, prompt, mask, 20, temperature=0, use_cache=False)
-    assert torch.equal(a, b) and torch.equal(ga, gb)
+    diff = (a != b).nonzero().tolist()
+    assert not diff and torch.equal(ga, gb), f"greedy decoding with the KV cache picks other tokens than without it, " \
+        f"first at (row, column) {diff[0] if diff else '(masks only)'}: KVCache.update or attention over cached keys"
     # and the logits of every decode step, fed the same tokens, agree to 1e-5
     cache = KVCache(2, 3, 4, a.size(1), 8, "cpu", torch.float32)
     full_mask = torch.cat([mask, torch.ones(3, a.size(1) - 5, dtype=torch.long)], 1)
@@ -300,7 +364,9 @@ def test_generate_cached_equals_uncached():
         ref = model(a, full_mask)
         step = [model(a[:, :5], full_mask[:, :5], cache)]
         step += [model(a[:, t:t + 1], full_mask[:, :t + 1], cache) for t in range(5, a.size(1))]
-    assert (torch.cat(step, 1) - ref)[full_mask.bool()].abs().max() <= 1e-5
+    err = (torch.cat(step, 1) - ref)[full_mask.bool()].abs().max()
+    assert err <= 1e-5, f"logits of cached decode steps differ from an uncached forward by {err:.3g}: the cache " \
+        f"(KVCache.update, pos) or attention over its keys (queries are the last T of S positions)"
 
 
 def test_forward_first_and_generate_logprobs():
@@ -349,12 +415,14 @@ def test_generate_stops_at_eos_and_masks():
     prompt = torch.randint(0, 97, (4, 3))
     eos = int(model(prompt)[0, -1].argmax())  # row 0's greedy first token is eos: it stops at once
     out, gen = generate(model, prompt, torch.ones_like(prompt), 10, temperature=0, eos_id=eos)
-    assert out[0, 3] == eos and gen[0].tolist() == [0, 0, 0, 1] + [0] * (out.size(1) - 4)
+    assert out[0, 3] == eos and gen[0].tolist() == [0, 0, 0, 1] + [0] * (out.size(1) - 4), \
+        f"row 0's greedy first token is eos ({eos}): it stops there; got {out[0, 3:].tolist()}, mask {gen[0].tolist()}"
     for row, g in zip(out, gen):
         ends = (row[3:] == eos).nonzero()
         if len(ends):  # mask covers up to and including the first eos, padding after it
             e = 3 + ends[0].item()
-            assert g[3:e + 1].all() and not g[e + 1:].any() and (row[e:] == eos).all()
+            assert g[3:e + 1].all() and not g[e + 1:].any() and (row[e:] == eos).all(), \
+                f"tokens {row[3:].tolist()}, mask {g[3:].tolist()}: 1 up to the first eos, then 0, eos as padding"
 
 
 def test_generate_reproducible_with_generator():
@@ -362,7 +430,8 @@ def test_generate_reproducible_with_generator():
     prompt = torch.randint(0, 97, (2, 4))
     runs = [generate(model, prompt, torch.ones_like(prompt), 10, generator=torch.Generator().manual_seed(s))[0]
             for s in (0, 0, 1)]
-    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert torch.equal(runs[0], runs[1]), "the same generator seed sampled different tokens"
+    assert not torch.equal(runs[0], runs[2]), "two generator seeds sampled the same tokens"
 
 
 def test_sample_token_top_k_top_p():

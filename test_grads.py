@@ -9,14 +9,14 @@ import torch
 from torch.nn import functional as F
 
 import grads
+from checks import TOL, assert_close
 from gpt import GPT, GPTConfig
 from ppo import entropy, ppo_loss, ppo_policy_loss, value_loss
 from ppo import policy_logprobs, token_logprobs
 from reward import RewardModel, preference_loss
 from sft import sft_loss
 
-H = 1e-6  # finite-difference step: truncation ~H^2 = 1e-12, float64 roundoff ~1e-16 / H = 1e-10
-TOL = 1e-7  # allowed |analytic - numerical|; every expected gradient is checked to exceed 1e3 * TOL
+H = 1e-6  # finite-difference step: truncation ~H^2 = 1e-12, float64 roundoff ~1e-16 / H = 1e-10 (TOL: 1e-7)
 CLIP = 0.2
 
 
@@ -62,23 +62,28 @@ def autograd_grads(f, *xs):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, xs)]
 
 
-def assert_grad_close(what, got, want, tol=TOL, mistakes=(), labels=None):
-    """Fail naming `what`, the worst entries (by `labels[index]` where given) and, when `got`
-    matches one of the known `mistakes` (name, wrong answer), that mistake."""
-    assert want.abs().max() > 1e3 * tol, f"{what}: the expected gradient is too small to test (test bug)"
-    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite entries at {(~torch.isfinite(got)).nonzero().tolist()[:5]}"
-    err = (got.detach().double() - want).abs()
-    if err.max() <= tol:
-        return
-    bad = (err > tol).nonzero().tolist()
-    rows = [f"  {tuple(i)}{' ' + labels[tuple(i)] if labels and tuple(i) in labels else ''}: "
-            f"got {got[tuple(i)].item():+.6g}, want {want[tuple(i)].item():+.6g}" for i in bad[:6]]
-    mistakes = list(mistakes) + [("the gradient is 0 everywhere: is the loss cut from its input "
-                                  "(.detach(), .item(), .data, numpy)?", torch.zeros_like(want))]
-    named = [name for name, wrong in mistakes if (got.detach().double() - wrong).abs().max() <= tol]
-    raise AssertionError(f"{what}: {len(bad)} of {got.numel()} entries differ, by up to {err.max():.3g} "
-                         f"(tolerance {tol:.0e}):\n" + "\n".join(rows) + (f"\n  looks like: {named[0]}" if named else ""))
+# the losses written here from their docstrings: the known values beside each gradient check (a
+# gradient test alone cannot see a wrong forward), and the wrong answers of typical mistakes
+def ref_sft_loss(logits, tokens, mask):
+    m = mask[:, 1:].to(logits.dtype)
+    return -(logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1) * m).sum() / m.sum()
+
+
+def ref_policy_loss(logprobs, old, adv, mask, eps, pick=torch.max):
+    rho = (logprobs - old).exp()
+    return (pick(-adv * rho, -adv * rho.clamp(1 - eps, 1 + eps)) * mask).sum() / mask.sum()
+
+
+def ref_value_loss(values, old, returns, mask, eps, centre=None, pick=torch.max):
+    centre = old if centre is None else centre
+    clipped = centre + (values - centre).clamp(-eps, eps)
+    return 0.5 * (pick((values - returns) ** 2, (clipped - returns) ** 2) * mask).sum() / mask.sum()
+
+
+def ref_entropy(logits, mask):
+    logp = logits.log_softmax(-1)
+    return (-(logp.exp() * logp).sum(-1) * mask).sum() / mask.sum()
+
 
 # -----------------------------------------------------------------------------
 # inputs: masks with prompt tokens, padding and rows of different lengths; points off the kinks
@@ -89,7 +94,7 @@ def sft_example():
     tokens = torch.randint(0, 5, (3, 6), generator=g)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1],  # 2 prompt tokens, runs to the end
                          [0, 1, 1, 1, 0, 0],  # 1 prompt token, padding after
-                         [0, 0, 0, 1, 1, 0]])
+                         [1, 0, 0, 1, 1, 0]])  # loss_mask[:, 0] = 1: token 0 is never a target, so it counts for nothing
     return logits, tokens, mask
 
 
@@ -126,29 +131,37 @@ VALUE_POINTS = {"inside": (0.1, -0.5, False), "above-unclipped_wins": (0.5, -0.5
 # -----------------------------------------------------------------------------
 # backward() of each loss against finite differences of the same loss
 
+FORWARD = "the loss itself is wrong: its known-value tests (test_ppo.py, test_sft.py, test_reward.py) say how"
+
+
 def test_sft_loss_autograd_matches_finite_differences():
     logits, tokens, mask = sft_example()
     f = lambda x: sft_loss(x, tokens, mask)
+    assert_close("sft_loss on float64 logits", f(logits), ref_sft_loss(logits, tokens, mask), 1e-12, hint=FORWARD)
     x = logits.clone()
-    assert_grad_close("sft_loss: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
+    assert_close("sft_loss: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
     assert gradcheck(f, logits)
 
 
 def test_preference_loss_autograd_matches_finite_differences():
     rc, rr = preference_example()
+    assert_close("preference_loss on float64 rewards", preference_loss(rc, rr), -F.logsigmoid(rc - rr).mean(), 1e-12,
+                 hint=FORWARD)
     got_c, got_r = autograd_grads(preference_loss, rc, rr)
     xc, xr = rc.clone(), rr.clone()
-    assert_grad_close("preference_loss: autograd d/d r_chosen", got_c, numerical_grad(lambda: preference_loss(xc, xr), xc))
-    assert_grad_close("preference_loss: autograd d/d r_rejected", got_r, numerical_grad(lambda: preference_loss(xc, xr), xr))
+    assert_close("preference_loss: autograd d/d r_chosen", got_c, numerical_grad(lambda: preference_loss(xc, xr), xc))
+    assert_close("preference_loss: autograd d/d r_rejected", got_r, numerical_grad(lambda: preference_loss(xc, xr), xr))
     assert gradcheck(preference_loss, rc, rr)
 
 
 def test_token_logprobs_autograd_matches_finite_differences():
     logits, tokens, _ = sft_example()
+    assert_close("token_logprobs on float64 logits", token_logprobs(logits, tokens),
+                 logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1), 1e-12, hint=FORWARD)
     w = torch.linspace(-1, 2, tokens.numel(), dtype=torch.float64).view(tokens.shape)  # a scalar read of (B, T)
     f = lambda x: (token_logprobs(x, tokens) * w).sum()
     x = logits.clone()
-    assert_grad_close("token_logprobs: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
+    assert_close("token_logprobs: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
     assert gradcheck(lambda x: token_logprobs(x, tokens), logits)
 
 
@@ -157,42 +170,62 @@ def test_ppo_policy_loss_autograd_matches_finite_differences(point):
     ratio, adv, clipped = POLICY_POINTS[point]
     logprobs, old, advantages, mask = policy_example([POLICY_POINTS[point]])
     f = lambda lp: ppo_policy_loss(lp, old, advantages, mask, CLIP)
+    what = f"ppo_policy_loss at ratio {ratio}, advantage {adv:+}, clip {CLIP} (old log-probs {old[0, 0]:.1f})"
+    mistakes = [("min instead of max: the loss takes the larger, pessimistic term",
+                 ref_policy_loss(logprobs, old, advantages, mask, CLIP, torch.min)),
+                ("ratio inverted: rho = exp(logprobs - old_logprobs)",
+                 ref_policy_loss(old, logprobs, advantages, mask, CLIP)),
+                ("old_logprobs left out of the ratio", ref_policy_loss(logprobs, 0 * old, advantages, mask, CLIP))]
+    assert_close(what, f(logprobs), ref_policy_loss(logprobs, old, advantages, mask, CLIP), 1e-12, mistakes, FORWARD)
     got = autograd_grads(f, logprobs)[0]
     x = logprobs.clone()
-    want = numerical_grad(lambda: f(x), x)
-    what = f"ppo_policy_loss: autograd d/d logprobs at ratio {ratio}, advantage {adv:+}, clip {CLIP}"
-    assert_grad_close(what, got, want, labels={(0, 0): f"(the {point} point)"})
-    if clipped:  # the max picks the constant clipped term: exactly 0, not merely small
+    labels = {(0, 0): f"(the {point} point)"}
+    assert_close(f"{what}: autograd d/d logprobs vs finite differences", got, numerical_grad(lambda: f(x), x),
+                 labels=labels)
+    rho = (logprobs - old).exp()
+    want = -advantages * rho * mask / mask.sum()  # d(-A rho)/d logprobs = -A rho, the mean's 1/M
+    want[0, 0] *= not clipped  # the max picks the constant clipped term: exactly 0, not merely small
+    assert_close(f"{what}: autograd d/d logprobs", got, want, labels=labels,
+                 hint="rho must stay in the graph (no .detach()); the clipped term is constant past the clip")
+    if clipped:
         assert got[0, 0].item() == 0.0, f"{what}: the objective is clipped there, so the gradient must be exactly 0, " \
                                         f"got {got[0, 0].item():.3g}"
-    else:
-        assert abs(want[0, 0].item()) > 1e3 * TOL, "test bug: this point should have a gradient"
-    assert (got[mask == 0] == 0).all(), f"{what}: padding entries (mask 0) get a gradient"
 
 
 @pytest.mark.parametrize("point", VALUE_POINTS)
 def test_value_loss_autograd_matches_finite_differences(point):
     dv, dr, clipped = VALUE_POINTS[point]
-    old = torch.tensor([[1.0, 0.5, -0.3, 0.7]], dtype=torch.float64)
+    old = torch.tensor([[1.7, 0.5, -0.3, 0.7]], dtype=torch.float64)  # V_old, not 1: a clip around 1 must show
     values = old + torch.tensor([[dv, 0.05, -0.1, 0.9]], dtype=torch.float64)  # the point, two inside, padding
     returns = old + torch.tensor([[dr, 0.6, -0.8, 2.0]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
     v_clip = old + (values - old).clamp(-CLIP, CLIP)
-    assert abs(dv) < CLIP or ((values - returns) ** 2 - (v_clip - returns) ** 2)[0, 0].abs() > 0.1, "test bug: a kink"
+    assert abs(dv) < CLIP or ((values - returns) ** 2 - (v_clip - returns) ** 2)[0, 0].abs() > 0.1, "test data on a kink"
     f = lambda v: value_loss(v, old, returns, mask, CLIP)
+    what = f"value_loss at V - V_old = {dv:+}, R - V_old = {dr:+}, clip {CLIP} (V_old = {old[0, 0]:.1f})"
+    mistakes = [("V clipped to [1 - eps, 1 + eps]: the clip is around V_old, V_old +- eps",
+                 ref_value_loss(values, old, returns, mask, CLIP, torch.ones_like(old))),
+                ("V clipped around the returns: the clip is around V_old",
+                 ref_value_loss(values, old, returns, mask, CLIP, returns)),
+                ("min instead of max: the loss takes the larger, pessimistic term",
+                 ref_value_loss(values, old, returns, mask, CLIP, pick=torch.min))]
+    assert_close(what, f(values), ref_value_loss(values, old, returns, mask, CLIP), 1e-12, mistakes, FORWARD)
     got = autograd_grads(f, values)[0]
     x = values.clone()
-    what = f"value_loss: autograd d/d values at V - V_old = {dv:+}, R - V_old = {dr:+}, clip {CLIP}"
-    assert_grad_close(what, got, numerical_grad(lambda: f(x), x), labels={(0, 0): f"(the {point} point)"})
-    if clipped:
-        assert got[0, 0].item() == 0.0, f"{what}: the clipped term is the max there, so the gradient must be exactly 0"
+    labels = {(0, 0): f"(the {point} point)"}
+    assert_close(f"{what}: autograd d/d values vs finite differences", got, numerical_grad(lambda: f(x), x),
+                 labels=labels)
+    want = (values - returns) * mask / mask.sum()  # 0.5 d(V - R)^2/dV, the mean's 1/M: the unclipped term
+    want[0, 0] *= not clipped  # the clipped term, constant past the clip, is the larger one there
+    assert_close(f"{what}: autograd d/d values", got, want, labels=labels)
 
 
 def test_entropy_autograd_matches_finite_differences():
     logits, _, mask = sft_example()
     f = lambda x: entropy(x, mask)
+    assert_close("entropy on float64 logits", f(logits), ref_entropy(logits, mask), 1e-12, hint=FORWARD)
     x = logits.clone()
-    assert_grad_close("entropy: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
+    assert_close("entropy: autograd d/d logits", autograd_grads(f, logits)[0], numerical_grad(lambda: f(x), x))
     assert gradcheck(f, logits)
 
 
@@ -205,7 +238,7 @@ def test_ppo_loss_autograd_matches_finite_differences():
                       dtype=torch.float64)  # V - V_old: inside the value clip and outside it on each side
     dr = torch.tensor([[0.4, 0.5, 1.0, -1.0, 0.6, -0.5, 0.2], [-0.5, -1.0, 0.3, 0.5, -0.4, 1.2, 0.1]],
                       dtype=torch.float64)  # R - V_old: either term of the max the larger one
-    assert ((dv - dr) ** 2 - (dv.clamp(-CLIP, CLIP) - dr) ** 2)[dv.abs() > CLIP].abs().min() > 0.05, "test bug: a kink"
+    assert ((dv - dr) ** 2 - (dv.clamp(-CLIP, CLIP) - dr) ** 2)[dv.abs() > CLIP].abs().min() > 0.05, "test data on a kink"
     values, returns = old_values + dv, old_values + dr
     logits = torch.randn(B, T, 4, dtype=torch.float64, generator=g)
     ptx = torch.tensor(1.7, dtype=torch.float64)
@@ -213,15 +246,21 @@ def test_ppo_loss_autograd_matches_finite_differences():
     def f(lp, v, lg, p):
         return ppo_loss(lp, old, adv, v, old_values, returns, lg, mask, CLIP, CLIP, 0.5, 0.1, p, 0.3)
     inputs = [logprobs, values, logits, ptx]
+    pg, vf = ref_policy_loss(logprobs, old, adv, mask, CLIP), ref_value_loss(values, old_values, returns, mask, CLIP)
+    h = ref_entropy(logits, mask)
+    assert_close("ppo_loss", f(*inputs), pg + 0.5 * vf - 0.1 * h + 0.3 * ptx, 1e-12, hint=FORWARD, mistakes=[
+        ("the entropy bonus added: the loss subtracts ent_coef * entropy", pg + 0.5 * vf + 0.1 * h + 0.3 * ptx)])
     got = autograd_grads(f, *inputs)
     xs = [x.clone() for x in inputs]
     for name, i in (("logprobs", 0), ("values", 1), ("logits", 2), ("ptx_loss", 3)):
         want = numerical_grad(lambda: f(*xs), xs[i])
-        assert_grad_close(f"ppo_loss: autograd d/d {name}", got[i], want)
+        assert_close(f"ppo_loss: autograd d/d {name}", got[i], want)
 
 
 # -----------------------------------------------------------------------------
 # the closed forms of grads.py against finite differences of the losses they differentiate
+
+DERIVE = "want = finite differences of the loss, entry by entry: check the derivation on the entries listed"
 
 def test_sft_loss_grad_matches_finite_differences():
     logits, tokens, mask = sft_example()
@@ -242,16 +281,23 @@ def test_sft_loss_grad_matches_finite_differences():
                 ("no division by the number of response tokens (a sum, not a mean)", want * M),
                 ("the mask is ignored: prompt and padding positions get a gradient", shifted / (B * (T - 1))),
                 ("sign flipped: d(-log p_y)/dz = softmax(z) - onehot(y)", -want)]
-    assert_grad_close("grads.sft_loss_grad", got, want, mistakes=mistakes)
+    rolled = torch.roll(mask, -1, 1).double()  # the last position weighted by loss_mask[:, 0], 1 in row 2
+    mistakes.append(("torch.roll wrapped token 0 onto the last position, which predicts nothing: its gradient is 0",
+                     (p - F.one_hot(torch.roll(tokens, -1, 1), V).double()) * (rolled / rolled.sum())[..., None]))
+    wrong_way = torch.zeros_like(logits)
+    wrong_way[:, 1:] = want[:, :-1]
+    mistakes.append(("shifted the wrong way: logit position s predicts token s + 1, so the last position gets 0",
+                     wrong_way))
+    assert_close("grads.sft_loss_grad", got, want, mistakes=mistakes, hint=DERIVE)
     autograd = autograd_grads(lambda l: sft_loss(l, tokens, mask), logits)[0]
-    assert_grad_close("grads.sft_loss_grad vs autograd", got, autograd)
+    assert_close("grads.sft_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12)
 
 
 def test_sft_loss_grad_stable_for_large_logits():
     logits, tokens, mask = sft_example()
     logits = logits * 1000  # exp(2000) overflows even float64: use a stable softmax
     want = autograd_grads(lambda l: sft_loss(l, tokens, mask), logits)[0]
-    assert_grad_close("grads.sft_loss_grad at logits x 1000", grads.sft_loss_grad(logits, tokens, mask), want)
+    assert_close("grads.sft_loss_grad at logits x 1000", grads.sft_loss_grad(logits, tokens, mask), want)
 
 
 def test_preference_loss_grad_matches_finite_differences():
@@ -264,17 +310,19 @@ def test_preference_loss_grad_matches_finite_differences():
     mistakes = [("sign flipped: raising r_chosen lowers the loss, so d/d r_chosen < 0", -want_c),
                 ("sigmoid(r_c - r_r) where it is sigmoid(r_r - r_c) = 1 - sigmoid(r_c - r_r)", -torch.sigmoid(rc - rr) / N),
                 ("the 1/N of the mean is missing", want_c * N)]
-    assert_grad_close("grads.preference_loss_grad d/d r_chosen", got_c, want_c, mistakes=mistakes)
-    assert_grad_close("grads.preference_loss_grad d/d r_rejected", got_r, want_r,
-                      mistakes=[("d/d r_rejected = -(d/d r_chosen): only the difference enters the loss", want_c)])
+    assert_close("grads.preference_loss_grad d/d r_chosen", got_c, want_c, mistakes=mistakes, hint=DERIVE)
+    assert_close("grads.preference_loss_grad d/d r_rejected", got_r, want_r,
+                 mistakes=[("d/d r_rejected = -(d/d r_chosen): only the difference enters the loss", want_c)])
+    for what, g, a in zip(("r_chosen", "r_rejected"), (got_c, got_r), autograd_grads(preference_loss, rc, rr)):
+        assert_close(f"grads.preference_loss_grad d/d {what} vs autograd, to float64 precision", g, a, 1e-12)
 
 
 def test_preference_loss_grad_stable_for_large_differences():
     got_c, got_r = grads.preference_loss_grad(torch.tensor([1000.0, -1000.0], dtype=torch.float64),
                                              torch.tensor([0.0, 0.0], dtype=torch.float64))
     want_c = torch.tensor([0.0, -0.5], dtype=torch.float64)  # ranked right: no push; wrong: the full -1/N
-    assert_grad_close("grads.preference_loss_grad d/d r_chosen at differences +-1000", got_c, want_c)
-    assert_grad_close("grads.preference_loss_grad d/d r_rejected at differences +-1000", got_r, -want_c)
+    assert_close("grads.preference_loss_grad d/d r_chosen at differences +-1000", got_c, want_c)
+    assert_close("grads.preference_loss_grad d/d r_rejected at differences +-1000", got_r, -want_c)
 
 
 def test_ppo_policy_loss_grad_matches_finite_differences():
@@ -291,9 +339,14 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
                  "does not reward, the loss is not clipped", unclipped * ((rho - 1).abs() <= CLIP)),
                 ("the factor ratio is missing: d ratio / d logprobs = ratio", -adv * mask / mask.sum() * ~clipped),
                 ("divided by every entry, not by sum(mask)", want * mask.sum() / mask.numel()),
+                ("padding entries get a gradient: multiply by the mask", -adv * rho / mask.sum() * ~clipped),
                 ("sign flipped: the loss is -A * ratio (a loss, minimised)", -want)]
     labels = {(0, i): f"({name})" for i, name in enumerate(POLICY_POINTS)}
-    assert_grad_close("grads.ppo_policy_loss_grad", got, want, mistakes=mistakes, labels=labels)
+    mistakes.append(("the clip for A < 0 ignored: there the max picks the clipped term once rho < 1 - eps",
+                     unclipped * ~((adv > 0) & (rho > 1 + CLIP))))
+    assert_close("grads.ppo_policy_loss_grad", got, want, mistakes=mistakes, labels=labels, hint=DERIVE)
+    autograd = autograd_grads(lambda lp: ppo_policy_loss(lp, old, adv, mask, CLIP), logprobs)[0]
+    assert_close("grads.ppo_policy_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12, labels=labels)
 
 # -----------------------------------------------------------------------------
 # end to end: the parameters of a tiny float64 GPT (+ value head), every entry
@@ -317,7 +370,7 @@ def check_parameters(what, loss_fn, params):
     for name, p in params.items():
         got = torch.zeros_like(p) if p.grad is None else p.grad
         tol = TOL * max(1.0, got.abs().max().item())
-        assert_grad_close(f"{what}: d/d {name}", got, numerical_grad(loss_fn, p.data), tol=tol)
+        assert_close(f"{what}: d/d {name}", got, numerical_grad(loss_fn, p.data), tol=tol)
 
 
 def test_end_to_end_sft_gpt_grads_match_finite_differences():

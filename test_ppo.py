@@ -13,6 +13,7 @@ from ppo import (entropy, gae, kl_penalized_rewards, kl_stats, policy_logprobs, 
                  value_loss, whiten)
 from reward import RewardModel
 from rollout import AdaptiveKLController, add_advantages, make_sampler, rollout
+from checks import assert_close
 from util import autocast
 
 # two rows of different lengths: row 0 is left-padded and ends early, row 1 runs to the end
@@ -22,14 +23,28 @@ MASK = torch.tensor([[0., 1., 1., 1., 0.], [1., 1., 1., 1., 1.]])
 def test_token_logprobs_matches_hand_computed():
     logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0]]])  # (1, 2, 2)
     got = token_logprobs(logits, torch.tensor([[1, 1]]))
-    want = torch.tensor([[math.log(3 / 4), math.log(1 / 5)]])
-    assert got.shape == (1, 2) and torch.allclose(got, want, atol=1e-6), f"token_logprobs {got} != {want}"
+    assert got.shape == (1, 2), f"token_logprobs: shape {tuple(got.shape)}, want (1, 2): squeeze(-1) only the " \
+                                f"gathered dimension (squeeze() drops every dimension of size 1)"
+    over_positions = torch.tensor([[math.log(3 / 4), math.log(1 / 4)]])
+    assert_close("token_logprobs", got, torch.tensor([[math.log(3 / 4), math.log(1 / 5)]]), 1e-6,
+                 [("log-softmax over positions (dim 1), not the vocabulary", over_positions)],
+                 "log softmax over the vocabulary (the last dimension), then each token's entry")
+
+
+def test_token_logprobs_matches_naive_loop_float64():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(3, 4, 6, dtype=torch.float64, generator=g)
+    tokens = torch.randint(0, 6, (3, 4), generator=g)
+    lse = [[math.log(sum(math.exp(z) for z in logits[b, t].tolist())) for t in range(4)] for b in range(3)]
+    want = logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.tensor(lse, dtype=torch.float64)
+    assert_close("token_logprobs on float64 logits", token_logprobs(logits, tokens), want, 1e-12,
+                 hint="log p(token) = logit of the token - log sum exp(logits), over the vocabulary")
 
 
 def test_token_logprobs_stable_for_large_logits():
-    logits = torch.tensor([[[1000.0, 0.0, -1000.0]]])
-    got = token_logprobs(logits, torch.tensor([[1]]))
-    assert torch.isfinite(got).all() and abs(got.item() + 1000.0) < 1e-3
+    logits = torch.tensor([[[1000.0, 0.0, -1000.0]], [[-1000.0, 1000.0, 0.0]]])  # (2, 1, 3)
+    got = token_logprobs(logits, torch.tensor([[1], [1]]))
+    assert_close("token_logprobs at logits +-1000", got, torch.tensor([[-1000.0], [0.0]]), 1e-3)
 
 
 def test_policy_logprobs_use_the_sampling_temperature():
@@ -45,17 +60,48 @@ def test_policy_logprobs_use_the_sampling_temperature():
     assert torch.allclose(got, want, atol=1e-6), "log-probs must be taken at the sampling temperature"
 
 
+def naive_kl_rewards(scores, logprobs, ref, mask, coef, last=lambda valid: valid[-1], add=True, everywhere=False):
+    out = torch.zeros_like(logprobs)
+    for b in range(mask.size(0)):
+        valid = [t for t in range(mask.size(1)) if mask[b, t]]
+        for t in range(mask.size(1)) if everywhere else valid:
+            out[b, t] = -coef * (logprobs[b, t] - ref[b, t])
+        out[b, last(valid)] = out[b, last(valid)] * add + scores[b]
+    return out
+
+
+def check_kl_rewards(what, scores, logprobs, ref, mask, coef, tol):
+    args = (scores, logprobs, ref, mask, coef)
+    mistakes = [("KL sign flipped: r_t = -kl_coef * (logprobs - ref_logprobs)",
+                 naive_kl_rewards(scores, logprobs, ref, mask, -coef)),
+                ("score at sum(mask) - 1: under left padding the last token is elsewhere (data.last_index)",
+                 naive_kl_rewards(*args, last=lambda valid: len(valid) - 1)),
+                ("score at the last column, not at each row's last valid token",
+                 naive_kl_rewards(*args, last=lambda v: mask.size(1) - 1)),
+                ("score written over the last token's KL penalty: it is added to it", naive_kl_rewards(*args, add=False)),
+                ("KL penalty on padding too", naive_kl_rewards(*args, everywhere=True)),
+                ("kl_coef not applied", naive_kl_rewards(scores, logprobs, ref, mask, 1.0))]
+    assert_close(what, kl_penalized_rewards(*args), naive_kl_rewards(*args), tol, mistakes,
+                 "0 on padding, -kl_coef * (logprobs - ref) on valid tokens, + the score at each row's last valid token")
+
+
 def test_kl_penalized_rewards_matches_hand_computed():
     logprobs = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0, -1.0]])
     ref = torch.tensor([[1.0, -2.0, -1.0, -1.5, -2.0], [-1.0, -0.5, -1.0, -1.0, -3.0]])  # padding differs too
-    got = kl_penalized_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, MASK, kl_coef=0.5)
     want = torch.tensor([[0.0, -0.5, 0.5, -0.25 + 10.0, 0.0], [0.0, 0.25, 0.0, 0.0, -1.0 + 20.0]])
-    assert torch.allclose(got, want), f"got {got}, want {want}" + (
-        " (KL sign flipped? r_t = -kl_coef * (logprobs - ref_logprobs))"
-        if torch.allclose(got[:, :3], -want[:, :3]) else "")
+    assert torch.equal(naive_kl_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, MASK, 0.5), want)
+    check_kl_rewards("kl_penalized_rewards", torch.tensor([10.0, 20.0]), logprobs, ref, MASK, 0.5, 1e-6)
 
 
-def naive_gae(rewards, values, mask, gamma, lam):
+def test_kl_penalized_rewards_padded_row_in_the_middle_float64():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.float64)  # rows: 5, 2, 3
+    lp, ref = -3 * torch.rand(2, 3, 5, dtype=torch.float64, generator=g)
+    check_kl_rewards("kl_penalized_rewards, float64, middle row padded on both sides",
+                     torch.tensor([1.5, -2.0, 0.7], dtype=torch.float64), lp, ref, mask, 0.3, 1e-12)
+
+
+def naive_gae(rewards, values, mask, gamma, lam, bootstrap_past_end=False, gamma_in_delta=True):
     B, T = rewards.shape
     adv = [[0.0] * T for _ in range(B)]
     for b in range(B):
@@ -63,11 +109,12 @@ def naive_gae(rewards, values, mask, gamma, lam):
         for t in valid:
             total = 0.0
             for l, u in enumerate(x for x in valid if x >= t):
-                v_next = values[b, u + 1].item() if u + 1 in valid else 0.0  # V = 0 after the end
-                delta = rewards[b, u].item() + gamma * v_next - values[b, u].item()
+                past_end = u + 1 < T and bootstrap_past_end
+                v_next = values[b, u + 1].item() if u + 1 in valid or past_end else 0.0  # V = 0 after the end
+                delta = rewards[b, u].item() + (gamma if gamma_in_delta else 1) * v_next - values[b, u].item()
                 total += (gamma * lam) ** l * delta
             adv[b][t] = total
-    adv = torch.tensor(adv)
+    adv = torch.tensor(adv, dtype=rewards.dtype)
     return adv, (adv + values) * mask
 
 
@@ -77,28 +124,66 @@ def test_gae_matches_naive_loop():
     for gamma, lam in ((1.0, 0.95), (0.9, 0.8), (1.0, 1.0)):
         adv, ret = gae(rewards, values, MASK, gamma, lam)
         want_adv, want_ret = naive_gae(rewards, values, MASK, gamma, lam)
-        assert torch.allclose(adv, want_adv, atol=1e-5), f"gae advantages (gamma={gamma}, lam={lam}):\n{adv}\nwant\n{want_adv}"
-        assert torch.allclose(ret, want_ret, atol=1e-5), "returns = advantages + values on valid tokens, 0 elsewhere"
+        assert_close(f"gae advantages (gamma={gamma}, lam={lam})", adv, want_adv, 1e-5,
+                     [("bootstrapped past a row's end: V = 0 after its last valid token",
+                       naive_gae(rewards, values, MASK, gamma, lam, True)[0] * MASK),
+                      ("lambda missing: A_t = delta_t + gamma * lam * A_{t+1}",
+                       naive_gae(rewards, values, MASK, gamma, 1.0)[0]),
+                      ("gamma missing from delta_t = r_t + gamma * V_{t+1} - V_t",
+                       naive_gae(rewards, values, MASK, gamma, lam, gamma_in_delta=False)[0])],
+                     "a backward recursion over each row's valid tokens, 0 on padding")
+        assert_close(f"gae returns (gamma={gamma}, lam={lam})", ret, want_ret, 1e-5,
+                     hint="returns = advantages + values on valid tokens, 0 elsewhere")
+
+
+def test_gae_padded_row_in_the_middle_float64():
+    g = torch.Generator().manual_seed(1)
+    rewards, values = torch.randn(2, 3, 6, dtype=torch.float64, generator=g) * torch.tensor([1.0, 3.0])[:, None, None]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.float64)
+    adv, ret = gae(rewards, values, mask, 0.9, 0.8)
+    want_adv, want_ret = naive_gae(rewards, values, mask, 0.9, 0.8)
+    assert_close("gae advantages, float64, middle row padded on both sides", adv, want_adv, 1e-12,
+                 [("bootstrapped past a row's end: V = 0 after its last valid token",
+                   naive_gae(rewards, values, mask, 0.9, 0.8, True)[0] * mask)], "0 on padding, before and after a row")
+    assert_close("gae returns, float64, middle row padded on both sides", ret, want_ret, 1e-12)
 
 
 def test_gae_does_not_bootstrap_past_the_end():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.5, 0.5, 0.5, 100.0]])  # position 3 is padding: its value must not count
     adv, ret = gae(rewards, values, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), gamma=1.0, lam=1.0)
-    assert torch.allclose(adv, torch.tensor([[0.5, 0.5, 0.5, 0.0]])), f"got {adv}: bootstrapped past the end?"
-    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert_close("gae advantages", adv, torch.tensor([[0.5, 0.5, 0.5, 0.0]]), 1e-6,
+                 [("bootstrapped past the end: V = 0 after a row's last valid token",
+                   torch.tensor([[100.5, 100.5, 100.5, 0]]))])
+    assert_close("gae returns", ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 1e-6)
 
 
 def test_whiten_matches_hand_computed():
     x = torch.tensor([[99.0, 1.0, 2.0, 3.0, -50.0], [4.0, 5.0, 6.0, 7.0, 8.0]])
     valid = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])  # padding (99, -50) excluded
     mean, var = valid.mean(), valid.var(unbiased=False)
-    got = whiten(x, MASK)
     want = (x - mean) / torch.sqrt(var + 1e-8) * MASK
-    over_padding = (x - x.mean()) / x.std() * MASK
-    assert torch.allclose(got, want, atol=1e-6), f"whiten got {got}" + (
-        " (statistics include padding?)" if torch.allclose(got, over_padding, atol=1e-4) else "")
-    assert torch.allclose(whiten(x, MASK, shift_mean=False), ((x - mean) / torch.sqrt(var + 1e-8) + mean) * MASK, atol=1e-6)
+    assert_close("whiten", whiten(x, MASK), want, 1e-6,
+                 [("statistics include padding: mean and var over valid entries only", (x - x.mean()) / x.std() * MASK),
+                  ("statistics include padding", (x - x.mean()) / x.std(unbiased=False) * MASK),
+                  ("unbiased variance (n - 1): var = masked_mean((x - mean)^2)", (x - mean) / valid.std() * MASK),
+                  ("padding not zeroed", (x - mean) / torch.sqrt(var + 1e-8))],
+                 "(x - mean) / sqrt(var + 1e-8) with mean and var over valid entries, 0 on padding")
+    assert_close("whiten(shift_mean=False)", whiten(x, MASK, shift_mean=False),
+                 ((x - mean) / torch.sqrt(var + 1e-8) + mean) * MASK, 1e-6, hint="the mean is added back after scaling")
+
+
+def test_whiten_near_constant_and_constant_inputs_float64():
+    m = MASK.double()
+    x = 3.0 + 1e-5 * torch.tensor([[9.0, 1.0, -2.0, 0.5, 7.0], [2.0, -1.0, 0.0, 1.5, -3.0]], dtype=torch.float64)
+    mean, var = x[m.bool()].mean(), x[m.bool()].var(unbiased=False)  # var ~ 2e-10, below the 1e-8
+    want = (x - mean) / torch.sqrt(var + 1e-8) * m
+    assert_close("whiten of a near-constant x (var 2e-10)", whiten(x, m), want, 1e-9,
+                 [("divided by std + 1e-8: it is sqrt(var + 1e-8), which differs when var is near 0",
+                   (x - mean) / (var.sqrt() + 1e-8) * m)], "in x's dtype: float32 keeps only 7 digits of x = 3.00001")
+    const = torch.full((2, 5), 4.0, dtype=torch.float64)
+    assert_close("whiten of a constant x", whiten(const, m), torch.zeros_like(const), 1e-12,
+                 hint="var = 0: the 1e-8 inside the sqrt keeps (x - mean) / sqrt(var + 1e-8) at 0")
 
 
 # the four corners of the clip plus the inside: log ratio, advantage, clipped?  (eps = 0.2)
@@ -106,54 +191,118 @@ CASES = [(math.log(1.1), 1.0, False), (math.log(1.5), 2.0, True), (math.log(0.5)
          (math.log(1.5), -1.0, False), (math.log(0.5), 3.0, False)]
 
 
+def policy_terms(log_r, a, pick=max, eps=0.2):
+    r = math.exp(log_r)
+    return pick(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
+
+
 def test_ppo_policy_loss_matches_hand_computed_each_branch():
+    old = -1.7  # not 0: exp(logprobs) alone must not pass for the ratio
     for log_r, a, clipped in CASES:
-        r = math.exp(log_r)
-        want = -a * (min(max(r, 0.8), 1.2) if clipped else r)
-        got = ppo_policy_loss(torch.tensor([[log_r]]), torch.zeros(1, 1), torch.tensor([[a]]), torch.ones(1, 1), 0.2).item()
-        assert abs(got - want) < 1e-6, f"ratio {r:.2f}, advantage {a}: loss {got:.4f}, want {want:.4f} " \
-            f"(the loss is max(-A*ratio, -A*clip(ratio)): the pessimistic one)"
+        lp, r = torch.tensor([[old + log_r]], dtype=torch.float64), math.exp(log_r)
+        got = ppo_policy_loss(lp, torch.full((1, 1), old, dtype=torch.float64),
+                              torch.tensor([[a]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), 0.2)
+        mistakes = [("min instead of max (or the clipped term alone): the loss is the larger, pessimistic term",
+                     policy_terms(log_r, a, min)),
+                    ("ratio inverted: rho = exp(logprobs - old_logprobs)", policy_terms(-log_r, a)),
+                    ("old_logprobs left out: rho = exp(logprobs - old_logprobs)", policy_terms(old + log_r, a)),
+                    ("the clip on one side only: clip(rho, 1 - eps, 1 + eps)", max(-a * r, -a * min(r, 1.2))),
+                    ("the log-ratio clipped to +-eps: it is rho that is clipped, to [1 - eps, 1 + eps]",
+                     max(-a * r, -a * math.exp(min(max(log_r, -0.2), 0.2))))]
+        assert_close(f"ppo_policy_loss at ratio {r:.2f}, advantage {a:+} ({'clipped' if clipped else 'unclipped'})",
+                     got, torch.tensor(policy_terms(log_r, a), dtype=torch.float64), 1e-12, mistakes,
+                     "the loss is max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)): the pessimistic one")
 
 
 def test_ppo_policy_loss_masked_mean():
-    logp = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.0, 0.1, -0.1, 0.05, 0.0]])
+    logp = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.0, 0.1, -0.1, 0.05, 0.0]]) - 2.0
     adv = torch.tensor([[5.0, 1.0, -1.0, 2.0, 7.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
-    got = ppo_policy_loss(logp, torch.zeros_like(logp), adv, MASK, 0.2).item()
-    terms = [max(-a * math.exp(l), -a * min(max(math.exp(l), 0.8), 1.2))
-             for l, a, m in zip(logp.flatten().tolist(), adv.flatten().tolist(), MASK.flatten().tolist()) if m]
-    assert abs(got - sum(terms) / len(terms)) < 1e-6
+    got = ppo_policy_loss(logp, torch.full_like(logp, -2.0), adv, MASK, 0.2)
+    terms = torch.tensor([[policy_terms(l + 2.0, a) for l, a in zip(*row)] for row in zip(logp.tolist(), adv.tolist())])
+    row_means = (terms * MASK).sum(1) / MASK.sum(1)
+    assert_close("ppo_policy_loss over rows of 3 and 5 valid tokens", got, (terms * MASK).sum() / MASK.sum(), 1e-6,
+                 [("a mean over padding too: masked_mean divides by sum(mask)", terms.mean()),
+                  ("the mean of per-row means: one mean over all valid tokens", row_means.mean())])
+
+
+def test_ppo_policy_loss_stable_for_very_negative_logprobs():
+    lp = torch.tensor([[-200.0, -150.0, -120.0]])  # exp() of each underflows to 0 in float32
+    d = torch.tensor([[0.1, -0.1, 0.05]])
+    got = ppo_policy_loss(lp, lp - d, torch.tensor([[1.0, -1.0, 0.5]]), torch.ones(1, 3), 0.2)
+    want = sum(policy_terms(x, a) for x, a in zip(d[0].tolist(), [1.0, -1.0, 0.5])) / 3
+    assert_close("ppo_policy_loss at log-probs -200..-120 (float32)", got, torch.tensor(want), 1e-4,
+                 hint="rho = exp(logprobs - old_logprobs) in one exp")
 
 
 def test_ppo_policy_loss_gradient_flows_through_the_ratio():
     logp = torch.tensor([[0.05, -0.05]], requires_grad=True)
-    ppo_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -2.0]]), torch.ones(1, 2), 0.2).backward()
+    loss = ppo_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -2.0]]), torch.ones(1, 2), 0.2)
+    assert loss.requires_grad, "ppo_policy_loss: the loss does not depend on logprobs in autograd's graph: is rho detached?"
+    loss.backward()
     want = torch.tensor([[-1.0 * math.exp(0.05), 2.0 * math.exp(-0.05)]]) / 2
-    assert torch.allclose(logp.grad, want, atol=1e-6), f"grad {logp.grad}, want {want} (ratio detached?)"
+    assert_close("ppo_policy_loss: d/d logprobs", logp.grad, want, 1e-6,
+                 hint="d(-A * rho)/d logprobs = -A * rho: rho must stay in the graph")
+
+
+def naive_value_loss(v, old, ret, mask, eps, clip=lambda v, o, r, e: o + min(max(v - o, -e), e), pick=max, every=False):
+    terms = [[pick((a - r) ** 2, (clip(a, o, r, eps) - r) ** 2) for a, o, r in zip(*row)]
+             for row in zip(v.tolist(), old.tolist(), ret.tolist())]
+    terms = torch.tensor(terms, dtype=v.dtype)
+    return 0.5 * (terms.mean() if every else (terms * mask).sum() / mask.sum())
+
+
+def test_value_loss_matches_hand_computed_around_old_values():
+    """V_old other than 1 (and not constant), every regime, and padding: a clip around 1, 0 or R,
+    or one relative to V_old, gives another value."""
+    old = torch.tensor([[0.5, -1.2, 2.0, 3.1, 0.0], [1.4, 0.3, -0.6, 0.9, 2.2]], dtype=torch.float64)
+    v = old + torch.tensor([[9.0, 0.1, 0.5, -0.5, 9.0], [0.5, -0.4, 0.05, 0.6, -0.7]], dtype=torch.float64)
+    ret = old + torch.tensor([[0.0, -0.3, 1.0, 0.4, 0.0], [-0.5, 0.9, -0.2, -0.3, 1.5]], dtype=torch.float64)
+    m, eps = MASK.double(), 0.2  # row 0: the 9.0 entries are padding
+    args = (v, old, ret, m, eps)
+    mistakes = [("V clipped to [1 - eps, 1 + eps]: the clip is around V_old, [V_old - eps, V_old + eps]",
+                 naive_value_loss(*args, clip=lambda v, o, r, e: min(max(v, 1 - e), 1 + e))),
+                ("V clipped to [-eps, eps]: the clip is around V_old",
+                 naive_value_loss(*args, clip=lambda v, o, r, e: min(max(v, -e), e))),
+                ("V clipped around the returns: the clip is around V_old",
+                 naive_value_loss(*args, clip=lambda v, o, r, e: r + min(max(v - r, -e), e))),
+                ("V clipped to V_old * [1 - eps, 1 + eps]: the value clip is additive, V_old +- eps",
+                 naive_value_loss(*args, clip=lambda v, o, r, e: o * min(max(v / o, 1 - e), 1 + e) if o else 0.0)),
+                ("min instead of max: the loss takes the larger (pessimistic) term", naive_value_loss(*args, pick=min)),
+                ("the clipped term alone: max((V - R)^2, (V_clipped - R)^2)", naive_value_loss(*args, pick=lambda a, b: b)),
+                ("the 0.5 forgotten", 2 * naive_value_loss(*args)),
+                ("a mean over padding too: masked_mean divides by sum(mask)", naive_value_loss(*args, every=True))]
+    assert_close("value_loss with V_old other than 1, rows of 3 and 5 valid tokens", value_loss(*args),
+                 naive_value_loss(*args), 1e-12, mistakes, "0.5 * masked mean of max((V - R)^2, (clip(V, V_old - eps, "
+                 "V_old + eps) - R)^2)")
 
 
 def test_value_loss_matches_hand_computed_both_regimes():
     old, ret = torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[2.0, 0.0, 1.5]])
-    v = torch.tensor([[1.1, 1.5, 3.0]])  # inside the clip; clipped and worse; clipped
-    # entry 0: (1.1-2)^2=0.81 both; entry 1: max((1.5-0)^2, (1.2-0)^2)=2.25; entry 2: max(2.25, (1.2-1.5)^2)=2.25
-    want = 0.5 * (0.81 + 2.25 + 2.25) / 3
-    got = value_loss(v, old, ret, torch.ones(1, 3), 0.2).item()
-    assert abs(got - want) < 1e-6, f"value_loss {got:.5f}, want {want:.5f} (clip V around V_old, take the max)"
-    v2 = torch.tensor([[0.0, -1.0, 2.0]])  # entry 1 clipped to 0.8: max(1, 0.64) = 1; entry 2: max(0.25, 0.09)
-    want2 = 0.5 * (4.0 + 1.0 + 0.25) / 3
-    assert abs(value_loss(v2, old, ret, torch.ones(1, 3), 0.2).item() - want2) < 1e-6
-    v3 = torch.tensor([[2.0, 2.0, 2.0]])  # far from old: only the clipped term at 1.2 can be the max
-    want3 = 0.5 * (max(0, 0.64) + max(4, 1.44) + max(0.25, 0.09)) / 3
-    assert abs(value_loss(v3, old, ret, torch.ones(1, 3), 0.2).item() - want3) < 1e-6
+    # each entry's max((V - R)^2, (clip(V, 0.8, 1.2) - R)^2): inside the clip, and clipped on either side
+    for v, terms in (([1.1, 1.5, 3.0], [0.81, 2.25, 2.25]), ([0.0, -1.0, 2.0], [4.0, 1.0, 0.25]),
+                     ([2.0, 2.0, 2.0], [0.64, 4.0, 0.25])):
+        got = value_loss(torch.tensor([v]), old, ret, torch.ones(1, 3), 0.2)
+        assert_close(f"value_loss at V = {v}, V_old = 1, R = {ret[0].tolist()}", got, torch.tensor(0.5 * sum(terms) / 3),
+                     1e-6, hint="clip V around V_old, take the max")
 
 
 def test_entropy_matches_hand_computed():
-    p = torch.tensor([0.5, 0.25, 0.25])
-    logits = torch.log(p).expand(2, 5, 3)
-    want = -(p * p.log()).sum().item()  # 1.0397
-    assert abs(entropy(logits, MASK).item() - want) < 1e-6
+    p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    want = -(p * p.log()).sum()  # 1.0397
+    logits = (torch.log(p) + 5.0).expand(2, 5, 3)  # logits, not log-probs: softmax(logits) = p
+    assert_close("entropy of softmax(log p + 5)", entropy(logits, MASK.double()), want, 1e-12,
+                 [("-sum p * logits: log p = logits - logsumexp(logits)", -(p * (p.log() + 5)).sum()),
+                  ("sign flipped: H = -sum p log p >= 0", -want), ("a mean over the vocabulary: H sums over it", want / 3)])
     logits = torch.zeros(2, 5, 3)
     logits[0, 0] = torch.tensor([100.0, 0.0, 0.0])  # a padding position with zero entropy: excluded
-    assert abs(entropy(logits, MASK).item() - math.log(3)) < 1e-6, "entropy is a masked mean over valid tokens"
+    assert_close("entropy with a padding position of entropy 0", entropy(logits, MASK), torch.tensor(math.log(3)), 1e-6,
+                 hint="a masked mean over valid tokens")
+
+
+def test_entropy_stable_for_large_logits():
+    logits = torch.tensor([[[1000.0, 0.0, -1000.0], [0.0, 0.0, 1000.0]]])  # nearly one-hot: p log p -> 0
+    assert_close("entropy at logits +-1000", entropy(logits, torch.ones(1, 2)), torch.tensor(0.0), 1e-6,
+                 hint="p log p with log p from log_softmax (softmax(...).log() gives 0 * -inf = nan)")
 
 
 def test_ppo_loss_combines_its_terms():
@@ -164,9 +313,15 @@ def test_ppo_loss_combines_its_terms():
     vf = value_loss(v, old_v, ret, MASK, 0.3)
     h = entropy(logits, MASK)
     got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01)
-    assert torch.allclose(got, pg + 0.5 * vf - 0.01 * h, atol=1e-6), "policy + vf_coef * value - ent_coef * entropy"
+    assert_close("ppo_loss", got, pg + 0.5 * vf - 0.01 * h, 1e-6,
+                 [("the entropy bonus added: the loss subtracts ent_coef * entropy", pg + 0.5 * vf + 0.01 * h),
+                  ("vf_coef not applied", pg + vf - 0.01 * h), ("the value loss subtracted", pg - 0.5 * vf - 0.01 * h),
+                  ("the value clip from clip_eps: value_loss takes vf_clip",
+                   pg + 0.5 * value_loss(v, old_v, ret, MASK, 0.2) - 0.01 * h)],
+                 "policy + vf_coef * value - ent_coef * entropy")
     got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01, torch.tensor(2.0), 0.25)
-    assert torch.allclose(got, pg + 0.5 * vf - 0.01 * h + 0.5, atol=1e-6), "PPO-ptx adds ptx_coef * ptx_loss"
+    assert_close("ppo_loss with PPO-ptx", got, pg + 0.5 * vf - 0.01 * h + 0.5, 1e-6,
+                 [("ptx_coef not applied", pg + 0.5 * vf - 0.01 * h + 2.0)], "PPO-ptx adds ptx_coef * ptx_loss")
 
 
 def test_adaptive_kl_controller_matches_ziegler():

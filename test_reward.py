@@ -7,26 +7,39 @@ import data
 from gpt import GPT, GPTConfig
 from data import last_index
 from reward import RewardModel, group_batch, preference_loss
+from checks import assert_close
 
 
 def test_preference_loss_matches_hand_computed():
     rc, rr = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.5, 1.0])
-    want = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(0.5)) + math.log(1 + math.exp(2))) / 3
-    reversed_ = (math.log(1 + math.exp(2)) + math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(-2))) / 3
-    got = preference_loss(rc, rr).item()
-    assert abs(got - want) < 1e-6, f"preference_loss = {got:.6f}, want {want:.6f}" + \
-        (" (the difference is reversed: it is r_chosen - r_rejected)" if abs(got - reversed_) < 1e-6 else "")
+    nll = [math.log(1 + math.exp(-d)) for d in (2.0, -0.5, -2.0)]  # -log sigmoid(d) = log(1 + exp(-d))
+    mistakes = [("the difference reversed: it is r_chosen - r_rejected",
+                 sum(math.log(1 + math.exp(d)) for d in (2, -0.5, -2)) / 3),
+                ("a sum over pairs, not the mean", sum(nll)), ("the minus sign missing: -log sigmoid", -sum(nll) / 3),
+                ("log sigmoid of the mean difference: the mean is over the pairs' losses", math.log(1 + math.exp(1 / 6)))]
+    assert_close("preference_loss", preference_loss(rc, rr), torch.tensor(sum(nll) / 3), 1e-6, mistakes,
+                 "the mean over pairs of -log sigmoid(r_chosen - r_rejected)")
+
+
+def test_preference_loss_float64():
+    rc, rr = torch.tensor([0.3, -1.2, 2.5], dtype=torch.float64), torch.tensor([0.1, 0.4, -0.5], dtype=torch.float64)
+    want = sum(math.log(1 + math.exp(-d)) for d in (0.2, -1.6, 3.0)) / 3
+    assert_close("preference_loss on float64 rewards", preference_loss(rc, rr), torch.tensor(want, dtype=torch.float64),
+                 1e-12, hint="computed in the rewards' dtype")
 
 
 def test_preference_loss_direction():
     # the chosen response far ahead -> loss near 0; far behind -> loss near the gap
-    assert preference_loss(torch.tensor([10.0]), torch.tensor([0.0])).item() < 1e-4
-    assert abs(preference_loss(torch.tensor([0.0]), torch.tensor([10.0])).item() - 10.0) < 1e-3
+    assert_close("preference_loss, chosen ahead by 10", preference_loss(torch.tensor([10.0]), torch.tensor([0.0])),
+                 torch.tensor(math.log(1 + math.exp(-10))), 1e-6, hint="near 0 when the chosen response wins clearly")
+    assert_close("preference_loss, chosen behind by 10", preference_loss(torch.tensor([0.0]), torch.tensor([10.0])),
+                 torch.tensor(10.0), 1e-3, hint="near the gap when the chosen response loses clearly")
 
 
 def test_preference_loss_stable_for_large_differences():
     got = preference_loss(torch.tensor([0.0, 0.0]), torch.tensor([1000.0, -1000.0]))
-    assert torch.isfinite(got) and abs(got.item() - 500.0) < 1e-3
+    assert_close("preference_loss at differences +-1000", got, torch.tensor(500.0), 1e-3,
+                 hint="-log sigmoid(-1000) = 1000: logsigmoid computes it without sigmoid's underflow to 0")
 
 
 def test_group_batch_k_way_pairs_and_single_division():

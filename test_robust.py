@@ -156,8 +156,8 @@ def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, ckpts, stage):
 def test_sigkill_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
     out = str(tmp_path)
     args = ["sft.py", *SFT, "--max_iters=400", "--eval_interval=5", f"--out_dir={out}"]
-    rc, _ = interrupt_when(args, r"^sft 12/", signal.SIGKILL)
-    assert rc == -signal.SIGKILL
+    rc, err = interrupt_when(args, r"^sft 12/", signal.SIGKILL)
+    assert rc == -signal.SIGKILL, f"sft.py ended by itself (exit code {rc}) before the kill:\n{err[-2000:]}"
     ck = load_checkpoint(f"{out}/sft_last.pt", "sft")  # whatever moment the kill hit, this is complete
     assert ck["iter"] >= 10
     r = run(*args[:-2], "--max_iters=20", "--eval_interval=5", f"--out_dir={out}", "--resume")

@@ -5,6 +5,7 @@ import torch
 
 from data import batch_indices
 from sft import sft_loss
+from checks import assert_close
 
 
 def naive_sft_loss(logits, tokens, loss_mask):
@@ -13,8 +14,9 @@ def naive_sft_loss(logits, tokens, loss_mask):
     for b in range(tokens.size(0)):
         for t in range(1, tokens.size(1)):
             if loss_mask[b, t]:
-                row = [math.exp(v) for v in logits[b, t - 1].tolist()]
-                total += -math.log(row[tokens[b, t]] / sum(row))
+                row = logits[b, t - 1].tolist()
+                top = max(row)  # exp of logits x 100 would overflow
+                total += -(row[tokens[b, t]] - top - math.log(sum(math.exp(v - top) for v in row)))
                 n += 1
     return total / n
 
@@ -33,38 +35,63 @@ def test_sft_loss_matches_hand_computed():
     mask = torch.tensor([[0, 1, 1]])
     # t=1: p(1 | logits[0]) = 3/4; t=2: p(0 | logits[1]) = 2/3
     want = (-math.log(3 / 4) - math.log(2 / 3)) / 2
-    got = sft_loss(logits, tokens, mask).item()
-    unshifted = (-math.log(2 / 3 * 0 + 1 / 3) - math.log(1 / 2)) / 2  # logits[t] with tokens[t]: no shift
-    assert abs(got - want) < 1e-6, f"sft_loss = {got:.6f}, want {want:.6f}" + \
-        (" (looks like the logits/labels shift is missing)" if abs(got - unshifted) < 1e-6 else "")
+    shift = "position t-1 predicts token t, weighted by loss_mask[:, t]"
+    mistakes = [(f"the logits/labels shift is missing: {shift}", (-math.log(1 / 3) - math.log(1 / 2)) / 2),
+                (f"the labels are not shifted (the mask is): {shift}", (-math.log(1 / 4) - math.log(1 / 3)) / 2),
+                (f"the mask is not shifted with the labels: {shift}", -math.log(2 / 3)),
+                ("a mean over every position: the last one predicts nothing",
+                 (-math.log(3 / 4) - math.log(2 / 3) - math.log(1 / 2)) / 3)]
+    assert_close("sft_loss", sft_loss(logits, tokens, mask), torch.tensor(want), 1e-6, mistakes,
+                 f"the mean of -log softmax(logits[:, t-1])[tokens[:, t]] over t with loss_mask[:, t] = 1")
 
 
 def test_sft_loss_matches_naive_loop():
     logits, tokens, mask = example()
     want = naive_sft_loss(logits, tokens, mask)
-    got = sft_loss(logits, tokens, mask).item()
     per_row = sum(naive_sft_loss(logits[b:b + 1], tokens[b:b + 1], mask[b:b + 1]) for b in range(2)) / 2
     assert abs(want - per_row) > 1e-3  # the example tells a mean of row means from the token mean
-    assert abs(got - want) < 1e-9, f"sft_loss = {got:.6f}, want {want:.6f}" + \
-        (" (averaging per row, then over rows? the mean is over all valid tokens)" if abs(got - per_row) < 1e-9 else "")
+    unshifted_mask = torch.cat([mask[:, 1:], mask[:, :1] * 0], 1)  # loss_mask[:, t-1] weighing token t
+    mistakes = [("averaged per row, then over rows: the mean is over all valid tokens", per_row),
+                ("the mask is not shifted with the labels: token t counts where loss_mask[:, t] = 1",
+                 naive_sft_loss(logits, tokens, unshifted_mask)),
+                ("averaged over prompt and padding tokens too", naive_sft_loss(logits, tokens, torch.ones_like(mask)))]
+    assert_close("sft_loss on float64 logits", sft_loss(logits, tokens, mask), torch.tensor(want, dtype=torch.float64),
+                 1e-12, mistakes, "the mean over t >= 1 with loss_mask[:, t] = 1 of "
+                 "-log softmax(logits[:, t-1])[tokens[:, t]]")
+
+
+def test_sft_loss_first_token_is_never_a_target():
+    """loss_mask[:, 0] = 1 (no prompt): token 0 has no position before it, so it counts for nothing; a
+    torch.roll of the labels wraps it onto the last position, which must predict nothing."""
+    logits, tokens, _ = example()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    want = naive_sft_loss(logits, tokens, mask)
+    logp_last = torch.log_softmax(logits[:, -1], -1).gather(1, tokens[:, :1]).squeeze(1)  # (B,): predicts token 0
+    wrapped = (want * 6 - logp_last.sum().item()) / 8  # 6 targets, and the 2 wrapped ones
+    assert_close("sft_loss with loss_mask[:, 0] = 1", sft_loss(logits, tokens, mask),
+                 torch.tensor(want, dtype=torch.float64), 1e-12, [("the last position predicts token 0 (torch.roll wraps around): zero its weight", wrapped)])
 
 
 def test_sft_loss_ignores_prompt_and_padding():
     logits, tokens, mask = example()
+    inputs = [x.clone() for x in (logits, tokens, mask)]
     before = sft_loss(logits, tokens, mask)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (logits, tokens, mask))), \
+        "sft_loss changed its inputs in place (the caller's loss_mask?): shift a copy"
     changed = logits.clone()
     changed[0, 0] += 5.0  # predicts token 1, a prompt token
     changed[1, 2:] -= 5.0  # predict tokens 3, 4: padding
-    assert torch.allclose(sft_loss(changed, tokens, mask), before, atol=1e-12), "prompt or padding tokens are trained on"
+    assert_close("sft_loss after changing the logits of prompt and padding tokens", sft_loss(changed, tokens, mask),
+                 before, 1e-12, hint="prompt or padding tokens are trained on")
     changed[0, 1, tokens[0, 2]] += 5.0  # predicts token 2, a response token
-    assert not torch.allclose(sft_loss(changed, tokens, mask), before)
+    assert not torch.allclose(sft_loss(changed, tokens, mask), before), "a response token does not count"
 
 
 def test_sft_loss_stable_for_large_logits():
     logits, tokens, mask = example()
-    got = sft_loss(logits.float() * 100, tokens, mask)
-    assert torch.isfinite(got)
-    assert abs(got.item() - naive_sft_loss(logits * 100, tokens, mask)) < 1e-3 * max(1.0, got.item())
+    want = naive_sft_loss(logits * 100, tokens, mask)
+    assert_close("sft_loss at logits x 100 (float32)", sft_loss(logits.float() * 100, tokens, mask),
+                 torch.tensor(want, dtype=torch.float32), 1e-3 * want)
 
 
 def test_batch_indices_cover_each_epoch_and_are_reproducible():
