@@ -230,6 +230,21 @@ BUGS = [
     ("ppo_policy_loss_grad: the factor rho missing", "grads.py", "return -advantages * rho *", "return -advantages *"),
     ("ppo_policy_loss_grad: padding not masked", "grads.py", "* mask / mask.sum()", "/ mask.sum()"),
     ("ppo_policy_loss_grad: divided by every entry", "grads.py", "/ mask.sum()", "/ mask.numel()"),
+    # ppo.py rloo_advantages
+    ("rloo: the baseline is the group's mean, the response itself included", "ppo.py",
+     "return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)", "return (r - r.mean(1, keepdim=True)).view(-1)"),
+    ("rloo: the others' sum divided by k, not k - 1", "ppo.py", "- r) / (k - 1)).view(-1)", "- r) / k).view(-1)"),
+    ("rloo: the baseline from the whole batch, not the prompt's group", "ppo.py",
+     "return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)", "return (r - (r.sum() - r) / (r.numel() - 1)).view(-1)"),
+    ("rloo: groups read down the columns (a prompt's responses are adjacent rows)", "ppo.py",
+     "    r = returns.view(-1, k)  # (n_prompts, k)\n", "    r = returns.view(k, -1).t()  # (n_prompts, k)\n"),
+    # ppo.py grpo_advantages
+    ("grpo: the population std (divided by k), not torch.std's k - 1", "ppo.py",
+     "(r.std(1, keepdim=True) + eps)", "(r.std(1, keepdim=True, correction=0) + eps)"),
+    ("grpo: no eps: a group of equal returns gives 0 / 0", "ppo.py", "(r.std(1, keepdim=True) + eps)", "r.std(1, keepdim=True)"),
+    ("grpo: centred on the batch's mean, not the group's", "ppo.py",
+     "((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps))", "((r - r.mean()) / (r.std(1, keepdim=True) + eps))"),
+    ("grpo: eps inside the square root", "ppo.py", "(r.std(1, keepdim=True) + eps)", "(r.var(1, keepdim=True) + eps).sqrt()"),
     # outside the exercises: the reference's own code, which the suite must guard too
     ("position ids ignore left padding", "gpt.py", "return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
      "return torch.arange(attention_mask.size(1), device=attention_mask.device).expand_as(attention_mask)"),

@@ -155,7 +155,7 @@ def grpo_advantages(returns, k, eps=1e-4):
     A_i = (R_i - mean(R_group)) / (std(R_group) + eps), std with Bessel's correction (n - 1), over the
     k >= 2 responses to the same prompt. returns: (B,), B = n_prompts * k, groups in adjacent rows.
     A group whose returns are all equal gets 0 (nothing to learn from it). Returns (B,), R's dtype."""
-    r = returns.view(-1, k)  # (n_prompts, k)
+    r = returns.view(-1, k)  # (n_prompts, k): a prompt's responses in a row
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
