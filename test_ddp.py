@@ -1,6 +1,7 @@
 """Data parallel (torchrun, DDP over gloo on CPU): two processes, each on half of every batch, must
 make the same updates as one process on the whole batch: the same logged losses step by step and
-the same final weights. The single-process run is the independent reference.
+the same final weights. The single-process run is the independent reference. Every run checks that
+each tensor handed to a collective is on the rank's device (MINRLHF_CHECK_DEVICES: ddp.collective).
 `python test_ddp.py OUT` (alone or under torchrun) is the PPO-update worker of test_ddp_ppo_update_*."""
 import contextlib
 import json
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MINRLHF_CHECK_DEVICES": "1"}
 SFT = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--batch_size=8", "--grad_accum=2", "--warmup_iters=2",
        "--max_iters=4", "--eval_interval=2", "--eval_batches=1", "--log_interval=1", "--device=cpu"]
 RM = ["--kind=rankings", "--batch_size=4", "--warmup_iters=2", "--max_iters=4", "--eval_interval=2", "--eval_batches=1",
@@ -134,6 +135,28 @@ def test_ddp_ppo_update_matches_single_process(tmp_path):
         for name in a[model]:
             err = (a[model][name] - b[model][name]).abs().max().item()
             assert err < 1e-5, f"{model}.{name}: differs by {err:.2e} between 1 and 2 processes"
+
+
+def test_ddp_collectives_refuse_a_tensor_off_the_ranks_device(monkeypatch):
+    """Issue 19: all_max reduced torch.tensor(n), a CPU tensor, which an nccl group refuses and gloo takes,
+    so the CPU tests could not see it. Under the check the DDP runs above switch on, a tensor that a
+    collective helper builds without device= is a meta tensor, refused on the CPU too."""
+    import ddp
+    monkeypatch.setattr(ddp, "CHECK_DEVICES", True)
+    monkeypatch.setattr(ddp, "WORLD", 2)
+    reduced = []
+    monkeypatch.setattr(ddp.dist, "all_reduce", lambda x, op=None: reduced.append(x))
+
+    @ddp.collective
+    def all_max_of_issue_19(n):
+        x = torch.tensor(n)
+        ddp.dist.all_reduce(ddp.on_device(x), op=ddp.dist.ReduceOp.MAX)
+        return int(x)
+    with pytest.raises(RuntimeError, match="tensor on meta handed to a collective"):
+        all_max_of_issue_19(3)
+    assert ddp.all_max([3, 5], "cpu") == [3, 5] and reduced[-1].device == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="on meta"):
+        ddp.all_sum(torch.zeros(1, device="meta"))
 
 
 def test_ddp_ppo_runs_and_logs_once(sft_runs, rm_runs, tmp_path):
