@@ -4,6 +4,7 @@ the same final weights. The single-process run is the independent reference. Eve
 each tensor handed to a collective is on the rank's device (MINRLHF_CHECK_DEVICES: ddp.collective).
 `python test_ddp.py OUT` (alone or under torchrun) is the PPO-update worker of test_ddp_ppo_update_*."""
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -85,7 +86,8 @@ def ppo_update_worker(out):
     """A fixed rollout batch of 8 rows (built alike on every rank, from a seed): under torchrun rank r
     holds rows 4r..4r+3, rank 1 with its all-padding last response columns cut, as when all its
     responses end early. Gather, advantages (score normalisation on), 2 epochs x 2 minibatches of
-    PPO; rank 0 saves."""
+    PPO with PPO-ptx on demonstrations of different lengths (so the ranks' shares of their tokens
+    differ from their shares of the rollouts'); rank 0 saves."""
     import ppo
     import rollout
     from ddp import RANK, WORLD, all_gather_rows, ddp_init, ddp_wrap
@@ -112,11 +114,15 @@ def ppo_update_worker(out):
         rows, cut = slice(4 * RANK, 4 * RANK + 4), R if RANK == 0 else 4
         b = {k: v[rows, :v.size(1) - R + cut] if v.dim() > 1 else v[rows] for k, v in b.items()}
     b = all_gather_rows(b)
-    cfg = ppo.Config(rollout_batch=B, minibatch=4, ppo_epochs=2, score_norm=True, ent_coef=0.01, lr=1e-3, vf_lr=1e-3)
+    cfg = ppo.Config(rollout_batch=B, minibatch=4, ppo_epochs=2, score_norm=True, ent_coef=0.01, lr=1e-3, vf_lr=1e-3,
+                     ptx_coef=0.5)
     rollout.add_advantages(b, cfg, cfg.kl_coef, rollout.RunningMoments())
+    demos = [(torch.randint(31, (p,), generator=g).tolist(), torch.randint(31, (r,), generator=g).tolist() + [31])
+             for p, r in zip([1, 4, 2, 3, 4, 1], [0, 6, 1, 5, 2, 3])]  # 31 is the eot
+    ptx = functools.partial(rollout.demo_loss, policy, demos, cfg.minibatch, 31, ppo.seeded(0, 2, 0))
     opts = [make_optimizer(m.parameters(), 1e-3, 0.0) for m in (policy, critic)]
     stats = ppo.ppo_update(ddp_wrap(policy, "cpu"), ddp_wrap(critic, "cpu"), opts, b, cfg, contextlib.nullcontext(),
-                           ppo.seeded(0, 1, 0))
+                           ppo.seeded(0, 1, 0), ptx)
     if RANK == 0:
         torch.save(dict(policy=policy.state_dict(), critic=critic.state_dict(), stats=stats,
                         advantages=b["advantages"]), out)

@@ -62,7 +62,8 @@ def test_settings_errors_list_valid_keys(tmp_path):
 
 @pytest.mark.parametrize("kw, needle", [(dict(clip_eps=0.0), "clip_eps"), (dict(temperature=-1.0), "temperature"),
                                         (dict(kl_target=6.0), "adaptive_kl"), (dict(adaptive_kl=True), "kl_target"),
-                                        (dict(rollout_batch=6, minibatch=4), "divisible"), (dict(kl_coef=-0.1), "kl_coef")])
+                                        (dict(rollout_batch=6, minibatch=4), "divisible"), (dict(kl_coef=-0.1), "kl_coef"),
+                                        (dict(missing_eos_penalty=1.0), "--truncated_score=nan")])
 def test_impossible_ppo_settings(kw, needle):
     with pytest.raises(UserError, match=needle):
         check_config(PPOConfig(**kw))

@@ -213,6 +213,15 @@ def autocast(device, dtype="auto"):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
+def check_finite(where, hint="", **values):
+    """A UserError naming each of `values` (floats, or 0-dim tensors on one device) that is inf or nan:
+    one host sync for all of them."""
+    x = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values.values()])
+    if not bool(torch.isfinite(x).all()):
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        raise UserError(f"{where}: non-finite {', '.join(bad)}{hint}")
+
+
 def make_optimizer(params, lr, weight_decay):
     """AdamW with decay on matrices only (not biases, LayerNorms). The fused kernel makes one pass
     over each tensor instead of a dozen: a PPO update of GPT-2 small 1.4x faster on CPU (bench.py)."""
