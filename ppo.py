@@ -25,8 +25,8 @@ from data import batch_indices, last_index
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from hf import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from reward import load_reward_model
-from util import (GracefulStop, UserError, append_jsonl, autocast, check_finite, get_device, load_optimizer, main_guard,
-                  make_optimizer, parse_config, write_json)
+from util import (GracefulStop, UserError, append_jsonl, autocast, check_finite, check_out_dir, get_device, load_optimizer,
+                  main_guard, make_optimizer, parse_config, write_json)
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Config:
     eval_samples: int = 4  # samples per held-out prompt
     seed: int = 0  # prompts order and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 on CUDA GPUs from Ampere on, else fp32) | float32 | bfloat16
     resume: bool = False  # continue from out_dir/ppo.pt
 
 # -----------------------------------------------------------------------------
@@ -289,7 +289,8 @@ def train(cfg, log=None):
     from rollout import (AdaptiveKLController, RunningMoments, add_advantages, demo_loss, evaluate,  # here: rollout.py
                          explained_variance, make_sampler, rollout)  # imports this file's math
     check_config(cfg)
-    device = ddp_init(get_device(cfg.device))
+    check_out_dir(cfg.out_dir)
+    device = ddp_init(get_device(cfg.device, cfg.dtype))
     log = log or default_log(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     sft_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
