@@ -28,7 +28,7 @@ from util import UserError, autocast, get_device, main_guard, make_optimizer, pa
 class Config:
     model: str = "gpt2"  # a name in gpt.CONFIGS
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA GPUs from Ampere on, else fp32) | float32 | bfloat16
     reps: int = 5  # timed repetitions per measurement (median reported), after one warm-up
     sft_batch: int = 4  # SFT step: sequences
     sft_len: int = 256  # SFT step: tokens per sequence

@@ -3,10 +3,14 @@ Text in, tensors out: the tokenizer, the three JSONL record kinds, the HH-RLHF r
 built-in task's vocabulary (the task itself, as text, is task.py), and collation into padded (B, T)
 tensors.
 """
+import codecs
+import csv
 import functools
 import gzip
+import io
 import json
 import os
+import re
 
 import tiktoken
 import torch
@@ -58,35 +62,101 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# JSONL records: sft {prompt, response}, pairs {prompt, chosen, rejected}, rankings {prompt, responses}
+# records, from JSONL (or JSON, CSV) files: sft {prompt, response}, pairs {prompt, chosen, rejected},
+# rankings {prompt, responses}
 
 FIELDS = {"sft": ("prompt", "response"), "pairs": ("prompt", "chosen", "rejected"),
           "rankings": ("prompt", "responses")}
+DATA_FILES = (".jsonl", ".json", ".csv", ".tsv")  # each may be gzipped (.gz)
+NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
-def _json_objects(path):
-    """Yield ("FILE:LINE", dict) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    if not path.endswith((".jsonl", ".jsonl.gz")):
-        raise UserError(f"{path}: expected a .jsonl or .jsonl.gz file")
+def is_data_file(path):
+    return path.lower().removesuffix(".gz").endswith(DATA_FILES)
+
+
+def _lines(path):
+    """The lines of a data file, gunzipped if .gz: UTF-8 (a BOM, as Notepad and Excel's "CSV UTF-8" write,
+    dropped) or UTF-16 with its BOM (Windows PowerShell's `>`), lines ended by \n, \r\n or a lone \r."""
+    if not is_data_file(path):
+        raise UserError(f"{path}: expected a .jsonl, .json, .csv or .tsv file (or one of them .gz)")
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise UserError(f"{where}: not UTF-8 text") from None
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{where}: expected a JSON object, got a {type(obj).__name__}")
-                yield where, obj
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
     except (OSError, EOFError) as e:  # a corrupt or truncated .gz
         raise UserError(f"{path}: cannot read ({e})") from None
+    codec = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as e:
+        line = len(NEWLINE.split(raw[:e.start].decode("latin-1")))
+        raise UserError(f"{path}:{line}: not {codec[:5].upper()} text (byte 0x{raw[e.start]:02x}); "
+                        "save it as UTF-8") from None
+    return NEWLINE.split(text)  # not str.splitlines: a JSON string may hold a raw U+2028
+
+
+def _records(path):
+    """Yield ("FILE:LINE", dict) for each record of a data file: JSONL (one JSON object a line, blank
+    lines skipped), other JSON (_json_values) or CSV (_csv_rows)."""
+    if path.lower().removesuffix(".gz").endswith((".csv", ".tsv")):
+        yield from _csv_rows(path)
+        return
+    lines = _lines(path)
+    first = next((line.strip() for line in lines if line.strip()), "")
+    values = ((f"{path}:{i}", _loads(line, f"{path}:{i}")) for i, line in enumerate(lines, 1) if line.strip()) \
+        if first.startswith("{") and first.endswith("}") else _json_values(path, "\n".join(lines))
+    for where, obj in values:
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: expected a JSON object, got a {type(obj).__name__}")
+        yield where, obj
+
+
+def _loads(text, where):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _json_values(path, text):
+    """What JSON exporters write when not JSONL: an array of records (pandas' to_json, json.dump), or
+    records one after another, each over several lines (jq, json.dump(indent=2)); commas between them
+    are skipped alike."""
+    decoder, gap, pos, line, counted, in_array = json.JSONDecoder(), re.compile(r"[\s,]*"), 0, 1, 0, False
+    while (pos := gap.match(text, pos).end()) < len(text):
+        if text[pos] == ("]" if in_array else "["):  # the array around the records: step in or out
+            in_array, pos = not in_array, pos + 1
+            continue
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield f"{path}:{line}", obj
+
+
+def _csv_rows(path):
+    """A .csv or .tsv file as a spreadsheet exports it: a header row naming the fields (any case), then
+    one record a row; cells may hold line breaks; ';' instead of ',' (where the decimal mark is a comma)
+    is told from the header. Rows with every cell empty are skipped."""
+    lines = _lines(path)
+    header = next((line for line in lines if line.strip()), "").lower()
+    names = {k for fields in FIELDS.values() for k in fields}
+    sep = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else \
+        max(",;", key=lambda d: len(names & {h.strip(' "') for h in header.split(d)}))
+    rows = csv.reader(io.StringIO("\n".join(lines), newline=""), delimiter=sep)
+    try:
+        keys, last = [k.strip().lower() for k in next(rows, [])], rows.line_num
+        for row in rows:
+            where, last = f"{path}:{last + 1}", rows.line_num
+            if len(row) > len(keys):
+                raise UserError(f"{where}: {len(row)} cells, the header has {len(keys)} (a {sep!r} in an unquoted cell?)")
+            if any(cell.strip() for cell in row):
+                yield where, dict(zip(keys, row))
+    except csv.Error as e:
+        raise UserError(f"{path}:{rows.line_num}: not valid CSV ({e})") from None
 
 
 def _text(value, name, where):
@@ -101,12 +171,13 @@ def _text(value, name, where):
 
 def read_jsonl(path, kind):
     """Records of `kind` ("sft", "pairs" or "rankings", the fields in FIELDS, other keys ignored) from a
-    .jsonl[.gz] file, one JSON object a line, blank lines skipped. A ranking lists K >= 2 responses,
-    best first. A bad line is a UserError naming FILE:LINE and the field; so is a file with no record."""
+    data file (_records): JSONL, one JSON object a line, blank lines skipped; a JSON array; CSV. A ranking
+    lists K >= 2 responses, best first. A bad line is a UserError naming FILE:LINE and the field; so is
+    a file with no record."""
     if kind not in FIELDS:
         raise UserError(f"{path}: unknown record kind {kind!r}; valid: {', '.join(FIELDS)}")
     records = []
-    for where, obj in _json_objects(path):
+    for where, obj in _records(path):
         rec = {k: _text(obj.get(k), k, where) for k in FIELDS[kind] if k != "responses"}
         if kind == "rankings":
             responses = obj.get("responses")
@@ -143,7 +214,7 @@ def read_hh(path):
     identical final reply are skipped, and counted in one printed line."""
     records = []
     skipped = dict.fromkeys(("prefixes differ", "no Assistant turn", "empty reply", "identical"), 0)
-    for where, obj in _json_objects(path):
+    for where, obj in _records(path):
         (head_c, sep_c, chosen), (head_r, sep_r, rejected) = (
             _text(obj.get(k), k, where).rpartition("\n\nAssistant:") for k in ("chosen", "rejected"))
         reason = ("no Assistant turn" if not (sep_c and sep_r) else
@@ -169,11 +240,8 @@ def download_hh(subset="helpful-base", split="train", cache_dir=None, base_url=H
                         "splits: train, test")
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "minrlhf")
     path = os.path.join(cache_dir, "hh-rlhf", subset, f"{split}.jsonl.gz")
-    url = f"{base_url}/{subset}/{split}.jsonl.gz"
-    if os.path.exists(path):
-        return path
-
-    fetch(url, path)
+    if not os.path.exists(path):
+        fetch(f"{base_url}/{subset}/{split}.jsonl.gz", path)
     return path
 
 
@@ -205,7 +273,7 @@ def task_tokenizer():
 
 def _file_kind(path):
     """"sft", "pairs", "rankings" or "hh" (chosen and rejected but no prompt), from the first record."""
-    objects = _json_objects(path)
+    objects = _records(path)
     where, obj = next(objects, (path, None))
     objects.close()
     if obj is None:
@@ -238,7 +306,7 @@ def _convert(records, have, kind, name):
 def load_records(data, kind, seed=0):
     """(train, val) records of `kind` ("sft", "pairs", "rankings", or "prompts": list[str]) from `data`:
     "builtin" (builtin_task(seed); its prompts are train_prompts, eval_prompts), "hh-rlhf" (helpful-base
-    train, downloaded once) or a .jsonl[.gz] path of any record kind or HH-RLHF's. Val is the last 5%
+    train, downloaded once) or a data file (_records) of any record kind or HH-RLHF's. Val is the last 5%
     of the records (at least 1), split before converting: a ranking's pairs stay on one side."""
     if kind not in ("sft", "pairs", "rankings", "prompts"):
         raise UserError(f"unknown record kind {kind!r}; valid: sft, pairs, rankings, prompts")
@@ -248,8 +316,9 @@ def load_records(data, kind, seed=0):
             return task["train_prompts"], task["eval_prompts"]
         records, have = task[kind], kind
     else:
-        if data != "hh-rlhf" and not data.endswith((".jsonl", ".jsonl.gz")):
-            raise UserError(f"data {data!r}: expected builtin, hh-rlhf, or a .jsonl or .jsonl.gz file")
+        if data != "hh-rlhf" and not is_data_file(data):
+            raise UserError(f"--data={data}: expected builtin, hh-rlhf, or a .jsonl, .json, .csv or .tsv file (or .gz); "
+                            "save a spreadsheet as CSV")
         have = "hh" if data == "hh-rlhf" else _file_kind(data)
         path = download_hh() if data == "hh-rlhf" else data
         records = read_hh(path) if have == "hh" else read_jsonl(path, have)

@@ -6,6 +6,7 @@ every batch, and DistributedDataParallel averages the gradients
 RANK = 0, WORLD = 1 and the same code runs, every collective below a no-op.
 """
 import contextlib
+import functools
 import os
 import sys
 
@@ -18,17 +19,26 @@ from util import UserError
 
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+DEVICE = torch.device("cpu")  # this rank's device (ddp_init): every tensor handed to a collective must be on it
+CHECK_DEVICES = os.environ.get("MINRLHF_CHECK_DEVICES", "") == "1"  # set by test_ddp.py: see collective()
 
 
 def ddp_init(device):
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) and return this rank's device
     (cuda:LOCAL_RANK). Ranks > 0 print nothing: their stdout goes to /dev/null (stderr stays, for tracebacks)."""
+    global DEVICE
     if WORLD == 1:
         return device
     if device.startswith("cuda"):
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", WORLD)), torch.cuda.device_count()
+        if per_node > gpus:  # every rank checks alike, so rank 0 says it (ddp_main) and none hangs waiting
+            raise UserError(f"torchrun started {per_node} processes on this machine, which has {gpus} GPU(s): "
+                            f"--nproc_per_node={gpus} (or --device=cpu)")
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    DEVICE = torch.device(device)
+    # nccl where there is one (not on Windows or macOS); gloo, which reduces CUDA tensors too, elsewhere
+    dist.init_process_group("nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo")
     if RANK > 0:
         sys.stdout = open(os.devnull, "w")
     return device
@@ -45,13 +55,34 @@ def no_sync(model, skip):
     return model.no_sync() if skip and WORLD > 1 else contextlib.nullcontext()
 
 
-def all_sum(x):
-    """Tensor x summed over all ranks, in place (every rank must call it at the same point)."""
-    if WORLD > 1:
-        dist.all_reduce(x)
+def collective(f):
+    """f hands tensors to torch.distributed. nccl takes tensors on the rank's GPU only, but gloo on the
+    CPU takes any, so a tensor built without device= passes every CPU test and stops the first run on 2+
+    GPUs (issue 19: all_max's torch.tensor(n)). With MINRLHF_CHECK_DEVICES=1 (the DDP tests) f runs with
+    torch's default device set to "meta", so such a tensor is a meta tensor, which on_device refuses."""
+    @functools.wraps(f)
+    def run(*args, **kwargs):
+        with torch.device("meta") if CHECK_DEVICES else contextlib.nullcontext():
+            return f(*args, **kwargs)
+    return run
+
+
+def on_device(x):
+    """x, after checking that it is on this rank's device, as every tensor handed to a collective must be."""
+    if x.device != DEVICE:
+        raise RuntimeError(f"ddp: a {tuple(x.shape)} tensor on {x.device} handed to a collective of the rank on {DEVICE}")
     return x
 
 
+@collective
+def all_sum(x):
+    """Tensor x summed over all ranks, in place (every rank must call it at the same point)."""
+    if WORLD > 1:
+        dist.all_reduce(on_device(x))
+    return x
+
+
+@collective
 def any_rank(flag, device):
     """True on every rank if flag is true on any: Ctrl-C reaches each rank at a slightly different
     moment, but all of them must stop before the same step."""
@@ -92,13 +123,15 @@ def ddp_main(main):
     return run
 
 
+@collective
 def all_gather_rows(b):
-    """Every rank's rows of the dict of tensors b, concatenated in rank order, on every rank. Tensors
-    of the same key may differ in their second dimension between ranks (rollouts of different
-    lengths): they are right-padded with 0 (masks then say "invalid") to the longest first."""
+    """Every rank's rows of the dict of tensors b (all on this rank's device), concatenated in rank
+    order, on every rank. Tensors of the same key may differ in their second dimension between ranks
+    (rollouts of different lengths): they are right-padded with 0 (masks then say "invalid") to the longest first."""
     if WORLD == 1:
         return b
-    width = {k: all_max(v.size(1)) for k, v in b.items() if v.dim() > 1}
+    keys = [k for k, v in b.items() if v.dim() > 1]
+    width = dict(zip(keys, all_max([b[k].size(1) for k in keys], next(iter(b.values())).device)))
     out = {}
     for k, v in b.items():
         dtype = v.dtype
@@ -106,14 +139,16 @@ def all_gather_rows(b):
         if v.dim() > 1:
             v = F.pad(v, (0, width[k] - v.size(1)))
         parts = [torch.empty_like(v) for _ in range(WORLD)]
-        dist.all_gather(parts, v.contiguous())
+        dist.all_gather(parts, on_device(v.contiguous()))
         out[k] = torch.cat(parts).to(dtype)
     return out
 
 
-def all_max(n):
-    """The largest of the ints n over all ranks."""
-    x = torch.tensor(n)
+@collective
+def all_max(ns, device):
+    """The elementwise largest of the lists of ints ns over all ranks, built on this rank's device:
+    an nccl group reduces CUDA tensors only."""
+    x = torch.tensor(ns, device=device)
     if WORLD > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return int(x)
+        dist.all_reduce(on_device(x), op=dist.ReduceOp.MAX)
+    return x.tolist()

@@ -151,6 +151,9 @@ def load_checkpoint(path, stage=None, hint=""):
     name or tuple of names it must have; `hint`: how to make it, e.g. "run `python sft.py` first"."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint" + (f"; {hint}" if hint else ""))
+    if os.path.isdir(path):
+        inside = ", ".join(f for f in sorted(os.listdir(path)) if f.endswith(".pt"))
+        raise UserError(f"{path}: a folder, not a checkpoint file" + (f"; it holds {inside}" if inside else ""))
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -25,9 +25,8 @@ from data import batch_indices, last_index
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from hf import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from reward import load_reward_model
-from sft import sft_loss
-from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, main_guard, make_optimizer,
-                  parse_config, write_json)
+from util import (GracefulStop, UserError, append_jsonl, autocast, check_finite, check_out_dir, get_device, load_optimizer,
+                  main_guard, make_optimizer, parse_config, write_json)
 
 
 @dataclass
@@ -61,7 +60,8 @@ class Config:
     kl_target: float = 0.0  # target KL per response (nats), with adaptive_kl only
     kl_horizon: int = 10000  # controller horizon, in rollouts
     kl_max: float = 50.0  # warn when the mean per-response KL exceeds this
-    missing_eos_penalty: float = 0.0  # subtracted from the score of responses that never end; 0 = off
+    truncated_score: float = -1.0  # score of a response cut at max_new_tokens, unseen by the RM (README); nan = the RM's
+    missing_eos_penalty: float = 0.0  # with truncated_score=nan: subtracted from a cut response's score, after score_norm
     score_norm: bool = False  # divide scores by their running std (after subtracting the running mean)
     ptx_coef: float = 0.0  # PPO-ptx: weight of the SFT loss on demonstrations mixed into each step
     grad_clip: float = 1.0  # max global gradient norm per model; 0 = off
@@ -70,7 +70,7 @@ class Config:
     eval_samples: int = 4  # samples per held-out prompt
     seed: int = 0  # prompts order and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 on CUDA GPUs from Ampere on, else fp32) | float32 | bfloat16
     resume: bool = False  # continue from out_dir/ppo.pt
 
 # -----------------------------------------------------------------------------
@@ -111,8 +111,9 @@ def kl_stats(b):
 
 
 def masked_mean(x, mask):
-    """sum(x * mask) / sum(mask) over every entry. x, mask: same shape. Returns a scalar."""
-    return (x * mask).sum() / mask.sum()
+    """sum(x * mask) / sum(mask) over every entry, mask 0/1. x, mask: same shape. Returns a scalar.
+    Entries where mask = 0 are dropped, not multiplied by 0: inf * 0 = nan, and nothing there counts."""
+    return torch.where(mask.bool(), x, 0).sum() / mask.sum()
 
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
@@ -175,7 +176,10 @@ def whiten(x, mask, shift_mean=True):
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
     """Clipped surrogate: masked mean of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)),
     rho = exp(logprobs - old_logprobs). All (B, T); old_logprobs and advantages are constants of
-    the rollout. Returns a scalar (a loss: minimised) of logprobs' dtype and device."""
+    the rollout. Returns a scalar (a loss: minimised) of logprobs' dtype and device. Where mask = 0,
+    rho = 1 whatever the log-probs there: exp(-5 - (-120)) = inf would make a nan gradient (0 * inf)
+    even if the mean dropped it."""
+    logprobs, old_logprobs = (torch.where(mask.bool(), x, 0.0) for x in (logprobs, old_logprobs))
     ratio = torch.exp(logprobs - old_logprobs)
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     return masked_mean(torch.max(-advantages * ratio, -advantages * clipped), mask)
@@ -214,10 +218,11 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, lo
 # -----------------------------------------------------------------------------
 # the update (the rollouts it learns from are in rollout.py)
 
-def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
+def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None, it=0, hint=""):
     """ppo_epochs passes over the rollout batch b (every rank's rows: all_gather_rows) in shuffled
     minibatches, this rank taking its share [RANK::WORLD] of each; ptx() is the PPO-ptx loss on a
-    batch of demonstrations, or None. Returns the stats' means over steps and ranks."""
+    batch of demonstrations, weighted for DDP (rollout.demo_loss), or None. A non-finite gradient is a
+    UserError naming iteration `it` (+ hint) before its optimizer step. Returns the stats' means over steps and ranks."""
     stats, B = [], b["tokens"].size(0)
     P = b["tokens"].size(1) - b["mask"].size(1)  # prompt columns; the response columns follow
     for epoch in range(cfg.ppo_epochs):
@@ -232,14 +237,18 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None):
                 logprobs, logits = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], cfg.temperature, P - 1)
                 # without a critic (RLOO, GRPO) values, old values and returns are 0: no value loss
                 values = 0 * m if critic is None else critic(b["tokens"][mb], b["attn"][mb], first=P - 1)[:, :-1].float()
-                ptx_loss = ptx() if ptx is not None else None
+                # PPO-ptx's term outside ppo_loss: under DDP it weighs by the rank's share of demonstration tokens
+                ptx_loss = cfg.ptx_coef * ptx() if ptx is not None else 0.0
             loss = share * ppo_loss(logprobs=logprobs, old_logprobs=b["logprobs"][mb], advantages=b["advantages"][mb],
                                     values=values, old_values=b["values"][mb], returns=b["returns"][mb], logits=logits,
                                     mask=m, clip_eps=cfg.clip_eps, vf_clip=cfg.vf_clip, vf_coef=cfg.vf_coef,
-                                    ent_coef=cfg.ent_coef, ptx_loss=ptx_loss, ptx_coef=cfg.ptx_coef)
+                                    ent_coef=cfg.ent_coef) + ptx_loss
             loss.backward()
             norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                      if model is not None else torch.zeros(()) for model in (policy, critic)]
+            # before the step, so a nan never reaches the weights: one host sync per step, as in sft.py; the norms
+            # are of the all-reduced gradients, so every rank stops alike
+            check_finite(f"ppo iteration {it}", hint, grad_norm=norms[0], vf_grad_norm=norms[1])
             for opt in opts:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -297,6 +306,8 @@ def check_config(cfg):
     if cfg.rollout_batch % (cfg.samples_per_prompt * WORLD):
         raise UserError(f"--rollout_batch={cfg.rollout_batch}: not whole groups of --samples_per_prompt="
                         f"{cfg.samples_per_prompt} for each of the {WORLD} processes")
+    if cfg.missing_eos_penalty and not math.isnan(cfg.truncated_score):
+        raise UserError("--missing_eos_penalty applies to a cut response's own score: set --truncated_score=nan with it")
 
 
 def seeded(*key, device="cpu"):
@@ -307,10 +318,11 @@ def seeded(*key, device="cpu"):
 
 def train(cfg, log=None):
     """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation (rank 0 only)."""
-    from rollout import (AdaptiveKLController, RunningMoments, add_advantages, evaluate, explained_variance,  # here:
-                         make_sampler, responses, rollout)  # rollout.py imports this file's math
+    from rollout import (AdaptiveKLController, RunningMoments, add_advantages, demo_loss, evaluate,  # here: rollout.py
+                         explained_variance, make_sampler, responses, rollout)  # imports this file's math
     check_config(cfg)
-    device = ddp_init(get_device(cfg.device))
+    check_out_dir(cfg.out_dir)
+    device = ddp_init(get_device(cfg.device, cfg.dtype))
     log = log or default_log(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     sft_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
@@ -338,10 +350,6 @@ def train(cfg, log=None):
         demos = data.load_records(cfg.data, "sft", cfg.seed)[0]
         demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
                                      cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len, "ptx")
-
-    def demo_loss(g):  # through the plain policy: DDP still all-reduces these gradients in the same backward
-        p = data.pad_right([demos[j] for j in torch.randint(len(demos), (cfg.minibatch // WORLD,), generator=g)], tok.eot)
-        return sft_loss(policy(p["tokens"].to(device)), p["tokens"].to(device), p["loss_mask"].to(device))
     opts = [make_optimizer(m.parameters(), lr, 0.0) for m, lr in ((policy, cfg.lr), (critic, cfg.vf_lr)) if m is not None]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     moments = RunningMoments()
@@ -391,17 +399,21 @@ def train(cfg, log=None):
                     ctx, seeded(cfg.seed, 0, RANK, it, device=device), sampler, static=static,
                     width=max(len(train_ids[j]) for j in idx))  # padded alike on every rank
         gold = sum(map(data.gold_score, [train_prompts[j] for j in mine], responses(b, tok))) / len(mine) if builtin else None
-        b = {k: v for k, v in b.items() if v is not None}  # no values without a critic
+        b = {key: v for key, v in b.items() if v is not None}  # no values without a critic
         # Every rank gets all ranks' rollouts (a few numbers per token), so whitening, score normalisation
         # and the KL controller see the global batch, as in one process; each trains on its share of it.
         b = all_gather_rows(b)
         kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
+        k1, k3, kl_seq = kl_stats(b)
+        hint = f"; the last good checkpoint is {path}"
+        check_finite(f"ppo iteration {it}", hint, score=b["scores"].mean().item(), kl=k1)
         add_advantages(b, cfg, kl_coef, moments)
         t1 = time.time()
-        ptx = functools.partial(demo_loss, seeded(cfg.seed, 2, RANK, it)) if cfg.ptx_coef > 0 else None
-        stats = ppo_update(tpolicy, tcritic, opts, b, cfg, ctx, seeded(cfg.seed, 1, it), ptx)
+        # the plain policy: DDP still all-reduces its gradients in the same backward; a generator alike on every rank
+        ptx = functools.partial(demo_loss, policy, demos, cfg.minibatch, tok.eot, seeded(cfg.seed, 2, it)) \
+            if cfg.ptx_coef > 0 else None
+        stats = ppo_update(tpolicy, tcritic, opts, b, cfg, ctx, seeded(cfg.seed, 1, it), ptx, it, hint)
         t2 = time.time()
-        k1, k3, kl_seq = kl_stats(b)
         if kl_ctl:
             kl_ctl.update(kl_seq, cfg.rollout_batch)
         m = dict(kind="train", iter=it, iters=cfg.iters, score=b["scores"].mean().item(), kl=k1, k3=k3, kl_seq=kl_seq,
@@ -409,9 +421,6 @@ def train(cfg, log=None):
                  length=b["mask"].sum(1).mean().item(), ended=b["ended"].float().mean().item(), **({"gold": gold} if builtin else {}),
                  explained_var=float("nan") if critic is None else explained_variance(b["values"], b["returns"], b["mask"]),
                  rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
-        if not all(math.isfinite(m[k]) for k in ("score", "loss", "kl", "grad_norm", "vf_grad_norm")):
-            bad = [k for k in ("score", "loss", "kl", "grad_norm", "vf_grad_norm") if not math.isfinite(m[k])]
-            raise UserError(f"ppo iteration {it}: non-finite {', '.join(bad)}; the last good checkpoint is {path}")
         if kl_seq > cfg.kl_max:
             print(f"warning: ppo iteration {it}: KL per response {kl_seq:.1f} > --kl_max={cfg.kl_max}: the policy is running away")
         if RANK == 0:

@@ -23,8 +23,8 @@ from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp
 import onednn
 from gpt import generate
 from hf import load_checkpoint, model_from_checkpoint, save_checkpoint
-from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, lr_at, main_guard,
-                  make_optimizer, parse_config)
+from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, get_device, load_optimizer, lr_at,
+                  main_guard, make_optimizer, parse_config)
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Config:
     norm_samples: int = 256  # SFT samples whose mean score is shifted to 0 at the end; 0 = off
     seed: int = 0  # data order and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 on CUDA GPUs from Ampere on, else fp32) | float32 | bfloat16
     compile: bool = False  # torch.compile the model for training (CUDA)
     bucket: int = 0  # batch lengths rounded up to a multiple of this, up to max_len (0 = 64 on CUDA, 1 on CPU)
     resume: bool = False  # continue from out_dir/reward_last.pt
@@ -186,7 +186,8 @@ def main(argv):
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
     if cfg.batch_size < WORLD:
         raise UserError(f"--batch_size={cfg.batch_size}: fewer prompts than the {WORLD} processes")
-    device = ddp_init(get_device(cfg.device))
+    check_out_dir(cfg.out_dir)
+    device = ddp_init(get_device(cfg.device, cfg.dtype))
     torch.manual_seed(cfg.seed)
     last_path, best_path = os.path.join(cfg.out_dir, "reward_last.pt"), os.path.join(cfg.out_dir, "reward.pt")
     if cfg.resume:

@@ -1,8 +1,8 @@
 """
 The experience PPO learns from: sample responses from the policy and score them (log-probs under
 the policy and the reference, the reward model's score, the critic's values), turn them into
-advantages, and evaluate a policy on held-out prompts against the SFT policy. The math they use is
-ppo.py's; ppo.py's loop calls them, bench.py times them.
+advantages, draw PPO-ptx's demonstrations, and evaluate a policy on held-out prompts against the SFT
+policy. The math they use is ppo.py's; ppo.py's loop calls them, bench.py times them.
 """
 import copy
 import math
@@ -11,9 +11,11 @@ import torch
 
 import data
 import onednn
+from ddp import RANK, WORLD, all_sum
 from gpt import generate
 from ppo import (gae, grpo_advantages, kl_penalized_rewards, kl_per_response, masked_mean, policy_logprobs,
                  rloo_advantages, whiten)
+from sft import sft_loss
 from util import resolve_dtype
 
 
@@ -36,8 +38,8 @@ def rollout(policy, ref, rm, critic, prompt_ids, pad_id, max_new_tokens, tempera
     step itself (same weights, same temperature: equal to a full forward's to ~1e-6); when `sampler`,
     a low-precision copy of the policy, sampled, or under bf16 autocast, from a scoring forward of
     policy, the same computation as the reference's and the update's (policy_logprobs), so that at
-    iteration 0 KL = 0 and ratio = 1 as in fp32. ref or critic None: no reference log-probs or
-    values. static: see gpt.generate."""
+    iteration 0 KL = 0 and ratio = 1 as in fp32. Log-probs and values are 0 past each response's end,
+    on every path. ref or critic None: no reference log-probs or values. static: see gpt.generate."""
     x, pm = data.pad_left(prompt_ids, pad_id, width)
     device, P, was_training = next(policy.parameters()).device, x.size(1), policy.training
     x, pm = x.to(device), pm.to(device)
@@ -52,9 +54,12 @@ def rollout(policy, ref, rm, critic, prompt_ids, pad_id, max_new_tokens, tempera
         scores = rm.score(tokens, attn, first=P - 1).float()  # each row's last token is a response token
         values = critic(tokens, attn, first=P - 1)[:, :-1].float() if critic is not None else None  # V of the state before each token
     policy.train(was_training)
-    return dict(tokens=tokens, attn=attn, mask=gen_mask[:, P:].float(), logprobs=logprobs.float(),
-                ref_logprobs=ref_logprobs, values=values, scores=scores,
-                ended=((tokens == pad_id) & gen_mask.bool()).any(1))
+    mask = gen_mask[:, P:].bool()  # (B, R)
+    # a scoring forward's log-probs past the end are anything (-120 against the sampler's 0): zeroed, not
+    # multiplied by 0, which keeps an inf as a nan
+    zero = lambda x: None if x is None else torch.where(mask, x.float(), 0.0)
+    return dict(tokens=tokens, attn=attn, mask=mask.float(), logprobs=zero(logprobs), ref_logprobs=zero(ref_logprobs),
+                values=zero(values), scores=scores, ended=((tokens == pad_id) & gen_mask.bool()).any(1))
 
 
 class AdaptiveKLController:
@@ -87,17 +92,25 @@ class RunningMoments:
 
 
 def add_advantages(b, cfg, kl_coef, moments):
-    """Rollout batch b -> b["rewards"], b["advantages"] and b["returns"]: scores (with the optional
-    no-eos penalty and running normalisation) become per-token KL-penalised rewards; then, with
-    cfg.advantage = gae, GAE over the critic's values, whitened over the batch's valid tokens; with
-    rloo or grpo, each response's return (its rewards summed: score - kl_coef * its KL) against the
-    other responses to its prompt, the same advantage on every token (returns and values 0: no critic)."""
+    """Rollout batch b -> b["rewards"], b["advantages"] and b["returns"]: scores become per-token
+    KL-penalised rewards; then, with cfg.advantage = gae, GAE over the critic's values, whitened over the
+    batch's valid tokens; with rloo or grpo, each response's return (its rewards summed: score - kl_coef
+    * its KL) against the other responses to its prompt, the same advantage on every token (returns and
+    values 0: no critic). A score is normalised by the running moments of all scores (score_norm); then
+    a response cut at max_new_tokens (no EOS) scores cfg.truncated_score instead (Huang et al. 2024,
+    arXiv:2403.17031 §7, the "EOS trick": the reward model learnt from finished responses, so its score
+    at a cut one's last token means nothing), or with truncated_score = nan its own score less
+    cfg.missing_eos_penalty. Both come after the normalisation, so their size is the one set, whatever
+    the scores' running moments."""
     scores = b["scores"]
-    if cfg.missing_eos_penalty:
-        scores = scores - cfg.missing_eos_penalty * (~b["ended"]).float()
     if cfg.score_norm:
         moments.update(scores)
         scores = (scores - moments.mean) / moments.std
+    cut = ~b["ended"]  # (B,)
+    if math.isnan(cfg.truncated_score):
+        scores = scores - cfg.missing_eos_penalty * cut.float()
+    else:
+        scores = torch.where(cut, cfg.truncated_score, scores)
     b["rewards"] = kl_penalized_rewards(scores, b["logprobs"], b["ref_logprobs"], b["mask"], kl_coef)
     if cfg.advantage == "gae":
         adv, b["returns"] = gae(b["rewards"], b["values"], b["mask"], cfg.gamma, cfg.lam)
@@ -108,6 +121,18 @@ def add_advantages(b, cfg, kl_coef, moments):
     b["advantages"] = adv[:, None] * b["mask"]
     b["values"] = b["returns"] = torch.zeros_like(b["mask"])
     return b
+
+
+def demo_loss(policy, demos, n, pad_id, g):
+    """PPO-ptx's term (InstructGPT §3.5): sft_loss on n demonstrations [(prompt_ids, response_ids)] drawn
+    with g, seeded alike on every rank, this rank taking its share [RANK::WORLD] of them. Scaled by the
+    rank's share of their response tokens times WORLD (DDP averages gradients over ranks; sft.py does the
+    same), so N ranks give one process's gradient on all n; the rollouts' token share weighs the PPO terms."""
+    device = next(policy.parameters()).device
+    p = data.pad_right([demos[j] for j in torch.randint(len(demos), (n,), generator=g)[RANK::WORLD].tolist()], pad_id)
+    x, m = p["tokens"].to(device), p["loss_mask"].to(device)
+    k = m[:, 1:].sum()  # the tokens sft_loss averages over
+    return sft_loss(policy(x), x, m) * (k * WORLD / all_sum(k.clone()))
 
 
 def explained_variance(values, returns, mask):

@@ -20,8 +20,8 @@ from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp
 import onednn
 from gpt import GPT, GPTConfig, generate
 from hf import from_pretrained, load_checkpoint, model_from_checkpoint, save_checkpoint
-from util import (GracefulStop, UserError, append_jsonl, autocast, get_device, load_optimizer, lr_at, main_guard,
-                  make_optimizer, parse_config)
+from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, get_device, load_optimizer, lr_at,
+                  main_guard, make_optimizer, parse_config)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Config:
     log_interval: int = 20  # steps between log lines
     seed: int = 0  # data order, init and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 on CUDA GPUs from Ampere on, else fp32) | float32 | bfloat16
     compile: bool = False  # torch.compile the model and the loss for training (CUDA; H200: SFT step 50 -> 37 ms)
     bucket: int = 0  # batch lengths rounded up to a multiple of this, up to max_len (0 = 64 on CUDA, 1 on CPU)
     resume: bool = False  # continue from out_dir/sft_last.pt
@@ -135,7 +135,8 @@ def print_samples(model, prompts, tok, cfg, device, n=3):
 def main(argv):
     cfg = parse_config(Config, argv)
     check_config(cfg)
-    device = ddp_init(get_device(cfg.device))
+    check_out_dir(cfg.out_dir)
+    device = ddp_init(get_device(cfg.device, cfg.dtype))
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.data)
     if RANK > 0:

@@ -1,5 +1,7 @@
 """Tests for data.py: expected values are written by hand or computed independently (a json parse of
 the raw file, a formula), never by the function under test. Run: python -m pytest -q test_data.py"""
+import codecs
+import csv
 import gzip
 import io
 import json
@@ -98,6 +100,61 @@ def test_read_jsonl_empty_or_missing_file_error(tmp_path):
         read_jsonl(str(tmp_path / "missing.jsonl"), "sft")
     with pytest.raises(UserError, match="not-gzip.jsonl.gz: cannot read"):
         read_jsonl(write_lines(tmp_path / "not-gzip.jsonl.gz", ['{"a": 1}']), "sft")
+
+
+# Two records as other tools write them: a comma, quotes, a line break, non-ASCII and a raw U+2028
+# (legal inside a JSON string) in the text, each file written by the stdlib, not by the code under test.
+RECORDS = [{"prompt": '\n\nHuman: café, "ok"?\n\nAssistant:', "response": " Yes;\u2028sure"},
+           {"prompt": "p2", "response": " r2"}]
+JSONL = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS).encode()
+
+
+def csv_bytes(delimiter=",", header=("Prompt", "Response")):
+    f = io.StringIO()
+    w = csv.writer(f, delimiter=delimiter, lineterminator="\r\n")  # Excel's quoting and line ends
+    w.writerows([header, *([r["prompt"], r["response"]] for r in RECORDS), ["", ""]])  # and a trailing empty row
+    return f.getvalue().encode()
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("bom.jsonl", codecs.BOM_UTF8 + JSONL),  # Notepad's "UTF-8 with BOM"
+    ("crlf.jsonl", JSONL.replace(b"\n", b"\r\n") + b"\r\n\r\n"),  # Windows line ends, trailing blank lines
+    ("cr.jsonl", JSONL.replace(b"\n", b"\r")),  # classic Mac line ends
+    ("utf16.jsonl", codecs.BOM_UTF16_LE + JSONL.decode().replace("\n", "\r\n").encode("utf-16-le")),  # PowerShell 5 `>`
+    ("array.json", json.dumps(RECORDS, indent=2).encode()),  # json.dump(indent=2)
+    ("array.jsonl", json.dumps(RECORDS).encode()),  # a JSON array in a .jsonl file (pandas' to_json default)
+    ("stream.jsonl", "\n".join(json.dumps(r, indent=2) for r in RECORDS).encode()),  # jq without -c
+    ("excel.csv", codecs.BOM_UTF8 + csv_bytes()),  # Excel's "CSV UTF-8"
+    ("semicolon.csv", csv_bytes(";")),  # where the decimal mark is a comma
+    ("sheet.tsv", csv_bytes("\t", ("prompt", "response"))),
+])
+def test_read_jsonl_files_as_tools_write_them(tmp_path, name, raw):
+    (tmp_path / name).write_bytes(raw)
+    assert read_jsonl(str(tmp_path / name), "sft") == RECORDS
+    assert load_records(str(tmp_path / name), "prompts") == ([RECORDS[0]["prompt"]], [RECORDS[1]["prompt"]])
+
+
+@pytest.mark.parametrize("name, raw, where, expect", [
+    ("latin1.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n', 2,
+     "not UTF-8 text (byte 0xe9); save it as UTF-8"),  # Windows-1252, as Excel's plain "CSV" writes
+    ("array.json", b'[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a"}\n]', 3, "missing field 'response'"),
+    ("bad.json", b'[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a" "response": "b"}\n]', 3, "not valid JSON"),
+    ("cells.csv", b'prompt,response\r\na,b\r\na,b,c\r\n', 3, "3 cells, the header has 2"),
+    ("empty.csv", b'prompt,response\r\na,\r\n', 2, "'response' must be a non-empty string"),
+])
+def test_read_jsonl_bad_file_of_another_format_names_the_line(tmp_path, name, raw, where, expect):
+    (tmp_path / name).write_bytes(raw)
+    with pytest.raises(UserError) as e:
+        read_jsonl(str(tmp_path / name), "sft")
+    assert f"{tmp_path / name}:{where}: " in str(e.value) and expect in str(e.value), str(e.value)
+
+
+def test_read_jsonl_folder_or_spreadsheet_is_one_line(tmp_path):
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(UserError, match="d.jsonl: a folder, not a file"):
+        read_jsonl(str(tmp_path / "d.jsonl"), "sft")
+    with pytest.raises(UserError, match="--data=book.xlsx: expected .* save a spreadsheet as CSV"):
+        load_records("book.xlsx", "sft")
 
 
 def test_rankings_to_pairs_count_and_order():

@@ -1,8 +1,10 @@
 """Data parallel (torchrun, DDP over gloo on CPU): two processes, each on half of every batch, must
 make the same updates as one process on the whole batch: the same logged losses step by step and
-the same final weights. The single-process run is the independent reference.
+the same final weights. The single-process run is the independent reference. Every run checks that
+each tensor handed to a collective is on the rank's device (MINRLHF_CHECK_DEVICES: ddp.collective).
 `python test_ddp.py OUT` (alone or under torchrun) is the PPO-update worker of test_ddp_ppo_update_*."""
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MINRLHF_CHECK_DEVICES": "1"}
 SFT = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--batch_size=8", "--grad_accum=2", "--warmup_iters=2",
        "--max_iters=4", "--eval_interval=2", "--eval_batches=1", "--log_interval=1", "--device=cpu"]
 RM = ["--kind=rankings", "--batch_size=4", "--warmup_iters=2", "--max_iters=4", "--eval_interval=2", "--eval_batches=1",
@@ -84,7 +86,8 @@ def ppo_update_worker(out):
     """A fixed rollout batch of 8 rows (built alike on every rank, from a seed): under torchrun rank r
     holds rows 4r..4r+3, rank 1 with its all-padding last response columns cut, as when all its
     responses end early. Gather, advantages (score normalisation on), 2 epochs x 2 minibatches of
-    PPO; rank 0 saves."""
+    PPO with PPO-ptx on demonstrations of different lengths (so the ranks' shares of their tokens
+    differ from their shares of the rollouts'); rank 0 saves."""
     import ppo
     import rollout
     from ddp import RANK, WORLD, all_gather_rows, ddp_init, ddp_wrap
@@ -111,11 +114,15 @@ def ppo_update_worker(out):
         rows, cut = slice(4 * RANK, 4 * RANK + 4), R if RANK == 0 else 4
         b = {k: v[rows, :v.size(1) - R + cut] if v.dim() > 1 else v[rows] for k, v in b.items()}
     b = all_gather_rows(b)
-    cfg = ppo.Config(rollout_batch=B, minibatch=4, ppo_epochs=2, score_norm=True, ent_coef=0.01, lr=1e-3, vf_lr=1e-3)
+    cfg = ppo.Config(rollout_batch=B, minibatch=4, ppo_epochs=2, score_norm=True, ent_coef=0.01, lr=1e-3, vf_lr=1e-3,
+                     ptx_coef=0.5)
     rollout.add_advantages(b, cfg, cfg.kl_coef, rollout.RunningMoments())
+    demos = [(torch.randint(31, (p,), generator=g).tolist(), torch.randint(31, (r,), generator=g).tolist() + [31])
+             for p, r in zip([1, 4, 2, 3, 4, 1], [0, 6, 1, 5, 2, 3])]  # 31 is the eot
+    ptx = functools.partial(rollout.demo_loss, policy, demos, cfg.minibatch, 31, ppo.seeded(0, 2, 0))
     opts = [make_optimizer(m.parameters(), 1e-3, 0.0) for m in (policy, critic)]
     stats = ppo.ppo_update(ddp_wrap(policy, "cpu"), ddp_wrap(critic, "cpu"), opts, b, cfg, contextlib.nullcontext(),
-                           ppo.seeded(0, 1, 0))
+                           ppo.seeded(0, 1, 0), ptx)
     if RANK == 0:
         torch.save(dict(policy=policy.state_dict(), critic=critic.state_dict(), stats=stats,
                         advantages=b["advantages"]), out)
@@ -134,6 +141,28 @@ def test_ddp_ppo_update_matches_single_process(tmp_path):
         for name in a[model]:
             err = (a[model][name] - b[model][name]).abs().max().item()
             assert err < 1e-5, f"{model}.{name}: differs by {err:.2e} between 1 and 2 processes"
+
+
+def test_ddp_collectives_refuse_a_tensor_off_the_ranks_device(monkeypatch):
+    """Issue 19: all_max reduced torch.tensor(n), a CPU tensor, which an nccl group refuses and gloo takes,
+    so the CPU tests could not see it. Under the check the DDP runs above switch on, a tensor that a
+    collective helper builds without device= is a meta tensor, refused on the CPU too."""
+    import ddp
+    monkeypatch.setattr(ddp, "CHECK_DEVICES", True)
+    monkeypatch.setattr(ddp, "WORLD", 2)
+    reduced = []
+    monkeypatch.setattr(ddp.dist, "all_reduce", lambda x, op=None: reduced.append(x))
+
+    @ddp.collective
+    def all_max_of_issue_19(n):
+        x = torch.tensor(n)
+        ddp.dist.all_reduce(ddp.on_device(x), op=ddp.dist.ReduceOp.MAX)
+        return int(x)
+    with pytest.raises(RuntimeError, match="tensor on meta handed to a collective"):
+        all_max_of_issue_19(3)
+    assert ddp.all_max([3, 5], "cpu") == [3, 5] and reduced[-1].device == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="on meta"):
+        ddp.all_sum(torch.zeros(1, device="meta"))
 
 
 def test_ddp_ppo_runs_and_logs_once(sft_runs, rm_runs, tmp_path):

@@ -1,5 +1,6 @@
 """ppo.py and rollout.py: each function of the PPO objective and of the rollout against
 hand-computed values or a naive loop."""
+import contextlib
 import copy
 import math
 from types import SimpleNamespace
@@ -12,9 +13,9 @@ from gpt import GPT, GPTConfig
 from ppo import (entropy, gae, kl_penalized_rewards, kl_stats, policy_logprobs, ppo_loss, ppo_policy_loss, token_logprobs,
                  value_loss, whiten)
 from reward import RewardModel
-from rollout import AdaptiveKLController, add_advantages, make_sampler, rollout
 from checks import assert_close
-from util import autocast
+from rollout import AdaptiveKLController, RunningMoments, add_advantages, make_sampler, rollout
+from util import UserError, autocast, make_optimizer
 
 # two rows of different lengths: row 0 is left-padded and ends early, row 1 runs to the end
 MASK = torch.tensor([[0., 1., 1., 1., 0.], [1., 1., 1., 1., 1.]])
@@ -234,6 +235,28 @@ def test_ppo_policy_loss_stable_for_very_negative_logprobs():
                  hint="rho = exp(logprobs - old_logprobs) in one exp")
 
 
+def test_masked_mean_drops_nonfinite_masked_entries():
+    x = torch.tensor([[1.0, math.inf], [math.nan, 3.0]], requires_grad=True)
+    got = ppo.masked_mean(x, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    got.backward()
+    assert got.item() == 2.0, "inf * 0 = nan: a masked entry must be dropped, not multiplied by 0"
+    assert x.grad.tolist() == [[0.5, 0.0], [0.0, 0.5]]
+
+
+def test_ppo_policy_loss_finite_with_extreme_logprobs_where_masked():
+    """Past a response's end the log-probs are whatever a forward gives: a -120 / -5 pair there is a
+    log-ratio of +-115, exp(115) = inf. The loss and its gradient stay those of the valid entries."""
+    mask, adv, old = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, -0.5, 0.0]]), [-1.1, -1.9]
+    want = (-1.0 * math.exp(0.1) + 0.5 * math.exp(-0.1)) / 2  # both ratios inside the clip
+    want_grad = [-1.0 * math.exp(0.1) / 2, 0.5 * math.exp(-0.1) / 2, 0.0]
+    for new_lp, old_lp in ((-5.0, -120.0), (-120.0, -5.0)):
+        logp = torch.tensor([[-1.0, -2.0, new_lp]], requires_grad=True)
+        loss = ppo_policy_loss(logp, torch.tensor([old + [old_lp]]), adv, mask, 0.2)
+        loss.backward()
+        assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all(), f"{new_lp}/{old_lp}: {loss}, {logp.grad}"
+        assert abs(loss.item() - want) < 1e-6 and torch.allclose(logp.grad, torch.tensor([want_grad]), atol=1e-6)
+
+
 def test_ppo_policy_loss_gradient_flows_through_the_ratio():
     logp = torch.tensor([[0.05, -0.05]], requires_grad=True)
     loss = ppo_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -2.0]]), torch.ones(1, 2), 0.2)
@@ -375,8 +398,8 @@ def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
 
 def test_add_advantages_whitens_over_valid_tokens():
     policy, ref, rm = tiny_models(1)
-    cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0, missing_eos_penalty=0.0, score_norm=False, gamma=1.0, lam=0.95,
-                          advantage="gae")
+    cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0, missing_eos_penalty=0.0, truncated_score=-1.0, score_norm=False,
+                          gamma=1.0, lam=0.95, advantage="gae")
     b = rollout(policy, ref, rm, rm, [[1, 2, 3], [4, 5], [6], [7, 8, 9]], 10, cfg.max_new_tokens, cfg.temperature,
                 torch.no_grad(), torch.Generator().manual_seed(0))
     add_advantages(b, cfg, 0.1, None)
@@ -384,6 +407,64 @@ def test_add_advantages_whitens_over_valid_tokens():
     assert abs((b["advantages"] * m).sum() / m.sum()) < 1e-5
     assert abs(((b["advantages"] ** 2) * m).sum() / m.sum() - 1) < 1e-3, "advantages are whitened"
     assert (b["advantages"][m == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rollout_logprobs_and_values_are_zero_past_the_end(dtype):
+    """On every path (fp32: the sampling step's log-probs; bf16: a bf16 sampler and a scoring forward),
+    the log-probs, the reference's and the values are 0 where mask = 0, not whatever a forward gives."""
+    policy, ref, rm = tiny_models(2)
+    sampler = make_sampler(policy, ppo.Config(dtype=dtype), "cpu")
+    b = rollout(policy, ref, rm, rm, [[1, 2], [3], [4, 5, 6], [7, 8]] * 4, 10, 8, 1.0, autocast("cpu", dtype),
+                torch.Generator().manual_seed(0), sampler)
+    pad = b["mask"] == 0
+    assert pad.any() and b["ended"].any() and (sampler is None) == (dtype == "float32")
+    for key in ("logprobs", "ref_logprobs", "values"):
+        assert (b[key][pad] == 0).all(), f"{dtype}: {key} past the end: {b[key][pad]}"
+
+
+def scored_batch(scores, ended):
+    """A rollout batch whose rewards are the scores alone (KL 0): row i's response is i + 1 tokens."""
+    B = len(scores)
+    mask = (torch.arange(B)[None] <= torch.arange(B)[:, None]).float()  # (B, B)
+    return dict(scores=torch.tensor(scores), ended=torch.tensor(ended), mask=mask, logprobs=torch.zeros(B, B),
+                ref_logprobs=torch.zeros(B, B), values=torch.zeros(B, B))
+
+
+def test_add_advantages_truncated_score_known_values():
+    """A response cut at max_new_tokens (ended False) scores truncated_score, set after score normalisation,
+    so it is -1 whatever the scores' scale; with truncated_score=nan it keeps its own score, less
+    missing_eos_penalty, also after normalisation. The scores' running mean 1.125 and (unbiased) std 1.75
+    by hand; normalised, scores 10x as large give the same rewards."""
+    scores, ended = [2.0, -1.0, 0.5, 3.0], [True, False, True, False]
+    cases = [(dict(), [2.0, -1.0, 0.5, -1.0], [1.0]),  # the default: -1 for the cut ones
+             (dict(truncated_score=float("nan")), scores, [1.0]),  # off: scored like finished ones
+             (dict(score_norm=True), [0.875 / 1.75, -1.0, -0.625 / 1.75, -1.0], [1.0, 10.0]),
+             (dict(score_norm=True, truncated_score=float("nan"), missing_eos_penalty=0.5),
+              [0.875 / 1.75, -2.125 / 1.75 - 0.5, -0.625 / 1.75, 1.875 / 1.75 - 0.5], [1.0, 10.0])]
+    for kw, want, scales in cases:
+        for scale in scales:
+            b = add_advantages(scored_batch([scale * x for x in scores], ended), ppo.Config(**kw), 0.0, RunningMoments())
+            got = b["rewards"].sum(1)  # each row's only nonzero reward, at its last token
+            assert torch.allclose(got, torch.tensor(want), atol=1e-6), f"{kw}, scores x{scale}: {got.tolist()} != {want}"
+
+
+def test_ppo_update_stops_before_a_nonfinite_step():
+    """A nan advantage makes a nan policy gradient: ppo_update raises a UserError naming the iteration and
+    the quantity before any optimizer step, so the weights stay those of the last good iteration."""
+    policy, ref, rm = tiny_models(3)
+    critic = copy.deepcopy(rm)
+    cfg = ppo.Config(rollout_batch=4, minibatch=2, ppo_epochs=1)
+    b = add_advantages(rollout(policy, ref, rm, critic, [[1, 2], [3], [4, 5, 6], [7, 8]], 10, 5, 1.0, torch.no_grad(),
+                               torch.Generator().manual_seed(0)), cfg, 0.1, RunningMoments())
+    b["advantages"][:, 0] = math.nan  # every row's first response token is valid
+    before = [copy.deepcopy(m.state_dict()) for m in (policy, critic)]
+    opts = [make_optimizer(m.parameters(), 1e-2, 0.0) for m in (policy, critic)]
+    with pytest.raises(UserError, match=r"ppo iteration 7: non-finite grad_norm; last good: x"):
+        ppo.ppo_update(policy.train(), critic.train(), opts, b, cfg, contextlib.nullcontext(), ppo.seeded(0), it=7,
+                       hint="; last good: x")
+    for model, state in zip((policy, critic), before):
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "a nan step reached the weights"
 
 
 @pytest.mark.parametrize("dtype,rollout_dtype,tol", [("float32", "auto", 1e-6), ("bfloat16", "auto", 1e-4),
@@ -447,7 +528,8 @@ def test_add_advantages_critic_free_uses_kl_penalised_returns(advantage):
     ref = torch.tensor([[-1.5, -1., 0.], [-0.5, -2., -1.], [-1., 0., 0.], [-1., -3., 0.]])
     b = dict(scores=torch.tensor([1.0, 0.0, 2.0, -1.0]), logprobs=logprobs, ref_logprobs=ref, mask=mask,
              ended=torch.ones(4, dtype=torch.bool))
-    cfg = SimpleNamespace(missing_eos_penalty=0.0, score_norm=False, advantage=advantage, samples_per_prompt=2)
+    cfg = SimpleNamespace(missing_eos_penalty=0.0, truncated_score=-1.0, score_norm=False, advantage=advantage,
+                          samples_per_prompt=2)
     add_advantages(b, cfg, 0.5, None)
     R = torch.tensor([1 - 0.5 * (0.5 - 1), 0 - 0.5 * (0 + 1 - 2), 2 - 0.5 * (-1), -1 - 0.5 * (0 + 2)])  # score - beta sum KL
     A = (rloo_advantages if advantage == "rloo" else grpo_advantages)(R, 2)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import bench
+import ddp
 from gpt import TOKEN_ROWS
 from hf import load_checkpoint
-from util import UserError
+from util import UserError, get_device, parse_config, resolve_dtype
 from ppo import Config as PPOConfig, check_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,7 +63,8 @@ def test_settings_errors_list_valid_keys(tmp_path):
 
 @pytest.mark.parametrize("kw, needle", [(dict(clip_eps=0.0), "clip_eps"), (dict(temperature=-1.0), "temperature"),
                                         (dict(kl_target=6.0), "adaptive_kl"), (dict(adaptive_kl=True), "kl_target"),
-                                        (dict(rollout_batch=6, minibatch=4), "divisible"), (dict(kl_coef=-0.1), "kl_coef")])
+                                        (dict(rollout_batch=6, minibatch=4), "divisible"), (dict(kl_coef=-0.1), "kl_coef"),
+                                        (dict(missing_eos_penalty=1.0), "--truncated_score=nan")])
 def test_impossible_ppo_settings(kw, needle):
     with pytest.raises(UserError, match=needle):
         check_config(PPOConfig(**kw))
@@ -87,6 +89,52 @@ def test_missing_and_wrong_checkpoints(tmp_path, ckpts):
     one_line_error(run("reward.py", f"--sft_ckpt={tmp_path}/cut.pt"), "unreadable checkpoint")
     one_line_error(run("sft.py", f"--out_dir={tmp_path}", "--max_len=8", "--max_prompt_len=8"),
                    "--max_prompt_len=8")  # a prompt budget that leaves no room for a response
+
+
+@pytest.mark.parametrize("device, gpus, needle", [("cuda", 0, "--device=cuda: no CUDA GPU"), ("cuda:2", 2, "has 2 GPU(s)"),
+                                                  ("mps", 0, "--device=mps: no Apple GPU"), ("gpu", 0, "expected auto, cpu")])
+def test_device_this_machine_lacks_is_one_line(monkeypatch, device, gpus, needle):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        get_device(device)
+    assert get_device("auto") == ("cuda" if gpus else "cpu")
+
+
+def test_precision_a_machine_cannot_train_in(monkeypatch):
+    """float16 needs loss scaling (left out); bf16 by default only on GPUs that compute in it (Ampere on):
+    on a T4 (compute capability 7.5) auto is fp32, as on the CPU."""
+    for dtype, needle in (("float16", "needs loss scaling"), ("bf16", "expected auto, float32 or bfloat16")):
+        with pytest.raises(UserError, match=f"--dtype={dtype}: .*{needle}"):
+            resolve_dtype("cpu", dtype)
+    for capability, want in (((7, 5), "float32"), ((8, 0), "bfloat16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_dtype("cuda", "auto") == want
+    assert resolve_dtype("cpu", "auto") == "float32" and resolve_dtype("cpu", "bfloat16") == "bfloat16"
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setattr(ddp, "WORLD", 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(UserError, match=re.escape("torchrun started 4 processes on this machine, which has 2 GPU(s): "
+                                                  "--nproc_per_node=2")):
+        ddp.ddp_init("cuda")
+
+
+def test_paths_a_run_cannot_use_are_one_line(tmp_path, ckpts):
+    """An out_dir that is a file or lies under one, a checkpoint path that is a folder, a precision the
+    script cannot train in: one line before any training. A ~ the shell left alone is expanded."""
+    (tmp_path / "file").write_text("")
+    one_line_error(run("sft.py", f"--out_dir={tmp_path}/file"), f"--out_dir={tmp_path}/file: is a file, not a folder")
+    one_line_error(run("reward.py", f"--out_dir={tmp_path}/file/out", f"--sft_ckpt={ckpts}/sft.pt"), "cannot write there")
+    one_line_error(run("ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}"),
+                   f"{ckpts}: a folder, not a checkpoint file; it holds reward.pt")
+    one_line_error(run("sft.py", f"--out_dir={tmp_path}", "--dtype=float16"), "--dtype=float16")
+    assert parse_config(PPOConfig, ["--out_dir=~/runs"]).out_dir == os.path.join(os.path.expanduser("~"), "runs")
 
 
 def test_nonfinite_loss_stops_with_step_and_quantity(tmp_path):

@@ -53,7 +53,8 @@ def test_scripts_builtin_pipeline(builtin_run):
 def test_scripts_ppo_options(builtin_run):
     out = builtin_run
     run("ppo.py", f"--out_dir={out}/opts", f"--sft_ckpt={out}/sft.pt", f"--reward_ckpt={out}/reward.pt", *TINY_PPO,
-        "--adaptive_kl", "--kl_target=1.0", "--ptx_coef=0.5", "--score_norm", "--missing_eos_penalty=1", "--ent_coef=0.01", "--rollout_dtype=bfloat16")
+        "--adaptive_kl", "--kl_target=1.0", "--ptx_coef=0.5", "--score_norm", "--truncated_score=nan", "--missing_eos_penalty=1",
+        "--ent_coef=0.01", "--rollout_dtype=bfloat16")
     lines = [json.loads(l) for l in open(os.path.join(out, "opts", "ppo_metrics.jsonl"))]
     coefs = [l["kl_coef"] for l in lines if l["kind"] == "train"]
     assert coefs[0] == 0.1 and coefs[1] != coefs[0], "the adaptive controller moves kl_coef"

@@ -94,6 +94,8 @@ def _parse_value(text, typ, key):
             return False
         raise UserError(f"--{key}={text}: expected True or False")
     typ = {"int": int, "float": float, "str": str}.get(typ, typ)
+    if typ is str and text.startswith("~"):  # the shell leaves --key=~/path alone: no ~ folder in the cwd
+        return os.path.expanduser(text)
     try:
         return typ(text)
     except ValueError:
@@ -131,8 +133,11 @@ def atomic_write(path, write):
     """Call write(f) on a temp file beside `path`, fsync it, then rename it over `path`: a reader
     (or a run killed at any moment, SIGKILL included) sees the old file or the new one, never half."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-" + os.path.basename(path))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-" + os.path.basename(path))
+    except OSError as e:  # a folder on the way is a file, or read-only
+        raise UserError(f"{path}: cannot write there ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -184,6 +189,18 @@ def write_json(obj, path):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def check_out_dir(path):
+    """Make --out_dir and write a file into it now, so that a path that is a file or a read-only folder
+    is one line before any training, not a traceback at the first checkpoint."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out_dir={path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"--out_dir={path}: cannot write there ({e.strerror})") from None
+
+
 def append_jsonl(obj, path):
     """Append one JSON line and flush it to disk (a metrics log: a crash loses at most this line)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -196,13 +213,43 @@ def append_jsonl(obj, path):
 # training: device, precision, optimizer, schedule
 
 
-def get_device(device="auto"):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+def get_device(device="auto", dtype="auto"):
+    """auto: CUDA when there is a GPU, else the CPU. A device this machine does not have, or a precision
+    it cannot train in (resolve_dtype), is one line before anything loads."""
+    name = device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError:
+        kind = index = None
+    n = torch.cuda.device_count() if kind == "cuda" and torch.cuda.is_available() else 0
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not n:
+        built = "" if torch.version.cuda else f" (torch {torch.__version__} is built without CUDA)"
+        raise UserError(f"--device={name}: no CUDA GPU on this machine{built}; use --device=cpu")
+    if kind == "cuda" and index is not None and index >= n:
+        raise UserError(f"--device={name}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={name}: no Apple GPU (MPS) on this machine; use --device=cpu")
+    resolve_dtype(device, dtype)
+    return device
 
 
 def resolve_dtype(device, dtype="auto"):
-    """The one place that picks precision: bf16 on CUDA (no loss scaling needed), fp32 on CPU."""
-    return ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    """The one place that picks precision: bf16 on CUDA GPUs that compute in it (Ampere and later: no
+    loss scaling needed), fp32 elsewhere, since older GPUs (T4, V100) only emulate bf16, slowly.
+    float16 training needs loss scaling, which this repo leaves out: refused."""
+    if dtype == "auto":
+        native = device.startswith("cuda") and (torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8)
+        return "bfloat16" if native else "float32"
+    if dtype == "float16":
+        raise UserError("--dtype=float16: training in float16 needs loss scaling, which minrlhf leaves out; "
+                        "use bfloat16 or float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype={dtype}: expected auto, float32 or bfloat16")
+    return dtype
 
 
 def autocast(device, dtype="auto"):
@@ -211,6 +258,15 @@ def autocast(device, dtype="auto"):
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def check_finite(where, hint="", **values):
+    """A UserError naming each of `values` (floats, or 0-dim tensors on one device) that is inf or nan:
+    one host sync for all of them."""
+    x = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values.values()])
+    if not bool(torch.isfinite(x).all()):
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        raise UserError(f"{where}: non-finite {', '.join(bad)}{hint}")
 
 
 def make_optimizer(params, lr, weight_decay):
