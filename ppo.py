@@ -25,7 +25,7 @@ from data import batch_indices, last_index
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from hf import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from reward import load_reward_model
-from util import (GracefulStop, UserError, append_jsonl, autocast, check_finite, check_out_dir, get_device, load_optimizer,
+from util import (GracefulStop, UserError, autocast, check_finite, check_out_dir, get_device, load_optimizer,
                   main_guard, make_optimizer, parse_config, write_json)
 
 
@@ -100,14 +100,6 @@ def kl_per_response(b):
     (never negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html). (B,), (B,)."""
     d = (b["logprobs"] - b["ref_logprobs"]) * b["mask"]
     return d.sum(1), ((torch.exp(-d) - 1 + d) * b["mask"]).sum(1)
-
-
-def kl_stats(b):
-    """Per-token means of k1 and k3 over the batch's valid tokens, and the mean per-response k1,
-    which the adaptive controller targets."""
-    k1, k3 = kl_per_response(b)
-    n = b["mask"].sum()
-    return (k1.sum() / n).item(), (k3.sum() / n).item(), k1.mean().item()
 
 
 def masked_mean(x, mask):
@@ -263,44 +255,25 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None, it=0, hint=""):
     return dict(zip(stats[0], means.tolist()))  # one host sync for the whole update
 
 
-def default_log(out_dir):
-    """The logging hook: one printed line, and the full dict appended to out_dir/ppo_metrics.jsonl.
-    Pass your own log(metrics: dict) to train() for wandb or TensorBoard."""
-    def log(m):
-        append_jsonl(m, os.path.join(out_dir, "ppo_metrics.jsonl"))
-        keys = [k for k in ("score", "kl", "k3", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_var",
-                            "length", "gold", "win_rate", "gold_win_rate", "kl_coef") if k in m]
-        line = " | ".join(f"{k} {m[k]:.3g}" for k in keys)
-        timing = f" | rollout {m['rollout_s'] * 1000:.0f} ms | update {m['update_s'] * 1000:.0f} ms | {m['tok_s']:.0f} tok/s" \
-            if "rollout_s" in m else ""
-        print(f"ppo {m['kind']} {m['iter']}/{m['iters']} | {line}{timing}")
-    return log
-
 # -----------------------------------------------------------------------------
 # the loop
 
 def check_config(cfg):
     """Impossible settings are one-line errors before anything loads."""
-    for key in ("iters", "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "eval_interval", "max_prompt_len"):
+    for key in ("iters", "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "eval_interval", "max_prompt_len",
+                "clip_eps", "vf_clip", "temperature", "lr", "vf_lr"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
-    if cfg.rollout_batch % cfg.minibatch:
-        raise UserError(f"--rollout_batch={cfg.rollout_batch} is not divisible into --minibatch={cfg.minibatch}")
-    if cfg.minibatch % WORLD:
-        raise UserError(f"--minibatch={cfg.minibatch} is not divisible among the {WORLD} processes")
-    for key in ("clip_eps", "vf_clip", "temperature", "lr", "vf_lr"):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"--{key}={getattr(cfg, key)}: must be > 0")
+    for key, allowed in (("rollout_dtype", ("auto", "float32", "bfloat16", "float16")), ("advantage", ("gae", "rloo", "grpo"))):
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"--{key}={getattr(cfg, key)}: expected {', '.join(allowed)}")
+    if cfg.rollout_batch % cfg.minibatch or cfg.minibatch % WORLD:
+        raise UserError(f"--rollout_batch={cfg.rollout_batch} is not divisible into --minibatch={cfg.minibatch}, "
+                        f"or that not divisible among the {WORLD} processes")
     if cfg.kl_coef < 0 or cfg.ent_coef < 0 or cfg.ptx_coef < 0:
         raise UserError("--kl_coef, --ent_coef and --ptx_coef must be >= 0")
-    if cfg.adaptive_kl != (cfg.kl_target > 0):
-        raise UserError("--adaptive_kl=True needs --kl_target > 0, and --kl_target needs --adaptive_kl=True")
-    if cfg.rollout_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--rollout_dtype={cfg.rollout_dtype}: expected auto, float32, bfloat16 or float16")
-    if cfg.adaptive_kl and cfg.kl_coef <= 0:
-        raise UserError("--adaptive_kl=True needs a starting --kl_coef > 0")
-    if cfg.advantage not in ("gae", "rloo", "grpo"):
-        raise UserError(f"--advantage={cfg.advantage}: expected gae, rloo or grpo")
+    if cfg.adaptive_kl != (cfg.kl_target > 0) or (cfg.adaptive_kl and cfg.kl_coef <= 0):
+        raise UserError("--adaptive_kl=True needs --kl_target > 0 and a starting --kl_coef > 0, and --kl_target needs it")
     if cfg.samples_per_prompt < (1 if cfg.advantage == "gae" else 2):
         raise UserError(f"--advantage={cfg.advantage} needs --samples_per_prompt >= 2 (a group to compare within)")
     if cfg.rollout_batch % (cfg.samples_per_prompt * WORLD):
@@ -310,16 +283,10 @@ def check_config(cfg):
         raise UserError("--missing_eos_penalty applies to a cut response's own score: set --truncated_score=nan with it")
 
 
-def seeded(*key, device="cpu"):
-    """A generator seeded by a tuple of ints: each iteration's randomness is a function of (seed,
-    rank, iteration), so --resume needs no generator state and every rank samples its own."""
-    return torch.Generator(device=device).manual_seed(hash(key) % 2 ** 63)
-
-
 def train(cfg, log=None):
     """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation (rank 0 only)."""
-    from rollout import (AdaptiveKLController, RunningMoments, add_advantages, demo_loss, evaluate,  # here: rollout.py
-                         explained_variance, make_sampler, responses, rollout)  # imports this file's math
+    from rollout import (AdaptiveKLController, RunningMoments, add_advantages, default_log, demo_loss, evaluate,  # here:
+                         explained_variance, kl_stats, make_sampler, responses, rollout, seeded)  # it imports this math
     check_config(cfg)
     check_out_dir(cfg.out_dir)
     device = ddp_init(get_device(cfg.device, cfg.dtype))

@@ -6,6 +6,7 @@ policy. The math they use is ppo.py's; ppo.py's loop calls them, bench.py times 
 """
 import copy
 import math
+import os
 
 import torch
 
@@ -16,7 +17,7 @@ from gpt import generate
 from ppo import (gae, grpo_advantages, kl_penalized_rewards, kl_per_response, masked_mean, policy_logprobs,
                  rloo_advantages, whiten)
 from sft import sft_loss
-from util import resolve_dtype
+from util import append_jsonl, resolve_dtype
 
 
 def make_sampler(policy, cfg, device):
@@ -135,11 +136,39 @@ def demo_loss(policy, demos, n, pad_id, g):
     return sft_loss(policy(x), x, m) * (k * WORLD / all_sum(k.clone()))
 
 
+def kl_stats(b):
+    """Per-token means of k1 and k3 over the batch's valid tokens, and the mean per-response k1,
+    which the adaptive controller targets."""
+    k1, k3 = kl_per_response(b)
+    n = b["mask"].sum()
+    return (k1.sum() / n).item(), (k3.sum() / n).item(), k1.mean().item()
+
+
 def explained_variance(values, returns, mask):
     """1 - Var(R - V) / Var(R) over valid tokens: 1 = a perfect critic, 0 = no better than a constant."""
     var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     d = returns - values
     return (1 - masked_mean((d - masked_mean(d, mask)) ** 2, mask) / var_r).item()
+
+
+def seeded(*key, device="cpu"):
+    """A generator seeded by a tuple of ints: each iteration's randomness is a function of (seed,
+    rank, iteration), so --resume needs no generator state and every rank samples its own."""
+    return torch.Generator(device=device).manual_seed(hash(key) % 2 ** 63)
+
+
+def default_log(out_dir):
+    """The logging hook: one printed line, and the full dict appended to out_dir/ppo_metrics.jsonl.
+    Pass your own log(metrics: dict) to train() for wandb or TensorBoard."""
+    def log(m):
+        append_jsonl(m, os.path.join(out_dir, "ppo_metrics.jsonl"))
+        keys = [k for k in ("score", "kl", "k3", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_var",
+                            "length", "gold", "win_rate", "gold_win_rate", "kl_coef") if k in m]
+        line = " | ".join(f"{k} {m[k]:.3g}" for k in keys)
+        timing = f" | rollout {m['rollout_s'] * 1000:.0f} ms | update {m['update_s'] * 1000:.0f} ms | {m['tok_s']:.0f} tok/s" \
+            if "rollout_s" in m else ""
+        print(f"ppo {m['kind']} {m['iter']}/{m['iters']} | {line}{timing}")
+    return log
 
 
 def responses(batch, tok):

@@ -119,10 +119,10 @@ def ppo_update_worker(out):
     rollout.add_advantages(b, cfg, cfg.kl_coef, rollout.RunningMoments())
     demos = [(torch.randint(31, (p,), generator=g).tolist(), torch.randint(31, (r,), generator=g).tolist() + [31])
              for p, r in zip([1, 4, 2, 3, 4, 1], [0, 6, 1, 5, 2, 3])]  # 31 is the eot
-    ptx = functools.partial(rollout.demo_loss, policy, demos, cfg.minibatch, 31, ppo.seeded(0, 2, 0))
+    ptx = functools.partial(rollout.demo_loss, policy, demos, cfg.minibatch, 31, rollout.seeded(0, 2, 0))
     opts = [make_optimizer(m.parameters(), 1e-3, 0.0) for m in (policy, critic)]
     stats = ppo.ppo_update(ddp_wrap(policy, "cpu"), ddp_wrap(critic, "cpu"), opts, b, cfg, contextlib.nullcontext(),
-                           ppo.seeded(0, 1, 0), ptx)
+                           rollout.seeded(0, 1, 0), ptx)
     if RANK == 0:
         torch.save(dict(policy=policy.state_dict(), critic=critic.state_dict(), stats=stats,
                         advantages=b["advantages"]), out)

@@ -1,0 +1,196 @@
+"""rollout.py and ppo_update: the experience PPO learns from (sampling, scoring, the KL to the
+reference, advantages), the bf16 identity at iteration 0, and the update's guards."""
+import contextlib
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ppo
+from gpt import GPT, GPTConfig
+from ppo import policy_logprobs
+from reward import RewardModel
+from rollout import AdaptiveKLController, RunningMoments, add_advantages, kl_stats, make_sampler, rollout, seeded
+from util import UserError, autocast, make_optimizer
+
+# two rows of different lengths: row 0 is left-padded and ends early, row 1 runs to the end
+MASK = torch.tensor([[0., 1., 1., 1., 0.], [1., 1., 1., 1., 1.]])
+
+
+def tiny_models(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16)
+    return GPT(cfg).eval(), GPT(cfg).eval(), RewardModel(GPT(cfg)).eval()
+
+
+def scored_batch(scores, ended):
+    """A rollout batch whose rewards are the scores alone (KL 0): row i's response is i + 1 tokens."""
+    B = len(scores)
+    mask = (torch.arange(B)[None] <= torch.arange(B)[:, None]).float()  # (B, B)
+    return dict(scores=torch.tensor(scores), ended=torch.tensor(ended), mask=mask, logprobs=torch.zeros(B, B),
+                ref_logprobs=torch.zeros(B, B), values=torch.zeros(B, B))
+
+
+def test_policy_logprobs_use_the_sampling_temperature():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=5, n_layer=1, n_head=1, n_embd=8)).eval()
+    tokens, attn = torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        got, _ = policy_logprobs(model, tokens, attn, temperature=0.5)
+        logits = model(tokens)[:, :-1]
+        want = torch.log_softmax(logits / 0.5, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        at_one = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    assert not torch.allclose(want, at_one, atol=1e-3)
+    assert torch.allclose(got, want, atol=1e-6), "log-probs must be taken at the sampling temperature"
+
+
+def test_adaptive_kl_controller_matches_ziegler():
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(9.0, 64)  # error 0.5 clipped to 0.2
+    assert abs(c.value - 0.1 * (1 + 0.2 * 64 / 10000)) < 1e-12
+    c.update(5.4, 100)  # error -0.1
+    assert abs(c.value - 0.1 * (1 + 0.2 * 64 / 10000) * (1 - 0.1 * 100 / 10000)) < 1e-12
+
+
+def test_kl_stats_per_token_k1_and_nonnegative_k3():
+    b = dict(logprobs=torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0], [-1.0] * 5]),
+             ref_logprobs=torch.tensor([[0.0, -2.0, -1.0, -1.5, 0.0], [-1.0, -0.5, -1.0, -1.0, -3.0]]), mask=MASK)
+    k1, k3, kl_seq = kl_stats(b)
+    d = [1.0, -1.0, 0.5, 0.0, -0.5, 0.0, 0.0, 2.0]  # log p - log q on the 8 valid tokens
+    assert abs(k1 - sum(d) / 8) < 1e-6, "k1 is a mean per token, not a sum per sequence"
+    assert abs(k3 - sum(math.exp(-x) - 1 + x for x in d) / 8) < 1e-6
+    assert abs(kl_seq - (0.5 + 1.5) / 2) < 1e-6
+    assert k3 >= 0
+
+
+def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
+    """The rollout's log-probs come from the sampling steps (KV cache, left padding): they must equal
+    a plain forward of each row alone, at the sampling temperature; so must the reference's, the
+    values (of the state before each response token) and the score; and a separate sampler
+    (--rollout_dtype) must give the policy's log-probs, recomputed."""
+    policy, ref, rm = tiny_models()
+    critic = RewardModel(GPT(policy.config)).eval()
+    b = rollout(policy, ref, rm, critic, [[1, 2, 3, 4], [5, 6]], 10, 5, 0.7, torch.no_grad(), torch.Generator().manual_seed(0))
+    assert b["mask"].shape == b["logprobs"].shape == b["values"].shape == (2, b["tokens"].size(1) - 4)
+    for i in range(2):
+        row = b["tokens"][i][b["attn"][i].bool()][None]  # row i without its padding
+        n = int(b["mask"][i].sum())  # its response tokens
+        with torch.no_grad():
+            for model, key in ((policy, "logprobs"), (ref, "ref_logprobs")):
+                alone = torch.log_softmax(model(row)[0, -n - 1:-1] / 0.7, -1).gather(1, row[0, -n:, None]).squeeze(1)
+                got = b[key][i][b["mask"][i].bool()]
+                assert torch.allclose(got, alone, atol=1e-5), f"{key}: positions restart after left padding, temperature 0.7"
+            assert torch.allclose(b["values"][i][b["mask"][i].bool()], critic(row)[0, -n - 1:-1], atol=1e-5)
+            assert torch.allclose(b["scores"][i], rm(row)[0, -1], atol=1e-5)
+    again = rollout(policy, ref, rm, critic, [[1, 2, 3, 4], [5, 6]], 10, 5, 0.7, torch.no_grad(),
+                    torch.Generator().manual_seed(0), sampler=copy.deepcopy(policy))
+    assert torch.equal(again["tokens"], b["tokens"]) and torch.allclose(again["logprobs"], b["logprobs"], atol=1e-5)
+
+
+def test_add_advantages_whitens_over_valid_tokens():
+    policy, ref, rm = tiny_models(1)
+    cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0, missing_eos_penalty=0.0, truncated_score=-1.0, score_norm=False,
+                          gamma=1.0, lam=0.95, advantage="gae")
+    b = rollout(policy, ref, rm, rm, [[1, 2, 3], [4, 5], [6], [7, 8, 9]], 10, cfg.max_new_tokens, cfg.temperature,
+                torch.no_grad(), torch.Generator().manual_seed(0))
+    add_advantages(b, cfg, 0.1, None)
+    m = b["mask"]
+    assert abs((b["advantages"] * m).sum() / m.sum()) < 1e-5
+    assert abs(((b["advantages"] ** 2) * m).sum() / m.sum() - 1) < 1e-3, "advantages are whitened"
+    assert (b["advantages"][m == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rollout_logprobs_and_values_are_zero_past_the_end(dtype):
+    """On every path (fp32: the sampling step's log-probs; bf16: a bf16 sampler and a scoring forward),
+    the log-probs, the reference's and the values are 0 where mask = 0, not whatever a forward gives."""
+    policy, ref, rm = tiny_models(2)
+    sampler = make_sampler(policy, ppo.Config(dtype=dtype), "cpu")
+    b = rollout(policy, ref, rm, rm, [[1, 2], [3], [4, 5, 6], [7, 8]] * 4, 10, 8, 1.0, autocast("cpu", dtype),
+                torch.Generator().manual_seed(0), sampler)
+    pad = b["mask"] == 0
+    assert pad.any() and b["ended"].any() and (sampler is None) == (dtype == "float32")
+    for key in ("logprobs", "ref_logprobs", "values"):
+        assert (b[key][pad] == 0).all(), f"{dtype}: {key} past the end: {b[key][pad]}"
+
+
+def test_add_advantages_truncated_score_known_values():
+    """A response cut at max_new_tokens (ended False) scores truncated_score, set after score normalisation,
+    so it is -1 whatever the scores' scale; with truncated_score=nan it keeps its own score, less
+    missing_eos_penalty, also after normalisation. The scores' running mean 1.125 and (unbiased) std 1.75
+    by hand; normalised, scores 10x as large give the same rewards."""
+    scores, ended = [2.0, -1.0, 0.5, 3.0], [True, False, True, False]
+    cases = [(dict(), [2.0, -1.0, 0.5, -1.0], [1.0]),  # the default: -1 for the cut ones
+             (dict(truncated_score=float("nan")), scores, [1.0]),  # off: scored like finished ones
+             (dict(score_norm=True), [0.875 / 1.75, -1.0, -0.625 / 1.75, -1.0], [1.0, 10.0]),
+             (dict(score_norm=True, truncated_score=float("nan"), missing_eos_penalty=0.5),
+              [0.875 / 1.75, -2.125 / 1.75 - 0.5, -0.625 / 1.75, 1.875 / 1.75 - 0.5], [1.0, 10.0])]
+    for kw, want, scales in cases:
+        for scale in scales:
+            b = add_advantages(scored_batch([scale * x for x in scores], ended), ppo.Config(**kw), 0.0, RunningMoments())
+            got = b["rewards"].sum(1)  # each row's only nonzero reward, at its last token
+            assert torch.allclose(got, torch.tensor(want), atol=1e-6), f"{kw}, scores x{scale}: {got.tolist()} != {want}"
+
+
+def test_ppo_update_stops_before_a_nonfinite_step():
+    """A nan advantage makes a nan policy gradient: ppo_update raises a UserError naming the iteration and
+    the quantity before any optimizer step, so the weights stay those of the last good iteration."""
+    policy, ref, rm = tiny_models(3)
+    critic = copy.deepcopy(rm)
+    cfg = ppo.Config(rollout_batch=4, minibatch=2, ppo_epochs=1)
+    b = add_advantages(rollout(policy, ref, rm, critic, [[1, 2], [3], [4, 5, 6], [7, 8]], 10, 5, 1.0, torch.no_grad(),
+                               torch.Generator().manual_seed(0)), cfg, 0.1, RunningMoments())
+    b["advantages"][:, 0] = math.nan  # every row's first response token is valid
+    before = [copy.deepcopy(m.state_dict()) for m in (policy, critic)]
+    opts = [make_optimizer(m.parameters(), 1e-2, 0.0) for m in (policy, critic)]
+    with pytest.raises(UserError, match=r"ppo iteration 7: non-finite grad_norm; last good: x"):
+        ppo.ppo_update(policy.train(), critic.train(), opts, b, cfg, contextlib.nullcontext(), seeded(0), it=7,
+                       hint="; last good: x")
+    for model, state in zip((policy, critic), before):
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "a nan step reached the weights"
+
+
+@pytest.mark.parametrize("dtype,rollout_dtype,tol", [("float32", "auto", 1e-6), ("bfloat16", "auto", 1e-4),
+                                                     ("bfloat16", "float32", 1e-4)])
+def test_iteration_zero_kl_is_zero_and_ratio_is_one(dtype, rollout_dtype, tol):
+    """With the policy equal to the reference, the rollout's KL is 0 per token and the update's first
+    ratio is 1, in fp32 and under bf16 autocast (where ppo.py samples with a bf16 copy and takes the
+    log-probs from a scoring forward over fp32 logits, the update's computation). Full vocabulary."""
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
+    ref, rm = copy.deepcopy(policy).eval(), RewardModel(copy.deepcopy(policy)).eval()
+    ctx = autocast("cpu", dtype)
+    sampler = make_sampler(policy, ppo.Config(dtype=dtype, rollout_dtype=rollout_dtype), "cpu")
+    assert (sampler is None) == (dtype == "float32" or rollout_dtype == "float32")
+    prompts = torch.randint(0, 50256, (8, 6)).tolist()
+    b = rollout(policy, ref, rm, rm, prompts, 50256, 10, 0.7, ctx, torch.Generator().manual_seed(0), sampler)
+    k1, k3, _ = kl_stats(b)
+    assert abs(k1) <= tol and abs(k3) <= tol, f"{dtype}: KL per token at iteration 0 is k1 {k1:.2e}, k3 {k3:.2e}, not 0"
+    mb, P = torch.tensor([5, 2, 7]), b["tokens"].size(1) - b["mask"].size(1)
+    with ctx:
+        lp, _ = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], 0.7, P - 1)
+    ratio = torch.exp(lp - b["logprobs"][mb])[b["mask"][mb].bool()]
+    assert (ratio - 1).abs().max() <= tol, f"{dtype}: first PPO ratio off 1 by {(ratio - 1).abs().max():.2e}"
+    assert b["mask"].sum() > 20 and lp.dtype == torch.float32
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_add_advantages_critic_free_uses_kl_penalised_returns(advantage):
+    """RLOO and GRPO: each response's return is its score minus kl_coef times its summed KL (the rewards
+    summed), its advantage the estimator over its prompt's group (k = 2 adjacent rows), on every
+    response token and nowhere else; no values, no returns."""
+    from ppo import grpo_advantages, rloo_advantages
+    mask = torch.tensor([[1., 1., 0.], [1., 1., 1.], [1., 0., 0.], [1., 1., 0.]])
+    logprobs = torch.tensor([[-1., -2., 0.], [-0.5, -1., -3.], [-2., 0., 0.], [-1., -1., 0.]])
+    ref = torch.tensor([[-1.5, -1., 0.], [-0.5, -2., -1.], [-1., 0., 0.], [-1., -3., 0.]])
+    b = dict(scores=torch.tensor([1.0, 0.0, 2.0, -1.0]), logprobs=logprobs, ref_logprobs=ref, mask=mask,
+             ended=torch.ones(4, dtype=torch.bool))
+    cfg = SimpleNamespace(missing_eos_penalty=0.0, truncated_score=-1.0, score_norm=False, advantage=advantage,
+                          samples_per_prompt=2)
+    add_advantages(b, cfg, 0.5, None)
+    R = torch.tensor([1 - 0.5 * (0.5 - 1), 0 - 0.5 * (0 + 1 - 2), 2 - 0.5 * (-1), -1 - 0.5 * (0 + 2)])  # score - beta sum KL
+    A = (rloo_advantages if advantage == "rloo" else grpo_advantages)(R, 2)
+    assert torch.allclose(b["advantages"], A[:, None] * mask, atol=1e-6), f"{advantage}: advantages {b['advantages']}"
+    assert (b["returns"] == 0).all() and (b["values"] == 0).all()
