@@ -342,7 +342,7 @@ def test_rloo_advantages_known_values():
 def test_grpo_advantages_known_values_and_constant_groups():
     """Group-normalised: (R - mean) / (sample std + eps) per prompt; a group of equal returns gives 0, not NaN."""
     from ppo import grpo_advantages
-    R = torch.tensor([1.0, 2.0, 6.0, 3.0, 3.0, 3.0], dtype=torch.float64)
+    R = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0], dtype=torch.float64)  # group means 3 and 4, batch mean 3.5
     got = grpo_advantages(R, 3)
     std = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)  # Bessel: divide by k - 1
     want = torch.tensor([-2 / (std + 1e-4), -1 / (std + 1e-4), 3 / (std + 1e-4), 0, 0, 0], dtype=torch.float64)
@@ -350,5 +350,7 @@ def test_grpo_advantages_known_values_and_constant_groups():
     assert got.dtype == torch.float64 and torch.isfinite(got).all()
     pop = torch.tensor([-2.0, -1.0, 3.0]) / (math.sqrt(14 / 3) + 1e-4)
     assert not torch.allclose(got[:3].float(), pop), "the std divides by k - 1 (Bessel), as torch.std"
+    batch_centred = (R - R.mean()).view(2, 3) / (R.view(2, 3).std(1, keepdim=True) + 1e-4)
+    assert not torch.allclose(got, batch_centred.view(-1)), "each group is centred on its own mean, not the batch's"
 
 
