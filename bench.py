@@ -186,7 +186,7 @@ def bench_generate(model, cfg, B, bc, device, ctx):
     static = bc.cuda_graph and device.startswith("cuda")
 
     def gen():
-        with ctx:  # pure sampling, no eos: every row makes all new_tokens
+        with ctx, onednn.packed(model):  # pure sampling, no eos: every row makes all new_tokens; packed as rollout() does
             generate(model, prompt, mask, bc.new_tokens, temperature=1.0, static=static)
     peak_mem(device, reset=True)
     s = timed(gen, bc.reps, device)
@@ -222,20 +222,23 @@ def ppo_iteration(cfg, bc, device, ctx):
         ppo_update(tpolicy, tcritic, opts, b, pc, ctx, g)
         sync(device)
         parts.append((t1 - t0, time.perf_counter() - t1))
-    return iteration, parts
+    return iteration, parts, (ref, rm)
 
 
 def bench_ppo(cfg, bc, device, ctx, results):
     """Our PPO iteration; with TRL installed (and compare), TRL's and ours run in alternation, one of
     ours after each of TRL's steps, so a machine that speeds up or slows down (a shared CPU drifts by
     10% within minutes) weighs on both sides alike."""
-    iteration, parts = ppo_iteration(cfg, bc, device, ctx)
+    iteration, parts, frozen = ppo_iteration(cfg, bc, device, ctx)
+    scope = onednn.packed(*frozen)  # as ppo.py: the frozen reference and reward model packed once for the run
+    scope.__enter__()
     peak_mem(device, reset=True)
     iteration()  # warm-up
     del parts[:]
     if not (bc.compare and bench_trl(cfg, bc, device, results, between=iteration)):
         for _ in range(bc.reps):
             iteration()
+    scope.__exit__(None, None, None)
     iters = [a + b for a, b in parts]
     results["ppo"] = dict(iter_s=statistics.median(iters), iters_s=[round(t, 3) for t in iters],
                           rollout_and_scoring_s=statistics.median(p[0] for p in parts),

@@ -344,54 +344,55 @@ def train(cfg, log=None):
                         kl_coef=kl_ctl.value if kl_ctl else cfg.kl_coef, **extra)
 
     stop = GracefulStop()
-    for it in range(start, cfg.iters + 1):
-        if any_rank(stop.requested, device):
-            save_and_exit(lambda: save(it), f"ppo: stopped before iteration {it}; saved {path}; continue with --resume")
-        if (it % cfg.eval_interval == 0 or it == cfg.iters) and RANK == 0:  # the others wait at the barrier
-            ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, samples=cfg.eval_samples, batch=cfg.rollout_batch,
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, ctx=ctx,
-                          builtin=builtin, static=static)
-            log(dict(kind="eval", iter=it, iters=cfg.iters, **ev))
-            save(it, eval=ev)
-        barrier()
-        if it == cfg.iters:
-            break
-        t0 = time.time()
-        if sampler is not None:
-            sampler.load_state_dict(policy.state_dict())  # copy_ casts to the sampler's dtype
-        k = cfg.samples_per_prompt  # each rank rolls out whole groups: k adjacent copies of a prompt
-        idx = batch_indices(len(train_ids), it, cfg.rollout_batch // k, cfg.seed)
-        mine = [j for j in idx[RANK::WORLD] for _ in range(k)]
-        b = rollout(policy, ref, rm, critic, [train_ids[j] for j in mine], tok.eot, cfg.max_new_tokens, cfg.temperature,
-                    ctx, seeded(cfg.seed, 0, RANK, it, device=device), sampler, static=static,
-                    width=max(len(train_ids[j]) for j in idx))  # padded alike on every rank
-        gold = sum(map(data.gold_score, [train_prompts[j] for j in mine], responses(b, tok))) / len(mine) if builtin else None
-        b = {key: v for key, v in b.items() if v is not None}  # no values without a critic
-        # Every rank gets all ranks' rollouts (a few numbers per token), so whitening, score normalisation
-        # and the KL controller see the global batch, as in one process; each trains on its share of it.
-        b = all_gather_rows(b)
-        kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
-        k1, k3, kl_seq = kl_stats(b)
-        hint = f"; the last good checkpoint is {path}"
-        check_finite(f"ppo iteration {it}", hint, score=b["scores"].mean().item(), kl=k1)
-        add_advantages(b, cfg, kl_coef, moments)
-        t1 = time.time()
-        # the plain policy: DDP still all-reduces its gradients in the same backward; a generator alike on every rank
-        ptx = functools.partial(demo_loss, policy, demos, cfg.minibatch, tok.eot, seeded(cfg.seed, 2, it)) \
-            if cfg.ptx_coef > 0 else None
-        stats = ppo_update(tpolicy, tcritic, opts, b, cfg, ctx, seeded(cfg.seed, 1, it), ptx, it, hint)
-        t2 = time.time()
-        if kl_ctl:
-            kl_ctl.update(kl_seq, cfg.rollout_batch)
-        m = dict(kind="train", iter=it, iters=cfg.iters, score=b["scores"].mean().item(), kl=k1, k3=k3, kl_seq=kl_seq,
-                 kl_coef=kl_coef, entropy=masked_mean(-b["logprobs"], b["mask"]).item(),  # sampled: E[-log p] = H
-                 length=b["mask"].sum(1).mean().item(), ended=b["ended"].float().mean().item(), **({"gold": gold} if builtin else {}),
-                 explained_var=float("nan") if critic is None else explained_variance(b["values"], b["returns"], b["mask"]),
-                 rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
-        if kl_seq > cfg.kl_max:
-            print(f"warning: ppo iteration {it}: KL per response {kl_seq:.1f} > --kl_max={cfg.kl_max}: the policy is running away")
-        if RANK == 0:
-            log(m)
+    with onednn.packed(ref, rm):  # frozen for the whole run: their CPU fast-path weights are packed once
+        for it in range(start, cfg.iters + 1):
+            if any_rank(stop.requested, device):
+                save_and_exit(lambda: save(it), f"ppo: stopped before iteration {it}; saved {path}; continue with --resume")
+            if (it % cfg.eval_interval == 0 or it == cfg.iters) and RANK == 0:  # the others wait at the barrier
+                ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, samples=cfg.eval_samples, batch=cfg.rollout_batch,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, ctx=ctx,
+                              builtin=builtin, static=static)
+                log(dict(kind="eval", iter=it, iters=cfg.iters, **ev))
+                save(it, eval=ev)
+            barrier()
+            if it == cfg.iters:
+                break
+            t0 = time.time()
+            if sampler is not None:
+                sampler.load_state_dict(policy.state_dict())  # copy_ casts to the sampler's dtype
+            k = cfg.samples_per_prompt  # each rank rolls out whole groups: k adjacent copies of a prompt
+            idx = batch_indices(len(train_ids), it, cfg.rollout_batch // k, cfg.seed)
+            mine = [j for j in idx[RANK::WORLD] for _ in range(k)]
+            b = rollout(policy, ref, rm, critic, [train_ids[j] for j in mine], tok.eot, cfg.max_new_tokens, cfg.temperature,
+                        ctx, seeded(cfg.seed, 0, RANK, it, device=device), sampler, static=static,
+                        width=max(len(train_ids[j]) for j in idx))  # padded alike on every rank
+            gold = sum(map(data.gold_score, [train_prompts[j] for j in mine], responses(b, tok))) / len(mine) if builtin else None
+            b = {key: v for key, v in b.items() if v is not None}  # no values without a critic
+            # Every rank gets all ranks' rollouts (a few numbers per token), so whitening, score normalisation
+            # and the KL controller see the global batch, as in one process; each trains on its share of it.
+            b = all_gather_rows(b)
+            kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
+            k1, k3, kl_seq = kl_stats(b)
+            hint = f"; the last good checkpoint is {path}"
+            check_finite(f"ppo iteration {it}", hint, score=b["scores"].mean().item(), kl=k1)
+            add_advantages(b, cfg, kl_coef, moments)
+            t1 = time.time()
+            # the plain policy: DDP still all-reduces its gradients in the same backward; a generator alike on every rank
+            ptx = functools.partial(demo_loss, policy, demos, cfg.minibatch, tok.eot, seeded(cfg.seed, 2, it)) \
+                if cfg.ptx_coef > 0 else None
+            stats = ppo_update(tpolicy, tcritic, opts, b, cfg, ctx, seeded(cfg.seed, 1, it), ptx, it, hint)
+            t2 = time.time()
+            if kl_ctl:
+                kl_ctl.update(kl_seq, cfg.rollout_batch)
+            m = dict(kind="train", iter=it, iters=cfg.iters, score=b["scores"].mean().item(), kl=k1, k3=k3, kl_seq=kl_seq,
+                     kl_coef=kl_coef, entropy=masked_mean(-b["logprobs"], b["mask"]).item(),  # sampled: E[-log p] = H
+                     length=b["mask"].sum(1).mean().item(), ended=b["ended"].float().mean().item(), **({"gold": gold} if builtin else {}),
+                     explained_var=float("nan") if critic is None else explained_variance(b["values"], b["returns"], b["mask"]),
+                     rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
+            if kl_seq > cfg.kl_max:
+                print(f"warning: ppo iteration {it}: KL per response {kl_seq:.1f} > --kl_max={cfg.kl_max}: the policy is running away")
+            if RANK == 0:
+                log(m)
     if RANK == 0:
         write_json(dict(eval=ev, cfg=asdict(cfg)), os.path.join(cfg.out_dir, "ppo_eval.json"))
     return ev
