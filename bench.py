@@ -41,12 +41,16 @@ class Config:
     only: str = "sft,generate,ppo"  # the workloads to time, comma-separated
     hh: str = ""  # an HH-RLHF .jsonl(.gz): also time SFT steps on its own lengths (sft_batch x up to sft_len)
     cuda_graph: bool = True  # CUDA: decode with a static KV cache, each step a CUDA graph (as ppo.py)
-    compile: bool = False  # torch.compile the model for the SFT step and the PPO update
+    compile: bool = False  # torch.compile the SFT step's model and loss and the PPO update's models
+    compile_mode: str = "default"  # with --compile: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
+    compile_static: bool = False  # with --compile: shapes specialised (torch.compile's default), not symbolic as the scripts compile
+    profile: str = ""  # write torch.profiler's table of one SFT step (ops and kernels by time) to this file
     preset: str = ""  # gpu: the GPU table's settings (cuda, bf16, the sizes below), set over the defaults
     compare: bool = True  # also time transformers (+ TRL) when installed
     out: str = "bench.json"  # results as JSON
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 GPU_PRESET = dict(device="cuda", dtype="bfloat16", sft_batch=16, sft_len=1024, gen_batches="8,64", new_tokens=128,
                   ppo_prompts=64, ppo_prompt_len=128, ppo_new_tokens=128, reps=3)
 
@@ -56,6 +60,8 @@ def check_config(bc):
     Returns the workloads and the generation batch sizes."""
     if bc.preset not in ("", "gpu"):
         raise UserError(f"--preset={bc.preset}: expected gpu (or nothing)")
+    if bc.compile_mode not in COMPILE_MODES:
+        raise UserError(f"--compile_mode={bc.compile_mode}: expected one of {', '.join(COMPILE_MODES)}")
     if bc.model not in CONFIGS:
         raise UserError(f"--model={bc.model}: expected one of {', '.join(CONFIGS)}")
     only = bc.only.split(",")
@@ -80,6 +86,12 @@ def check_config(bc):
             raise UserError(f"{' + '.join('--' + k for k in lengths[work])} = {n} tokens: "
                             f"more than --model={bc.model}'s block_size {block}")
     return only, batches
+
+
+def compiled(fn, bc):
+    """fn compiled as --compile, --compile_mode and --compile_static say (sizes symbolic by default, as
+    util.compile_for_lengths compiles for the scripts), or fn itself."""
+    return torch.compile(fn, dynamic=not bc.compile_static, mode=bc.compile_mode) if bc.compile else fn
 
 
 def sync(device):
@@ -133,7 +145,7 @@ def bench_sft(model, cfg, bc, device, ctx, batches=None):
     """SFT steps on sft_batch x sft_len random tokens; with `batches` (lists of token lists, real
     data), on those instead, each padded to its longest row rounded up to 64 (sft.py's --bucket)."""
     loss_fn = lambda x: sft_loss(model(x), x, torch.ones_like(x))  # every token a response token, as HF's causal-LM loss
-    loss_fn = torch.compile(loss_fn) if bc.compile else loss_fn  # the model and the loss: the LM head's softmax fused
+    loss_fn = compiled(loss_fn, bc)  # the model and the loss: the LM head's softmax fused
     opt = make_optimizer(model.parameters(), 1e-4, 0.1)
     fixed = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
     it, seen = iter(batches or []), []
@@ -166,7 +178,31 @@ def bench_sft(model, cfg, bc, device, ctx, batches=None):
     s = timed(step, bc.reps, device)
     tok_s = bc.sft_batch * bc.sft_len / s
     return dict(step_s=s, tok_s=tok_s, mfu=tok_s * flops_per_token(cfg, bc.sft_len) / peak_flops(device, bc.dtype),
-                peak_mem_gib=peak_mem(device))
+                peak_mem_gib=peak_mem(device), **(profiled(step, device, bc.profile) if bc.profile else {}))
+
+
+KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn", "linear")),
+         ("attention", ("flash", "fmha", "attention", "sdpa")), ("fused (compiled)", ("triton", "cpp_fused")),
+         ("optimizer", ("adam", "foreach", "multi_tensor")))
+
+
+def profiled(step, device, path):
+    """One more step under torch.profiler: its table of ops/kernels by their own time, written to path,
+    and the step's time by kind (matmul, attention, compiled fusions, optimizer, the rest) returned."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        step()
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, key)) for e in prof.key_averages() if getattr(e, key) > 0]
+    kinds = {}
+    for name, us in rows:
+        kind = next((k for k, words in KINDS if any(w in name.lower() for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0) + us / 1e3
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+    return dict(profile_ms=dict(sorted(kinds.items(), key=lambda kv: -kv[1])))
 
 
 def hh_batches(path, bc):
@@ -203,7 +239,7 @@ def ppo_iteration(cfg, bc, device, ctx):
     pc = PPOConfig(rollout_batch=bc.ppo_prompts, minibatch=bc.ppo_prompts // 2, ppo_epochs=1,
                    max_new_tokens=bc.ppo_new_tokens, device=device, dtype=bc.dtype)
     sampler, static = make_sampler(policy, pc, device), bc.cuda_graph and device.startswith("cuda")
-    tpolicy, tcritic = (torch.compile(m) for m in (policy, critic)) if bc.compile else (policy, critic)
+    tpolicy, tcritic = (compiled(m, bc) for m in (policy, critic))
     opts = [make_optimizer(policy.parameters(), pc.lr, 0.0), make_optimizer(critic.parameters(), pc.vf_lr, 0.0)]
     prompts = torch.randint(0, cfg.vocab_size - 1, (bc.ppo_prompts, bc.ppo_prompt_len)).tolist()
     eot = cfg.vocab_size - 1
@@ -230,15 +266,13 @@ def bench_ppo(cfg, bc, device, ctx, results):
     ours after each of TRL's steps, so a machine that speeds up or slows down (a shared CPU drifts by
     10% within minutes) weighs on both sides alike."""
     iteration, parts, frozen = ppo_iteration(cfg, bc, device, ctx)
-    scope = onednn.packed(*frozen)  # as ppo.py: the frozen reference and reward model packed once for the run
-    scope.__enter__()
-    peak_mem(device, reset=True)
-    iteration()  # warm-up
-    del parts[:]
-    if not (bc.compare and bench_trl(cfg, bc, device, results, between=iteration)):
-        for _ in range(bc.reps):
-            iteration()
-    scope.__exit__(None, None, None)
+    with onednn.packed(*frozen):  # as ppo.py: the frozen reference and reward model packed once for the run
+        peak_mem(device, reset=True)
+        iteration()  # warm-up
+        del parts[:]
+        if not (bc.compare and bench_trl(cfg, bc, device, results, between=iteration)):
+            for _ in range(bc.reps):
+                iteration()
     iters = [a + b for a, b in parts]
     results["ppo"] = dict(iter_s=statistics.median(iters), iters_s=[round(t, 3) for t in iters],
                           rollout_and_scoring_s=statistics.median(p[0] for p in parts),
@@ -359,6 +393,9 @@ def main(argv):
     if s:
         print(f"{'sft step':<16} {s['step_s']:>9.3f} s {s['tok_s']:>8.0f} tok/s mfu {s['mfu']:.0%}"
               + (f" {hs['step_s']:>15.3f} s {hs['tok_s']:>6.0f} tok/s {hs['step_s'] / s['step_s']:>6.2f}x" if hs else ""))
+        if "profile_ms" in s:
+            print(f"{'  profiled':<16} " + ", ".join(f"{k} {v:.1f} ms" for k, v in s["profile_ms"].items())
+                  + f" (table: {bc.profile})")
     if "sft_hh" in res:
         h = res["sft_hh"]
         print(f"{'sft step, HH':<16} {h['tok_s']:>9.0f} tok/s ({h['real_tok_s']:.0f} without padding) over {h['steps']} "

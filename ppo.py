@@ -25,8 +25,8 @@ from data import batch_indices, last_index
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from hf import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from reward import load_reward_model
-from util import (GracefulStop, UserError, autocast, check_finite, check_out_dir, get_device, load_optimizer,
-                  main_guard, make_optimizer, parse_config, write_json)
+from util import (GracefulStop, UserError, autocast, check_finite, check_out_dir, compile_for_lengths, get_device,
+                  load_optimizer, main_guard, make_optimizer, parse_config, write_json)
 
 
 @dataclass
@@ -334,8 +334,7 @@ def train(cfg, log=None):
             kl_ctl.value = ck["kl_coef"]
         print(f"resumed from {path} at iteration {start}")
     print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}, {WORLD} process(es)")
-    compiled = (lambda m: torch.compile(m)) if cfg.compile else (lambda m: m)
-    tpolicy, tcritic = (m and ddp_wrap(compiled(m), device) for m in (policy, critic))  # what the update calls; same weights
+    tpolicy, tcritic = (m and ddp_wrap(compile_for_lengths(m, cfg.compile), device) for m in (policy, critic))  # the update's
     static = cfg.cuda_graph and device.startswith("cuda")
 
     def save(it, **extra):

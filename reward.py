@@ -23,8 +23,8 @@ from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp
 import onednn
 from gpt import generate
 from hf import load_checkpoint, model_from_checkpoint, save_checkpoint
-from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, get_device, load_optimizer, lr_at,
-                  main_guard, make_optimizer, parse_config)
+from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, compile_for_lengths, get_device,
+                  load_optimizer, lr_at, main_guard, make_optimizer, parse_config)
 
 
 @dataclass
@@ -215,7 +215,7 @@ def main(argv):
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")
     ctx = autocast(device, cfg.dtype)
-    trm = ddp_wrap(torch.compile(rm) if cfg.compile else rm, device)  # for training; rank 0 evaluates with rm alone
+    trm = ddp_wrap(compile_for_lengths(rm, cfg.compile), device)  # for training; rank 0 evaluates with rm alone
     print(f"reward: {len(train)} train / {len(val)} val {cfg.kind}, device {device}")
 
     def save(path, it, best_loss, **extra):

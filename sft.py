@@ -20,8 +20,8 @@ from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp
 import onednn
 from gpt import GPT, GPTConfig, generate
 from hf import from_pretrained, load_checkpoint, model_from_checkpoint, save_checkpoint
-from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, get_device, load_optimizer, lr_at,
-                  main_guard, make_optimizer, parse_config)
+from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, compile_for_lengths, get_device,
+                  load_optimizer, lr_at, main_guard, make_optimizer, parse_config)
 
 
 @dataclass
@@ -167,7 +167,7 @@ def main(argv):
     ctx = autocast(device, cfg.dtype)
     tmodel = ddp_wrap(model, device)  # for training; rank 0 evaluates and samples with model alone
     train_loss = lambda x, m: sft_loss(tmodel(x), x, m)
-    train_loss = torch.compile(train_loss) if cfg.compile else train_loss  # the LM head's softmax fused in
+    train_loss = compile_for_lengths(train_loss, cfg.compile)  # the model and the loss: the LM head's softmax fused in
     bucket = cfg.bucket or (64 if device.startswith("cuda") else 1)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"sft: {n_params / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val examples, device {device}")

@@ -73,7 +73,8 @@ def test_impossible_ppo_settings(kw, needle):
 @pytest.mark.parametrize("kw, needle", [(dict(model="gpt3"), "--model=gpt3"), (dict(only="sft,rl"), "--only=sft,rl"),
                                         (dict(gen_batches="1,x"), "--gen_batches=1,x"), (dict(reps=0), "--reps=0"),
                                         (dict(ppo_prompts=3), "--ppo_prompts=3"), (dict(model="tiny", only="sft"), "--sft_len"),
-                                        (dict(model="tiny", only="ppo", ppo_prompt_len=40), "--ppo_prompt_len + --ppo_new_tokens")])
+                                        (dict(model="tiny", only="ppo", ppo_prompt_len=40), "--ppo_prompt_len + --ppo_new_tokens"),
+                                        (dict(compile_mode="fast"), "--compile_mode=fast")])
 def test_impossible_bench_settings(kw, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         bench.check_config(bench.Config(**kw))

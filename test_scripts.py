@@ -115,3 +115,15 @@ def test_plot_draws_runs_or_says_what_it_needs(tmp_path):
         assert r.returncode == 2 and r.stderr.strip() == "error: plot.py needs matplotlib: pip install matplotlib"
     r = run("plot.py", str(tmp_path), ok=False)
     assert r.returncode == 2 and "ppo_metrics.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_runs_every_workload_and_profiles(tmp_path):
+    """bench.py end to end on a tiny model: every row, the real-data SFT row, and --profile's table and
+    its split of the step's time by kind."""
+    hh = [f"--hh={HH}"] if os.path.exists(HH) else []
+    run("bench.py", "--model=tiny", "--reps=1", "--compare=False", "--sft_len=32", "--prompt_len=8", "--new_tokens=8",
+        "--ppo_prompt_len=16", "--ppo_new_tokens=8", f"--profile={tmp_path}/sft.txt", f"--out={tmp_path}/b.json", *hh)
+    res = json.load(open(tmp_path / "b.json"))["results"]
+    assert {"sft", "generate_b1", "generate_b8", "generate_bf16_b8", "ppo"} <= set(res) and ("sft_hh" in res or not hh)
+    assert res["sft"]["profile_ms"]["matmul"] > 0 and "Self CPU" in open(tmp_path / "sft.txt").read()
+    assert sum(res["sft"]["profile_ms"].values()) < 1e3 * res["sft"]["step_s"] * 3, "the profile is of one step"
