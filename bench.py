@@ -8,7 +8,6 @@ with TRL's, so both see the same machine). Neither is ever needed.
     python bench.py                                  # CPU defaults, as quoted in the README
     python bench.py --preset=gpu --hh=harmless-base-test.jsonl.gz   # the README's GPU table (+ an SFT row on real lengths)
 """
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -16,12 +15,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 import onednn
+from bench_hf import bench_hf, bench_trl
 from gpt import CONFIGS, GPT, GPTConfig, generate
 from ppo import Config as PPOConfig, ppo_update
 from rollout import add_advantages, make_sampler, rollout
 from reward import RewardModel
 from sft import sft_loss
-from util import UserError, autocast, get_device, main_guard, make_optimizer, parse_config, write_json
+from util import UserError, autocast, get_device, main_guard, make_optimizer, parse_config, sync, timed, write_json
 
 
 @dataclass
@@ -94,11 +94,6 @@ def compiled(fn, bc):
     return torch.compile(fn, dynamic=not bc.compile_static, mode=bc.compile_mode) if bc.compile else fn
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
-
-
 def peak_mem(device, reset=False):
     """GiB of GPU memory allocated at the peak since the last reset (nan on the CPU)."""
     if not device.startswith("cuda"):
@@ -106,19 +101,6 @@ def peak_mem(device, reset=False):
     if reset:
         torch.cuda.reset_peak_memory_stats()
     return torch.cuda.max_memory_allocated() / 2 ** 30
-
-
-def timed(fn, reps, device):
-    """Median seconds of fn() over reps runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def peak_flops(device, dtype):
@@ -277,84 +259,6 @@ def bench_ppo(cfg, bc, device, ctx, results):
     results["ppo"] = dict(iter_s=statistics.median(iters), iters_s=[round(t, 3) for t in iters],
                           rollout_and_scoring_s=statistics.median(p[0] for p in parts),
                           update_s=statistics.median(p[1] for p in parts), peak_mem_gib=peak_mem(device))
-
-
-def bench_hf(cfg, bc, batches, device, ctx, results):
-    try:
-        import transformers
-    except ImportError:
-        print("transformers not installed: no comparison")
-        return
-    hcfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-                                   n_positions=cfg.block_size)
-    hf = transformers.GPT2LMHeadModel(hcfg).to(device)
-    x = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-
-    def step():
-        with ctx:
-            loss = hf(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    results["hf_sft"] = dict(step_s=timed(step, bc.reps, device))
-    results["hf_sft"]["tok_s"] = bc.sft_batch * bc.sft_len / results["hf_sft"]["step_s"]
-    hf.eval()
-    for B in batches:
-        prompt = torch.randint(0, cfg.vocab_size, (B, bc.prompt_len), device=device)
-
-        def gen():
-            with ctx, torch.no_grad():
-                hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
-                            max_new_tokens=bc.new_tokens, min_new_tokens=bc.new_tokens, pad_token_id=0)
-        s = timed(gen, bc.reps, device)
-        results[f"hf_generate_b{B}"] = dict(tok_s=B * bc.new_tokens / s, ms_per_step=1000 * s / bc.new_tokens)
-
-
-def bench_trl(cfg, bc, device, results, between=None):
-    """One TRL PPO iteration at bench_ppo's settings: policy, reference, and separate reward and value
-    models (GPT2ForSequenceClassification), one epoch, two minibatches; between() runs (untimed) after
-    each of TRL's steps. False if TRL with PPO is not installed: PPO left TRL's main package after
-    1.12, `pip install trl==1.12.0` has it as trl.experimental.ppo."""
-    try:
-        import datasets
-        import transformers
-        from tokenizers import Tokenizer, models
-        try:
-            from trl.experimental.ppo import PPOConfig, PPOTrainer
-        except ImportError:
-            from trl import PPOConfig, PPOTrainer
-    except ImportError:
-        print("no TRL with PPO installed (pip install trl==1.12.0): no PPO comparison")
-        return False
-    eot = cfg.vocab_size - 1
-    tk = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<|endoftext|>": eot}, "<|endoftext|>")),
-                                              eos_token="<|endoftext|>", pad_token="<|endoftext|>")  # TRL needs pad/eos ids only
-    hcfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-                                   n_positions=cfg.block_size, pad_token_id=eot, eos_token_id=eot, num_labels=1)
-    lm, head = transformers.GPT2LMHeadModel, transformers.GPT2ForSequenceClassification
-    prompts = torch.randint(0, eot, (bc.ppo_prompts, bc.ppo_prompt_len)).tolist()
-    stamps = []  # (TRL's step ended, `between` ended)
-
-    class Clock(transformers.TrainerCallback):
-        def on_step_end(self, *args, **kwargs):
-            t = time.perf_counter()
-            if between is not None:
-                between()
-            stamps.append((t, time.perf_counter()))
-    args = PPOConfig(output_dir=os.path.join("out", "bench_trl"), per_device_train_batch_size=bc.ppo_prompts,
-                     num_mini_batches=2, num_ppo_epochs=1, response_length=bc.ppo_new_tokens,
-                     total_episodes=bc.ppo_prompts * (bc.reps + 1), report_to="none", save_strategy="no",
-                     num_sample_generations=0, use_cpu=device == "cpu", bf16=bc.dtype == "bfloat16", disable_tqdm=True)
-    trainer = PPOTrainer(args=args, processing_class=tk, model=lm(hcfg), ref_model=lm(hcfg), reward_model=head(hcfg),
-                         value_model=head(hcfg), train_dataset=datasets.Dataset.from_dict({"input_ids": prompts}),
-                         callbacks=[Clock()])
-    trainer.remove_callback(transformers.PrinterCallback)  # its metrics dict every step
-    trainer.train()
-    # TRL's step i runs from the end of `between` after step i-1 to the end of step i; step 0 is warm-up
-    iters = [b[0] - a[1] for a, b in zip(stamps, stamps[1:])]
-    results["trl_ppo"] = dict(iter_s=statistics.median(iters), iters_s=[round(t, 3) for t in iters])
-    return True
 
 
 def main(argv):

@@ -178,7 +178,7 @@ def test_importing_the_repo_changes_nothing_process_wide():
                     b.cuda.math_sdp_enabled(), b.mkldnn.enabled, torch.are_deterministic_algorithms_enabled(),
                     torch.is_grad_enabled())
         before = state()
-        import bench, data, ddp, gpt, grads, hf, onednn, ppo, reward, rollout, sample, sft, task, util
+        import bench, bench_hf, data, ddp, gpt, grads, hf, onednn, ppo, reward, rollout, sample, sft, task, util
         assert state() == before, (before, state())
         print("unchanged")"""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))

@@ -14,8 +14,10 @@ import math
 import os
 import re
 import signal
+import statistics
 import sys
 import tempfile
+import time
 import urllib.request
 
 import torch
@@ -267,6 +269,25 @@ def compile_for_lengths(fn, on=True):
     torch.compile's default compiles for the first shape and again each time another size first changes
     (30-60 s each for GPT-2 small on a GPU)."""
     return torch.compile(fn, dynamic=True) if on else fn
+
+
+def sync(device):
+    """Wait for the device's queued work (GPU work is asynchronous): a clock read after it counts that work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps, device):
+    """Median seconds of fn() over reps runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def check_finite(where, hint="", **values):
