@@ -185,18 +185,22 @@ def test_importing_the_repo_changes_nothing_process_wide():
     assert r.returncode == 0 and r.stdout.strip() == "unchanged", r.stderr[-2000:]
 
 
-def test_attention_never_uses_cudnn():
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_attention_never_uses_cudnn(device):
     """gpt.ATTENTION_BACKENDS is in force in every forward (training, prefill, decode step): cuDNN's
     attention, which builds a plan for every new shape, is off inside and as it was outside."""
-    model = tiny()
+    model = tiny().to(device)
     seen = []
     model.transformer.h[0].attn.register_forward_pre_hook(
         lambda m, a: seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())))
     outside = torch.backends.cuda.cudnn_sdp_enabled()
-    ids = torch.randint(0, 97, (2, 5))
+    ids = torch.randint(0, 97, (2, 5), device=device)
     model(ids).sum().backward()
-    generate(model, ids, torch.ones_like(ids), 3, static=True)
-    assert len(seen) == 1 + 3 and all(s == (False, True) for s in seen), seen
+    generate(model, ids, torch.ones_like(ids), 3, static=True)  # on CUDA, forwards only while the graph is captured
+    assert (len(seen) == 1 + 3 if device == "cpu" else len(seen) >= 3) and all(s == (False, True) for s in seen), seen
     assert torch.backends.cuda.cudnn_sdp_enabled() == outside
 
 
@@ -354,3 +358,26 @@ def test_generate_static_equals_dynamic(temperature):
     assert torch.equal(a, b) and torch.equal(ga, gb), "static decoding sampled other tokens"
     assert ga.sum() > 8 and not ga.all(), "the batch should mix finished and running rows"
     assert torch.allclose(la, lb, atol=1e-5), f"log-probs differ by {(la - lb).abs().max():.2e}"
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["float32", "bf16_weights", "bf16_autocast"])
+def test_cuda_graph_decoding_equals_dynamic(precision):
+    """On a GPU, generate(static=True) replays one CUDA graph per decode step (gpt.DecodeGraph). Over
+    three calls (captured in the first, replayed after) it gives the dynamic path's tokens and log-probs,
+    in fp32, with bf16 weights, and with fp32 weights under bf16 autocast (a graph captured reading
+    autocast's cached weight casts once sampled from freed memory)."""
+    import contextlib
+    model = tiny(3).cuda()
+    model = model.to(torch.bfloat16) if precision == "bf16_weights" else model
+    ctx = torch.autocast("cuda", torch.bfloat16) if precision == "bf16_autocast" else contextlib.nullcontext()
+    prompt = torch.randint(0, 96, (4, 6), device="cuda")
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], device="cuda")
+    for call in range(3):
+        with ctx:
+            (a, ga, la), (b, gb, lb) = [generate(model, prompt, mask, 15, temperature=0.8, eos_id=5, return_logprobs=True,
+                                                 generator=torch.Generator("cuda").manual_seed(call), static=static)
+                                        for static in (False, True)]
+        assert torch.equal(a, b) and torch.equal(ga, gb), f"call {call}: the graph sampled other tokens"
+        tol = 1e-4 if precision == "float32" else 2e-2
+        assert (la - lb).abs().max() <= tol, f"call {call}: log-probs differ by {(la - lb).abs().max():.2e}"
