@@ -46,7 +46,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
     rollout_dtype: str = "auto"  # auto (= the training dtype) | float32 | bfloat16: weights of the copy that samples
     cuda_graph: bool = True  # CUDA: sample with a static KV cache, each decode step one CUDA graph replay
-    compile: bool = False  # torch.compile the policy and the critic for the update
+    compile: bool = False  # torch.compile the policy and the critic for the update, one graph for all lengths
     lr: float = 1e-4  # policy learning rate (constant); 3e-4 was less steady on the built-in task
     vf_lr: float = 3e-4  # critic learning rate (constant)
     clip_eps: float = 0.2  # PPO ratio clip

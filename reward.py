@@ -48,7 +48,7 @@ class Config:
     seed: int = 0  # data order and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA GPUs from Ampere on, else fp32) | float32 | bfloat16
-    compile: bool = False  # torch.compile the model for training (CUDA)
+    compile: bool = False  # torch.compile the model for training, one graph for all lengths (CUDA)
     bucket: int = 0  # batch lengths rounded up to a multiple of this, up to max_len (0 = 64 on CUDA, 1 on CPU)
     resume: bool = False  # continue from out_dir/reward_last.pt
 
