@@ -94,10 +94,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = c_attn(x) split into three (B, T, C), each reshaped to n_head heads (B, nh, T, hs),
         hs = C / nh. With a `cache`, k and v are first written to it with cache.update(layer, k, v),
         which returns the keys and values of all S positions so far; without one, S = T.
-        att = softmax(q @ k^T / sqrt(hs)) over keys, where query i may attend to key j only if
-        j <= i (causal; positions aligned at the right: query i sits at position S - T + i) and,
-        when `mask` is given ((B, 1, T, S) bool, True = allowed), only where mask is True (GPT.hidden
-        builds it whenever a cache holds earlier positions, causality included).
+        att = softmax(q @ k^T / sqrt(hs)) over keys. Without `mask`, query i may attend to key j only
+        if j is not after it (causal, positions aligned at the right: query i sits at position
+        S - T + i, key j at j). A `mask` ((B, 1, T, S) bool, True = allowed) is the whole rule
+        instead: query i attends exactly where mask[:, :, i] is True (GPT.hidden builds it, with
+        causality in it, whenever a cache holds earlier positions or there is padding).
         y = att @ v: (B, nh, T, hs), heads concatenated back to (B, T, C), then c_proj(y).
         The result has x's dtype and device."""
         B, T, C = x.size()
@@ -108,6 +109,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, S, hs)
         # flash / memory-efficient kernels when they apply; GPT.forward builds `mask` with causality in it
+        if mask is None and k.size(2) > T:  # queries after cached keys: is_causal would align them at the left
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

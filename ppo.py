@@ -110,19 +110,22 @@ def masked_mean(x, mask):
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     """Per-token rewards: r_t = -kl_coef * (logprobs_t - ref_logprobs_t) on valid tokens
-    (mask = 1), 0 elsewhere, plus scores[b] added at each row's last valid token.
-    scores: (B,); logprobs, ref_logprobs, mask: (B, T). Returns (B, T), of logprobs' dtype and device."""
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    (mask = 1), 0 elsewhere whatever the log-probs there (inf * 0 would be nan), plus scores[b] added
+    at each row's last valid token (every row has one). scores: (B,); logprobs, ref_logprobs, mask:
+    (B, T). Returns (B, T), of logprobs' dtype and device."""
+    rewards = torch.where(mask.bool(), -kl_coef * (logprobs - ref_logprobs), 0)
     last = last_index(mask)  # (B,)
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (Schulman et al. 2016). rewards, values, mask: (B, T).
-    delta_t = r_t + gamma * V_{t+1} - V_t, with V = 0 after each row's last valid token;
-    A_t = sum_l (gamma * lam)^l * delta_{t+l} over valid positions; returns = A + V.
-    Returns (advantages, returns), both (B, T), 0 where mask = 0, of rewards' dtype and device."""
-    values, rewards = values * mask, rewards * mask
+    """Generalised advantage estimation (Schulman et al. 2016). rewards, values, mask: (B, T); each
+    row's valid tokens (mask = 1) are one run, its response; rewards and values count as 0 where
+    mask = 0, whatever they hold there (even inf or nan). delta_t = r_t + gamma * V_{t+1} - V_t, so
+    V = 0 after each row's last valid token; A_t = sum_l (gamma * lam)^l * delta_{t+l} over the valid
+    positions from t on; returns = A + V. Returns (advantages, returns), both (B, T), 0 where mask = 0,
+    of rewards' dtype and device."""
+    values, rewards = (torch.where(mask.bool(), x, 0) for x in (values, rewards))
     adv = torch.zeros_like(rewards)
     next_adv = torch.zeros_like(rewards[:, 0])
     next_v = torch.zeros_like(rewards[:, 0])
@@ -147,7 +150,7 @@ def grpo_advantages(returns, k, eps=1e-4):
     """GRPO's group-normalised advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2):
     A_i = (R_i - mean(R_group)) / (std(R_group) + eps), std with Bessel's correction (n - 1), over the
     k >= 2 responses to the same prompt. returns: (B,), B = n_prompts * k, groups in adjacent rows.
-    A group whose returns are all equal gets 0 (nothing to learn from it). Returns (B,), R's dtype."""
+    A group whose returns are all equal gets 0, to rounding (nothing to learn from it). Returns (B,), R's dtype."""
     r = returns.view(-1, k)  # (n_prompts, k): a prompt's responses in a row
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
@@ -155,14 +158,14 @@ def grpo_advantages(returns, k, eps=1e-4):
 def whiten(x, mask, shift_mean=True):
     """Normalise over valid entries: (x - mean) / sqrt(var + 1e-8), mean = masked_mean(x),
     var = masked_mean((x - mean)^2). With shift_mean=False the mean is added back (only the
-    scale changes). Entries where mask = 0 are 0 in the output. x, mask: (B, T) -> (B, T), of x's
-    dtype and device."""
+    scale changes). Entries where mask = 0 are 0 in the output, whatever x holds there (even inf).
+    x, mask: (B, T) -> (B, T), of x's dtype and device."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return torch.where(mask.bool(), out, 0)
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
@@ -180,24 +183,27 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
 def value_loss(values, old_values, returns, mask, clip_eps):
     """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2).
     values V, old_values V_old (the rollout's), returns R, mask: (B, T). Returns a scalar of values'
-    dtype and device."""
+    dtype and device. Where mask = 0 the inputs count as 0 whatever they hold: a nan there would
+    reach the gradient through the square even if the mean dropped the entry."""
+    values, old_values, returns = (torch.where(mask.bool(), x, 0.0) for x in (values, old_values, returns))
     clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
 def entropy(logits, mask):
     """Masked mean over tokens of the entropy H = -sum_v p_v log p_v, p = softmax(logits).
-    logits: (B, T, V), mask: (B, T). Returns a scalar of logits' dtype and device, finite for logits
-    of any size."""
+    logits: (B, T, V), mask: (B, T). Returns a scalar of logits' dtype and device, finite for finite
+    logits of any size."""
     logp = F.log_softmax(logits, -1)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
 
 
 def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, logits, mask,
              clip_eps, vf_clip, vf_coef, ent_coef, ptx_loss=None, ptx_coef=0.0):
-    """The full objective: ppo_policy_loss + vf_coef * value_loss - ent_coef * entropy(logits)
-    (+ ptx_coef * ptx_loss, the SFT loss on demonstrations, for PPO-ptx). Shapes as in those
-    functions; ptx_loss a scalar or None. Returns a scalar of logprobs' dtype and device."""
+    """The full objective: ppo_policy_loss (ratio clipped at clip_eps) + vf_coef * value_loss (values
+    clipped at vf_clip) - ent_coef * entropy(logits) (+ ptx_coef * ptx_loss, the SFT loss on
+    demonstrations, for PPO-ptx; no term when ptx_loss is None). Shapes as in those functions;
+    ptx_loss a scalar or None. Returns a scalar of logprobs' dtype and device."""
     loss = (ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
             + vf_coef * value_loss(values, old_values, returns, mask, vf_clip))
     if ent_coef:  # skipped at 0: a softmax over the vocabulary at every token, and its backward

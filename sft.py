@@ -56,7 +56,7 @@ def sft_loss(logits, tokens, loss_mask):
     """Response-only next-token cross-entropy.
     logits: (B, T, V) = model(tokens); tokens: (B, T) long; loss_mask: (B, T), 1 on response tokens.
     Position t-1 predicts token t, so the loss is the mean, over positions t >= 1 with
-    loss_mask[:, t] = 1, of -log softmax(logits[:, t-1])[tokens[:, t]]. Prompt and padding
+    loss_mask[:, t] = 1 (there is at least one), of -log softmax(logits[:, t-1])[tokens[:, t]]. Prompt and padding
     tokens contribute nothing. Returns a scalar of logits' dtype and device (float64 logits: a
     float64 loss)."""
     V = logits.size(-1)

@@ -204,6 +204,35 @@ def test_attention_never_uses_cudnn(device):
     assert torch.backends.cuda.cudnn_sdp_enabled() == outside
 
 
+def test_attention_with_a_cache_and_no_mask_is_causal_at_the_right():
+    """Queries after cached keys, no mask: query i (at position S - T + i) sees every key up to its own
+    position. F.scaled_dot_product_attention's is_causal aligns a (T, S) mask at the top left instead."""
+    model = tiny().double()
+    attn, S, P = model.transformer.h[0].attn, 7, 4
+    x = torch.randn(2, S, 32, dtype=torch.float64)
+    cache = KVCache(1, 2, 4, S, 8, "cpu", torch.float64)
+    with torch.no_grad():
+        attn(x[:, :P], None, cache, 0)
+        cache.pos = P
+        got = attn(x[:, P:], None, cache, 0)  # T = 3 queries over S = 7 keys
+        left = torch.ones(S, S, dtype=torch.bool).tril()  # rows P.. of it replaced: query P + i sees keys j <= i
+        left[P:] = torch.ones(S - P, S, dtype=torch.bool).tril()
+        assert_close("CausalSelfAttention of 3 queries after 4 cached keys, no mask", got, naive_attention(attn, x)[:, P:],
+                     1e-10, [("the causal mask aligned at the top left (is_causal with T < S): query i sits at "
+                              "position S - T + i", naive_attention(attn, x, left.expand(2, 1, S, S))[:, P:])],
+                     "with a cache and no mask: causal over all S keys, the queries being the last T positions")
+
+
+def test_kvcache_update_returns_views_of_the_cache():
+    """"two views of the cache": no copy (and no torch.cat) of every key so far at every step."""
+    c = KVCache(n_layer=2, B=1, n_head=1, T_max=6, head_size=2, device="cpu", dtype=torch.float32)
+    c.pos = 2
+    k, v = c.update(1, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    for name, got, buf in (("keys", k, c.k), ("values", v, c.v)):
+        assert got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), \
+            f"KVCache.update returned {name} in new memory: return a slice of the cache (a view), not a copy or a torch.cat"
+
+
 def test_kvcache_update_writes_in_place():
     c = KVCache(n_layer=2, B=2, n_head=2, T_max=5, head_size=3, device="cpu", dtype=torch.float64)
     buffers = c.k.data_ptr(), c.v.data_ptr()

@@ -4,6 +4,8 @@ Central differences are O(h^2)-exact only where the function is smooth, so every
 away from the kinks of the clips (ratio = 1 +- eps, V - V_old = +-eps, the two terms of a max
 equal): each check is well-posed, and where the objective is clipped the gradient is exactly 0."""
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -131,7 +133,7 @@ VALUE_POINTS = {"inside": (0.1, -0.5, False), "above-unclipped_wins": (0.5, -0.5
 # -----------------------------------------------------------------------------
 # backward() of each loss against finite differences of the same loss
 
-FORWARD = "the loss itself is wrong: its known-value tests (test_ppo.py, test_sft.py, test_reward.py) say how"
+FORWARD = "the function itself is wrong: its known-value tests (test_ppo.py, test_sft.py, test_reward.py) say how"
 
 
 def test_sft_loss_autograd_matches_finite_differences():
@@ -347,6 +349,20 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
     assert_close("grads.ppo_policy_loss_grad", got, want, mistakes=mistakes, labels=labels, hint=DERIVE)
     autograd = autograd_grads(lambda lp: ppo_policy_loss(lp, old, adv, mask, CLIP), logprobs)[0]
     assert_close("grads.ppo_policy_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12, labels=labels)
+
+def test_ppo_policy_loss_grad_zero_where_masked_whatever_the_logprobs_hold():
+    """Past a response's end: a -5 / -120 pair (exp(115) = inf), -inf / -inf, nan. The gradient is 0
+    there and the valid entries' gradient is unchanged; exp before the mask gives inf * 0 = nan."""
+    logprobs, old, adv, mask = policy_example()
+    want = grads.ppo_policy_loss_grad(logprobs, old, adv, mask, CLIP)
+    for new_lp, old_lp in ((-5.0, -120.0), (-math.inf, -math.inf), (math.nan, -5.0)):
+        lp, o = logprobs.clone(), old.clone()
+        lp[1, 2:], o[1, 2:] = new_lp, old_lp  # row 1's padding
+        assert_close(f"grads.ppo_policy_loss_grad with log-probs {new_lp} (new) and {old_lp} (old) where masked",
+                     grads.ppo_policy_loss_grad(lp, o, adv, mask, CLIP), want,
+                     hint="rho = 1 where mask = 0 (torch.where before the exp): multiplying by the mask after it gives "
+                          "inf * 0 = nan")
+
 
 # -----------------------------------------------------------------------------
 # end to end: the parameters of a tiny float64 GPT (+ value head), every entry

@@ -73,6 +73,17 @@ def test_kl_penalized_rewards_matches_hand_computed():
     check_kl_rewards("kl_penalized_rewards", torch.tensor([10.0, 20.0]), logprobs, ref, MASK, 0.5, 1e-6)
 
 
+def test_kl_penalized_rewards_zero_where_masked_whatever_the_logprobs_hold():
+    """Past a response's end the log-probs are whatever a forward gave: inf or nan there must give a
+    reward of 0, not nan (inf * 0 = nan), and leave the valid tokens' rewards alone."""
+    logprobs = torch.tensor([[math.nan, -1.0, -2.0, -1.0, -math.inf], [-1.0, -1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[1.0, -2.0, -1.0, -1.5, math.inf], [-1.0, -0.5, -1.0, -1.0, -3.0]])
+    want = torch.tensor([[0.0, -0.5, 0.5, -0.25 + 10.0, 0.0], [0.0, 0.25, 0.0, 0.0, -1.0 + 20.0]])
+    assert_close("kl_penalized_rewards with inf and nan log-probs on padding",
+                 kl_penalized_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, MASK, 0.5), want, 1e-6,
+                 hint="0 where mask = 0 whatever the log-probs hold there: torch.where(mask, penalty, 0), not penalty * mask")
+
+
 def test_kl_penalized_rewards_padded_row_in_the_middle_float64():
     g = torch.Generator().manual_seed(0)
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.float64)  # rows: 5, 2, 3
@@ -138,6 +149,20 @@ def test_gae_does_not_bootstrap_past_the_end():
     assert_close("gae returns", ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 1e-6)
 
 
+def test_gae_ignores_what_padding_holds():
+    """Rewards and values count as 0 where mask = 0, even inf or nan there: a nan value past the end
+    times a 0 mask is nan, and the backward recursion would carry it to every earlier token."""
+    g = torch.Generator().manual_seed(2)
+    rewards, values = torch.randn(2, 2, 5, dtype=torch.float64, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.float64)
+    dirty_r, dirty_v = rewards.clone(), values.clone()
+    dirty_r[0, 0], dirty_v[0, 4], dirty_v[1, 3], dirty_r[1, 4] = math.inf, math.nan, -math.inf, math.nan
+    for got, want, what in zip(gae(dirty_r, dirty_v, mask, 0.9, 0.8), gae(rewards * mask, values * mask, mask, 0.9, 0.8),
+                               ("advantages", "returns")):
+        assert_close(f"gae {what} with inf and nan on padding", got, want, 1e-12,
+                     hint="rewards and values are 0 where mask = 0: torch.where(mask, x, 0), not x * mask (nan * 0 = nan)")
+
+
 def test_whiten_matches_hand_computed():
     x = torch.tensor([[99.0, 1.0, 2.0, 3.0, -50.0], [4.0, 5.0, 6.0, 7.0, 8.0]])
     valid = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])  # padding (99, -50) excluded
@@ -151,6 +176,15 @@ def test_whiten_matches_hand_computed():
                  "(x - mean) / sqrt(var + 1e-8) with mean and var over valid entries, 0 on padding")
     assert_close("whiten(shift_mean=False)", whiten(x, MASK, shift_mean=False),
                  ((x - mean) / torch.sqrt(var + 1e-8) + mean) * MASK, 1e-6, hint="the mean is added back after scaling")
+
+
+def test_whiten_ignores_what_padding_holds():
+    x = torch.tensor([[math.inf, 1.0, 2.0, 3.0, math.nan], [4.0, 5.0, 6.0, 7.0, 8.0]])
+    clean = torch.where(MASK.bool(), x, 0.0)
+    for shift in (True, False):
+        assert_close(f"whiten(shift_mean={shift}) with inf and nan on padding", whiten(x, MASK, shift), whiten(clean, MASK, shift),
+                     1e-6, hint="statistics over valid entries only, and 0 where mask = 0: torch.where(mask, out, 0), "
+                                "not out * mask (inf * 0 = nan)")
 
 
 def test_whiten_near_constant_and_constant_inputs_float64():
@@ -228,12 +262,16 @@ def test_ppo_policy_loss_finite_with_extreme_logprobs_where_masked():
     mask, adv, old = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, -0.5, 0.0]]), [-1.1, -1.9]
     want = (-1.0 * math.exp(0.1) + 0.5 * math.exp(-0.1)) / 2  # both ratios inside the clip
     want_grad = [-1.0 * math.exp(0.1) / 2, 0.5 * math.exp(-0.1) / 2, 0.0]
-    for new_lp, old_lp in ((-5.0, -120.0), (-120.0, -5.0)):
+    for new_lp, old_lp in ((-5.0, -120.0), (-120.0, -5.0), (-math.inf, -math.inf), (math.nan, -5.0)):
         logp = torch.tensor([[-1.0, -2.0, new_lp]], requires_grad=True)
         loss = ppo_policy_loss(logp, torch.tensor([old + [old_lp]]), adv, mask, 0.2)
         loss.backward()
-        assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all(), f"{new_lp}/{old_lp}: {loss}, {logp.grad}"
-        assert abs(loss.item() - want) < 1e-6 and torch.allclose(logp.grad, torch.tensor([want_grad]), atol=1e-6)
+        assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all(), \
+            f"masked log-probs {new_lp} (new) and {old_lp} (old) gave loss {loss.item()}, gradient {logp.grad.tolist()}: " \
+            f"rho = exp(logprobs - old_logprobs) must be 1 where mask = 0 (torch.where before the exp); masking after it " \
+            f"gives inf * 0 = nan, and a nan gradient even where the mean drops the entry"
+        assert abs(loss.item() - want) < 1e-6 and torch.allclose(logp.grad, torch.tensor([want_grad]), atol=1e-6), \
+            f"masked log-probs {new_lp}/{old_lp}: loss {loss.item()} (want {want}), gradient {logp.grad.tolist()} (want {want_grad})"
 
 
 def test_ppo_policy_loss_gradient_flows_through_the_ratio():
@@ -276,6 +314,16 @@ def test_value_loss_matches_hand_computed_around_old_values():
     assert_close("value_loss with V_old other than 1, rows of 3 and 5 valid tokens", value_loss(*args),
                  naive_value_loss(*args), 1e-12, mistakes, "0.5 * masked mean of max((V - R)^2, (clip(V, V_old - eps, "
                  "V_old + eps) - R)^2)")
+
+
+def test_value_loss_ignores_what_padding_holds():
+    old, ret = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[2.0, 0.0, math.nan]])
+    v = torch.tensor([[1.1, 1.5, math.inf]], requires_grad=True)
+    got = value_loss(v, old, ret, torch.tensor([[1.0, 1.0, 0.0]]), 0.2)
+    got.backward()
+    assert_close("value_loss with inf and nan on padding", got, torch.tensor(0.5 * (0.81 + 2.25) / 2), 1e-6,
+                 hint="a masked mean that drops the padding (masked_mean), not (loss * mask).sum(): nan * 0 = nan")
+    assert torch.isfinite(v.grad).all(), f"value_loss: gradient {v.grad.tolist()} is not finite where mask = 0"
 
 
 def test_value_loss_matches_hand_computed_both_regimes():
@@ -330,10 +378,10 @@ def test_rloo_advantages_known_values():
     """Two prompts, k = 3: each return minus the mean of the OTHER two of its group (not of all three,
     which is GRPO's centre without the scale, and not of the whole batch)."""
     from ppo import rloo_advantages
-    R = torch.tensor([1.0, 2.0, 6.0, -1.0, -1.0, 5.0])
+    R = torch.tensor([1.0, 2.0, 6.0, -1.0, -1.0, 5.0], dtype=torch.float64)
     got = rloo_advantages(R, 3)
-    want = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, -1 - 2.0, -1 - 2.0, 5 + 1.0])
-    assert torch.allclose(got, want), f"rloo {got.tolist()} != {want.tolist()} (leave-one-out mean of the group)"
+    want = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, -1 - 2.0, -1 - 2.0, 5 + 1.0], dtype=torch.float64)
+    assert_close("rloo_advantages, two groups of 3", got, want, 1e-12, hint="leave-one-out mean of the group")
     group_centred = R.view(2, 3) - R.view(2, 3).mean(1, keepdim=True)
     assert not torch.allclose(got, group_centred.view(-1)), "the inputs must tell leave-one-out from the group mean"
     assert torch.allclose(got, group_centred.view(-1) * 3 / 2), "RLOO is the group-centred return times k / (k - 1)"
@@ -344,6 +392,7 @@ def test_grpo_advantages_known_values_and_constant_groups():
     from ppo import grpo_advantages
     R = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0], dtype=torch.float64)  # group means 3 and 4, batch mean 3.5
     got = grpo_advantages(R, 3)
+    assert got.dtype == torch.float64, f"grpo_advantages returned {got.dtype} for float64 returns: no .float()"
     std = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)  # Bessel: divide by k - 1
     want = torch.tensor([-2 / (std + 1e-4), -1 / (std + 1e-4), 3 / (std + 1e-4), 0, 0, 0], dtype=torch.float64)
     assert torch.allclose(got, want, atol=1e-12), f"grpo {got.tolist()} != {want.tolist()}"
