@@ -1,0 +1,85 @@
+"""onednn.py, the CPU fast path: the same numbers as plain nn.Linear (against float64, gradients
+included), and never a stale packed weight after any way of writing new weights."""
+import copy
+
+import pytest
+import torch
+
+import onednn
+from gpt import GPT
+from test_gpt import tiny
+from util import make_optimizer
+
+
+@pytest.mark.skipif(not onednn.ONEDNN, reason="the oneDNN paths are for x86 CPUs")
+def test_onednn_paths_equal_float64():
+    """onednn.enable(model): fp32 on the CPU its Linears run oneDNN, through an autograd Function with
+    grad, without grad on the live weight or, inside onednn.packed(), on a copy packed on entry.
+    Logits and every gradient agree with the float64 model (which takes nn.Linear's path); the
+    model still deep-copies."""
+    model = tiny()
+    assert onednn.enable(model) and isinstance(model.transformer.h[0].attn.c_attn, onednn.Linear)
+    ids = torch.randint(0, 97, (3, 9))
+    want = copy.deepcopy(model).double()(ids).float().detach()
+    with torch.no_grad():
+        fast = model(ids)
+        with onednn.packed(model):
+            assert "_packed" in model.lm_head.__dict__
+            packed = model(ids)
+        with onednn.packed(model):
+            outer = model.lm_head._packed
+            with onednn.packed(model):  # nested: the outer scope's packed copy stays, and outlives the inner
+                assert model.lm_head._packed is outer
+            assert model.lm_head._packed is outer
+    assert "_packed" not in model.lm_head.__dict__, "the packed copy must not outlive its scope"
+    assert not torch.equal(fast, torch.zeros_like(fast))
+    assert torch.allclose(fast, want, atol=1e-5) and torch.allclose(packed, want, atol=1e-5)
+    slow = copy.deepcopy(model).double()
+    w = torch.randn(3, 9, 97)
+    (model(ids).logsumexp(-1) * w[..., 0]).sum().backward()
+    (slow(ids).logsumexp(-1) * w[..., 0].double()).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), slow.parameters()):
+        assert p.grad.abs().max() > 0 and torch.allclose(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6 * q.grad.abs().max()), name
+    with torch.no_grad():
+        assert torch.allclose(copy.deepcopy(model)(ids), fast, atol=1e-5)
+
+
+def plain_twin(model):
+    """The same weights in a model of plain nn.Linear layers (a fresh GPT, never enabled)."""
+    twin = GPT(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    assert all(type(m) is not onednn.Linear for m in twin.modules())
+    return twin
+
+
+@pytest.mark.parametrize("write", ["data", "load_state_dict", "fused_adamw", "sgd_loop"])
+def test_fast_path_never_serves_stale_weights(write):
+    """New weights written through .data (which leaves _version alone), load_state_dict, a fused AdamW
+    step or a hand-written SGD step: every no-grad forward afterwards, inside or outside a packed
+    scope entered after the write, matches a plain nn.Linear model holding the same weights."""
+    model = tiny()
+    onednn.enable(model)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad(), onednn.packed(model):
+        before = model(ids)
+    if write == "data":
+        for p in model.parameters():
+            p.data = p.data + 0.05 * torch.randn_like(p)
+    elif write == "load_state_dict":
+        model.load_state_dict(tiny(seed=5).state_dict())
+    else:
+        model.train()
+        model(ids).logsumexp(-1).sum().backward()
+        if write == "fused_adamw":
+            make_optimizer(model.parameters(), 0.05, 0.0).step()
+        else:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data -= 0.5 * p.grad.data
+        model.eval()
+    with torch.no_grad():
+        want = plain_twin(model)(ids)
+        assert (want - before).abs().max() > 1e-3, "the write changed nothing: the test cannot fail"
+        assert torch.allclose(model(ids), want, atol=1e-5), "no-grad forward on stale weights"
+        with onednn.packed(model):
+            assert torch.allclose(model(ids), want, atol=1e-5), "packed forward on stale weights"
