@@ -163,9 +163,10 @@ def bench_sft(model, cfg, bc, device, ctx, batches=None):
                 peak_mem_gib=peak_mem(device), **(profiled(step, device, bc.profile) if bc.profile else {}))
 
 
-KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn", "linear")),
-         ("attention", ("flash", "fmha", "attention", "sdpa")), ("fused (compiled)", ("triton", "cpp_fused")),
-         ("optimizer", ("adam", "foreach", "multi_tensor")))
+KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),  # first: fmha kernels are cutlass ones too
+         ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn",
+                     "linear")),
+         ("fused (compiled)", ("triton", "cpp_fused")), ("optimizer", ("adam", "foreach", "multi_tensor")))
 
 
 def profiled(step, device, path):
