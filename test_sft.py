@@ -1,15 +1,11 @@
 """sft.py: the response-only loss against hand-computed values, and the resumable data order."""
 import math
-import shutil
 
-import pytest
 import torch
 
 from checks import assert_close
 from data import batch_indices
-from gpt import GPT, GPTConfig
 from sft import sft_loss
-from util import compile_for_lengths
 
 
 def naive_sft_loss(logits, tokens, loss_mask):
@@ -104,30 +100,3 @@ def test_batch_indices_cover_each_epoch_and_are_reproducible():
     assert len(set(epoch0)) == 9 and all(0 <= i < n for i in epoch0)
     assert batch_indices(n, 4, bs, 5) == batch_indices(n, 4, bs, 5)
     assert [batch_indices(n, it, bs, 5) for it in range(3)] != [batch_indices(n, it, bs, 5) for it in range(3, 6)]
-
-
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_training_compiles_once_for_every_length():
-    """sft.py --compile (and reward.py's, ppo.py's): batches padded to their longest row change length
-    from step to step; one graph must serve them all (torch.compile's default compiles a second time
-    at the second length: 30-60 s for GPT-2 small on a GPU), with the eager loss and gradients."""
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
-    step = compile_for_lengths(lambda x, m: sft_loss(model(x), x, m))
-    for B, T in ((4, 16), (4, 40), (3, 24)):
-        x, m = torch.randint(0, 50, (B, T)), (torch.arange(T) >= 5).long().expand(B, T)
-        grads = []
-        for fn in (step, lambda x, m: sft_loss(model(x), x, m)):
-            loss = fn(x, m)
-            loss.backward()
-            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-            model.zero_grad(set_to_none=True)
-        (got, g1), (want, g2) = grads
-        assert_close(f"compiled loss at ({B}, {T})", got, want, tol=1e-5)
-        for a, b in zip(g1, g2):
-            assert_close(f"compiled gradient at ({B}, {T})", a, b, tol=1e-5)
-    assert counters["stats"]["unique_graphs"] == 1, \
-        f"{counters['stats']['unique_graphs']} graphs for 3 batch shapes: the lengths were not compiled as symbolic"
