@@ -21,7 +21,8 @@ from ppo import Config as PPOConfig, ppo_update
 from rollout import add_advantages, make_sampler, rollout
 from reward import RewardModel
 from sft import sft_loss
-from util import UserError, autocast, get_device, main_guard, make_optimizer, parse_config, sync, timed, write_json
+from util import (UserError, autocast, compile_for_lengths, get_device, main_guard, make_optimizer, parse_config, sync,
+                  timed, write_json)
 
 
 @dataclass
@@ -89,9 +90,11 @@ def check_config(bc):
 
 
 def compiled(fn, bc):
-    """fn compiled as --compile, --compile_mode and --compile_static say (sizes symbolic by default, as
-    util.compile_for_lengths compiles for the scripts), or fn itself."""
-    return torch.compile(fn, dynamic=not bc.compile_static, mode=bc.compile_mode) if bc.compile else fn
+    """fn compiled as --compile, --compile_mode and --compile_static say: by default as the scripts
+    compile it (util.compile_for_lengths), or fn itself."""
+    if bc.compile and bc.compile_static:
+        return torch.compile(fn, mode=bc.compile_mode)
+    return compile_for_lengths(fn, bc.compile, bc.compile_mode)
 
 
 def peak_mem(device, reset=False):
@@ -177,14 +180,13 @@ def profiled(step, device, path):
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         step()
         sync(device)
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = [(e.key, getattr(e, key)) for e in prof.key_averages() if getattr(e, key) > 0]
+    key, events = ("self_device_time_total" if cuda else "self_cpu_time_total"), prof.key_averages()
     kinds = {}
-    for name, us in rows:
-        kind = next((k for k, words in KINDS if any(w in name.lower() for w in words)), "other")
-        kinds[kind] = kinds.get(kind, 0) + us / 1e3
+    for e in events:
+        kind = next((k for k, words in KINDS if any(w in e.key.lower() for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0) + getattr(e, key) / 1e3
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        f.write(events.table(sort_by=key, row_limit=40) + "\n")
     return dict(profile_ms=dict(sorted(kinds.items(), key=lambda kv: -kv[1])))
 
 

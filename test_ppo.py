@@ -65,22 +65,27 @@ def check_kl_rewards(what, scores, logprobs, ref, mask, coef, tol):
                  "0 on padding, -kl_coef * (logprobs - ref) on valid tokens, + the score at each row's last valid token")
 
 
-def test_kl_penalized_rewards_matches_hand_computed():
+def kl_example():
+    """Scores, log-probs and reference log-probs on MASK, and the rewards at kl_coef 0.5, by hand."""
     logprobs = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0, -1.0]])
     ref = torch.tensor([[1.0, -2.0, -1.0, -1.5, -2.0], [-1.0, -0.5, -1.0, -1.0, -3.0]])  # padding differs too
     want = torch.tensor([[0.0, -0.5, 0.5, -0.25 + 10.0, 0.0], [0.0, 0.25, 0.0, 0.0, -1.0 + 20.0]])
-    assert torch.equal(naive_kl_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, MASK, 0.5), want)
-    check_kl_rewards("kl_penalized_rewards", torch.tensor([10.0, 20.0]), logprobs, ref, MASK, 0.5, 1e-6)
+    return torch.tensor([10.0, 20.0]), logprobs, ref, want
+
+
+def test_kl_penalized_rewards_matches_hand_computed():
+    scores, logprobs, ref, want = kl_example()
+    assert torch.equal(naive_kl_rewards(scores, logprobs, ref, MASK, 0.5), want)
+    check_kl_rewards("kl_penalized_rewards", scores, logprobs, ref, MASK, 0.5, 1e-6)
 
 
 def test_kl_penalized_rewards_zero_where_masked_whatever_the_logprobs_hold():
     """Past a response's end the log-probs are whatever a forward gave: inf or nan there must give a
     reward of 0, not nan (inf * 0 = nan), and leave the valid tokens' rewards alone."""
-    logprobs = torch.tensor([[math.nan, -1.0, -2.0, -1.0, -math.inf], [-1.0, -1.0, -1.0, -1.0, -1.0]])
-    ref = torch.tensor([[1.0, -2.0, -1.0, -1.5, math.inf], [-1.0, -0.5, -1.0, -1.0, -3.0]])
-    want = torch.tensor([[0.0, -0.5, 0.5, -0.25 + 10.0, 0.0], [0.0, 0.25, 0.0, 0.0, -1.0 + 20.0]])
+    scores, logprobs, ref, want = kl_example()
+    logprobs[0, 0], logprobs[0, 4], ref[0, 4] = math.nan, -math.inf, math.inf  # row 0's padding
     assert_close("kl_penalized_rewards with inf and nan log-probs on padding",
-                 kl_penalized_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, MASK, 0.5), want, 1e-6,
+                 kl_penalized_rewards(scores, logprobs, ref, MASK, 0.5), want, 1e-6,
                  hint="0 where mask = 0 whatever the log-probs hold there: torch.where(mask, penalty, 0), not penalty * mask")
 
 

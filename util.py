@@ -262,13 +262,13 @@ def autocast(device, dtype="auto"):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
-def compile_for_lengths(fn, on=True):
+def compile_for_lengths(fn, on=True, mode="default"):
     """torch.compile(fn) (a function or a module) with every input size symbolic, or fn itself if not
     `on`. Training batches are padded to their longest row (bucketed to a multiple of 64 on CUDA), so
     their length changes from batch to batch: one graph then serves every length and batch size, where
     torch.compile's default compiles for the first shape and again each time another size first changes
-    (30-60 s each for GPT-2 small on a GPU)."""
-    return torch.compile(fn, dynamic=True) if on else fn
+    (30-60 s each for GPT-2 small on a GPU). mode: torch.compile's (bench.py tries the others)."""
+    return torch.compile(fn, dynamic=True, mode=mode) if on else fn
 
 
 def sync(device):
