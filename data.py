@@ -402,3 +402,10 @@ def batch_indices(n, it, batch_size, seed):
     g = torch.Generator().manual_seed(seed * 1000003 + it // per_epoch)
     j = it % per_epoch
     return torch.randperm(n, generator=g)[j * batch_size:(j + 1) * batch_size].tolist()
+
+
+def eval_indices(n, batch_size, max_batches, seed):
+    """Up to max_batches batches of a permutation seeded by `seed`, each example at most once (the last
+    batch may be short): batch_indices' first epoch, without repeats where n < max_batches x batch_size."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003)).tolist()
+    return [perm[i:i + batch_size] for i in range(0, min(n, max_batches * batch_size), batch_size)]

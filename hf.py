@@ -84,12 +84,18 @@ def read_hf(src):
     cfg_path = os.path.join(os.path.dirname(path), "config.json")
     if not os.path.exists(cfg_path):
         raise UserError(f"{cfg_path}: missing (a Hugging Face checkpoint comes with its config.json)")
-    with open(cfg_path) as f:
-        hf = json.load(f)
-    if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        raise UserError(f"{cfg_path}: only GPT-2's gelu_new and layer_norm_epsilon=1e-5 are supported")
-    cfg = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-               n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            hf = json.load(f)
+        cfg = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise UserError(f"{cfg_path}: not a GPT-2 config.json ({type(e).__name__}: {str(e)[:100]})") from None
+    # anything else in it that changes what the model computes, gpt.py does not do
+    if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5 or \
+            not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise UserError(f"{cfg_path}: only GPT-2's gelu_new, layer_norm_epsilon=1e-5 and attention scaled by "
+                        "1/sqrt(head size) alone are supported")
     if path.endswith(".safetensors"):
         sd = read_safetensors(path)
     else:

@@ -243,7 +243,8 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None, it=0, hint=""):
                                     ent_coef=cfg.ent_coef) + ptx_loss
             loss.backward()
             norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                     if model is not None else torch.zeros(()) for model in (policy, critic)]
+                     for model in (policy, critic) if model is not None]
+            norms += [torch.zeros_like(norms[0])] * (critic is None)  # RLOO, GRPO: on the policy's device, as a GPU needs
             # before the step, so a nan never reaches the weights: one host sync per step, as in sft.py; the norms
             # are of the all-reduced gradients, so every rank stops alike
             check_finite(f"ppo iteration {it}", hint, grad_norm=norms[0], vf_grad_norm=norms[1])
@@ -267,7 +268,7 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None, it=0, hint=""):
 def check_config(cfg):
     """Impossible settings are one-line errors before anything loads."""
     for key in ("iters", "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "eval_interval", "max_prompt_len",
-                "clip_eps", "vf_clip", "temperature", "lr", "vf_lr"):
+                "clip_eps", "vf_clip", "temperature", "lr", "vf_lr", "eval_prompts", "eval_samples"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
     for key, allowed in (("rollout_dtype", ("auto", "float32", "bfloat16", "float16")), ("advantage", ("gae", "rloo", "grpo"))):
@@ -278,8 +279,9 @@ def check_config(cfg):
                         f"or that not divisible among the {WORLD} processes")
     if cfg.kl_coef < 0 or cfg.ent_coef < 0 or cfg.ptx_coef < 0:
         raise UserError("--kl_coef, --ent_coef and --ptx_coef must be >= 0")
-    if cfg.adaptive_kl != (cfg.kl_target > 0) or (cfg.adaptive_kl and cfg.kl_coef <= 0):
-        raise UserError("--adaptive_kl=True needs --kl_target > 0 and a starting --kl_coef > 0, and --kl_target needs it")
+    if cfg.adaptive_kl != (cfg.kl_target > 0) or (cfg.adaptive_kl and (cfg.kl_coef <= 0 or cfg.kl_horizon <= 0)):
+        raise UserError("--adaptive_kl=True needs --kl_target > 0, --kl_horizon > 0 and a starting --kl_coef > 0, "
+                        "and --kl_target needs it")
     if cfg.samples_per_prompt < (1 if cfg.advantage == "gae" else 2):
         raise UserError(f"--advantage={cfg.advantage} needs --samples_per_prompt >= 2 (a group to compare within)")
     if cfg.rollout_batch % (cfg.samples_per_prompt * WORLD):
@@ -303,6 +305,9 @@ def train(cfg, log=None):
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the KL anchor
     rm, rm_ck = load_reward_model(cfg.reward_ckpt)
     rm = rm.to(device).eval().requires_grad_(False)  # frozen: the proxy reward
+    if not rm_ck.get("normalized") and RANK == 0:  # reward.py marks the checkpoint it finished and centred
+        print(f"warning: {cfg.reward_ckpt} is from an unfinished reward.py run: its scores are not centred on the "
+              "SFT policy's samples (finish it with `python reward.py --resume`)")
     # The critic is a separate copy of the reward model (InstructGPT §3.5): initialised to predict
     # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
     critic = copy.deepcopy(rm).train().requires_grad_(True) if cfg.advantage == "gae" else None  # RLOO, GRPO: none
@@ -319,6 +324,9 @@ def train(cfg, log=None):
     eval_prompts = eval_prompts[:cfg.eval_prompts]
     encode = lambda ps: [tok.encode(p)[-cfg.max_prompt_len:] for p in ps]  # keep the end, nearest the response
     train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)
+    if len(train_ids) < cfg.rollout_batch // cfg.samples_per_prompt:  # batch_indices would hand out fewer
+        raise UserError(f"--data={cfg.data}: {len(train_ids)} training prompts, fewer than the {cfg.rollout_batch // cfg.samples_per_prompt}"
+                        f" of a rollout batch (--rollout_batch={cfg.rollout_batch}, --samples_per_prompt={cfg.samples_per_prompt})")
     if cfg.ptx_coef > 0:
         demos = data.load_records(cfg.data, "sft", cfg.seed)[0]
         demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
@@ -330,12 +338,16 @@ def train(cfg, log=None):
     path = os.path.join(cfg.out_dir, "ppo.pt")
     if cfg.resume:
         ck = load_checkpoint(path, "ppo", "nothing to resume: run `python ppo.py` without --resume")
+        if (critic is None) != (ck.get("critic") is None):
+            raise UserError(f"{path} was written by a run with --advantage={ck['cfg'].get('advantage', 'gae')}: resume it with that")
+        if ck["iter"] > cfg.iters:
+            raise UserError(f"{path} is at iteration {ck['iter']}: nothing to resume with --iters={cfg.iters}")
         load_weights(policy, ck["model"], path, ck.get("config"))
         if critic is not None:
             load_weights(critic, ck["critic"], path)
         for opt, state in zip(opts, ck["optimizers"]):
             load_optimizer(opt, state, path)
-        start, moments.__dict__ = ck["iter"], ck["moments"]
+        start, moments.__dict__, ev = ck["iter"], ck["moments"], ck.get("eval")  # ev: iteration start's, if it was done
         if kl_ctl:
             kl_ctl.value = ck["kl_coef"]
         print(f"resumed from {path} at iteration {start}")
@@ -353,7 +365,8 @@ def train(cfg, log=None):
         for it in range(start, cfg.iters + 1):
             if any_rank(stop.requested, device):
                 save_and_exit(lambda: save(it), f"ppo: stopped before iteration {it}; saved {path}; continue with --resume")
-            if (it % cfg.eval_interval == 0 or it == cfg.iters) and RANK == 0:  # the others wait at the barrier
+            due = (it % cfg.eval_interval == 0 or it == cfg.iters) and not (it == start and ev is not None)
+            if due and RANK == 0:  # the others wait at the barrier
                 ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, samples=cfg.eval_samples, batch=cfg.rollout_batch,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, ctx=ctx,
                               builtin=builtin, static=static)
@@ -371,7 +384,8 @@ def train(cfg, log=None):
             b = rollout(policy, ref, rm, critic, [train_ids[j] for j in mine], tok.eot, cfg.max_new_tokens, cfg.temperature,
                         ctx, seeded(cfg.seed, 0, RANK, it, device=device), sampler, static=static,
                         width=max(len(train_ids[j]) for j in idx))  # padded alike on every rank
-            gold = sum(map(data.gold_score, [train_prompts[j] for j in mine], responses(b, tok))) / len(mine) if builtin else None
+            gold = all_sum(torch.tensor(sum(map(data.gold_score, [train_prompts[j] for j in mine], responses(b, tok))) / len(mine),
+                                        device=device)).item() / WORLD if builtin else None  # every rank's share is alike
             b = {key: v for key, v in b.items() if v is not None}  # no values without a critic
             # Every rank gets all ranks' rollouts (a few numbers per token), so whitening, score normalisation
             # and the KL controller see the global batch, as in one process; each trains on its share of it.

@@ -42,7 +42,7 @@ class Config:
     weight_decay: float = 0.1  # AdamW, on matrices only
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     eval_interval: int = 100  # steps between validation loss/accuracy + checkpoint
-    eval_batches: int = 16  # validation batches per evaluation (16 x 64 pairs: the whole built-in val set)
+    eval_batches: int = 16  # validation batches per evaluation, each group at most once (built-in: 1,024 of 2,500 pairs)
     log_interval: int = 20  # steps between log lines
     norm_samples: int = 256  # SFT samples whose mean score is shifted to 0 at the end; 0 = off
     seed: int = 0  # data order and sampling
@@ -142,8 +142,7 @@ def evaluate(rm, val, val_gold, cfg, ctx, device, pad_id):
     each response, built-in task) also the agreement with the gold labeler on pairs it separates."""
     rm.eval()
     loss = acc = agree = n_gold = n = 0
-    for i in range(cfg.eval_batches):
-        idx = data.batch_indices(len(val), i, cfg.batch_size, cfg.seed + 1)
+    for idx in data.eval_indices(len(val), cfg.batch_size, cfg.eval_batches, cfg.seed + 1):
         b, ci, ri = group_batch(val, idx, pad_id)
         with ctx:
             rc, rr = pair_rewards(rm, b, ci, ri, device)
@@ -205,6 +204,10 @@ def main(argv):
     train_groups, val_groups = rank_groups(train_rec, cfg.kind), rank_groups(val_rec, cfg.kind)
     train, val = encode_groups(train_groups, tok, cfg, "rm train"), encode_groups(val_groups, tok, cfg, "rm val")
     val_gold = [[data.gold_score(p, r) for r in rs] for p, rs in val_groups] if cfg.data == "builtin" else None
+    if len(train) < cfg.batch_size:  # batch_indices would hand out short batches, uneven across processes
+        raise UserError(f"--data={cfg.data}: {len(train)} training {cfg.kind}, fewer than --batch_size={cfg.batch_size}")
+    if rm.gpt.config.block_size < cfg.max_len:
+        raise UserError(f"--max_len={cfg.max_len} exceeds the model's block_size {rm.gpt.config.block_size}")
     rm.to(device).train()
     onednn.enable(rm)  # the CPU fast path: fp32 matmuls through oneDNN (onednn.py)
     opt = make_optimizer(rm.parameters(), cfg.lr, cfg.weight_decay)

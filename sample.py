@@ -13,7 +13,8 @@ from util import UserError, main_guard
 
 
 def main(argv):
-    opts = dict(ckpt="", prompt="\n", n=3, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    # max_new_tokens=0: as many as the model's context leaves after the prompt, at most 64
+    opts = dict(ckpt="", prompt="\n", n=3, max_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0, seed=0)
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")
         if k not in opts:
@@ -27,9 +28,15 @@ def main(argv):
     ck = load_checkpoint(opts["ckpt"]) if opts["ckpt"].endswith(".pt") else None
     model = model_from_checkpoint(ck, opts["ckpt"]) if ck else load_hf(opts["ckpt"])
     tok = Tokenizer(ck.get("vocab") if ck else None)
-    ids = torch.tensor([tok.encode(opts["prompt"])[-(model.config.block_size - opts["max_new_tokens"]):]] * opts["n"])
+    ids, T = tok.encode(opts["prompt"]), model.config.block_size
+    if not ids:
+        raise UserError("--prompt: empty; it needs at least one token")
+    new = opts["max_new_tokens"] or min(64, max(1, T - len(ids)))
+    if not 0 < new < T:
+        raise UserError(f"--max_new_tokens={new}: must be in 1..{T - 1} (the model's block_size is {T})")
+    ids = torch.tensor([ids[-(T - new):]] * opts["n"])  # the prompt's end, if it does not fit
     g = torch.Generator().manual_seed(opts["seed"])
-    out, gen = generate(model.eval(), ids, torch.ones_like(ids), opts["max_new_tokens"], opts["temperature"],
+    out, gen = generate(model.eval(), ids, torch.ones_like(ids), new, opts["temperature"],
                         opts["top_k"], opts["top_p"], tok.eot, g)
     for row, m in zip(out, gen):
         print(opts["prompt"] + tok.decode(row[m.bool()].tolist()).replace("<|endoftext|>", ""))

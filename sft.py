@@ -109,8 +109,8 @@ def global_loss(loss, cfg):
 def evaluate(model, val, cfg, tok, ctx, device):
     model.eval()
     losses = []
-    for i in range(cfg.eval_batches):
-        b = data.pad_right([val[j] for j in data.batch_indices(len(val), i, cfg.batch_size, cfg.seed + 1)], tok.eot)
+    for idx in data.eval_indices(len(val), cfg.batch_size, cfg.eval_batches, cfg.seed + 1):
+        b = data.pad_right([val[j] for j in idx], tok.eot)
         with ctx:
             logits = model(b["tokens"].to(device))
         losses.append(sft_loss(logits, b["tokens"].to(device), b["loss_mask"].to(device)).item())
@@ -147,6 +147,8 @@ def main(argv):
     encode = lambda recs, name: data.encode_examples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs],
                                                     cfg.max_len, cfg.max_prompt_len, name)
     train, val = encode(train_rec, "sft train"), encode(val_rec, "sft val")
+    if len(train) < cfg.batch_size:  # batch_indices would hand out short batches, uneven across processes
+        raise UserError(f"--data={cfg.data}: {len(train)} training examples, fewer than --batch_size={cfg.batch_size}")
     last_path, best_path = os.path.join(cfg.out_dir, "sft_last.pt"), os.path.join(cfg.out_dir, "sft.pt")
     if cfg.resume:
         ck = load_checkpoint(last_path, "sft", hint="nothing to resume: run `python sft.py` without --resume")

@@ -101,8 +101,8 @@ def gold_score(prompt, response):
 def demonstrate(prompt, rng):
     """A careless human's demonstration, " a a+1 ...": n-2, n-1, n, n+1, n+2 items w.p. 0.2, 0.3, 0.3,
     0.1, 0.1 ("" if that is <= 0, a blank answer); each item right (previous + 1, or a first)
-    w.p. 0.8, else a skip (right + 1), a repeat of the previous (a skip for the first item) or a
-    random other number, equally likely; it counts on from what it said. Mean gold ~0.38."""
+    w.p. 0.8, else a skip (right + 1), a repeat of the previous or a random other number, equally
+    likely (a first item's mistake is always a skip); it counts on from what it said. Mean gold ~0.38."""
     n, a = _parse_prompt(prompt)
     k = max(0, n + rng.choices((-2, -1, 0, 1, 2), (2, 3, 3, 1, 1))[0])
     items, right = [], a

@@ -2,6 +2,7 @@
 recorded logits, our checkpoints, the command lines."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,12 @@ def test_load_hf_bad_files_name_the_key(tmp_path):
         load_hf(str(d))
     with pytest.raises(UserError, match="no model.safetensors"):
         load_hf(str(tmp_path))
+    good = open(d / "config.json").read()
+    for text, needle in ((good[:40], "JSONDecodeError"), (good.replace('"n_positions"', '"n_pos"'), "KeyError: 'n_positions'"),
+                         (json.dumps({**json.loads(good), "scale_attn_by_inverse_layer_idx": True}), "attention scaled by")):
+        open(d / "config.json", "w").write(text)
+        with pytest.raises(UserError, match=re.escape(f"{d / 'config.json'}: ") + ".*" + re.escape(needle)):
+            load_hf(str(d))
 
 
 def test_sample_cli_on_converted_fixture(tmp_path):

@@ -64,7 +64,9 @@ def test_settings_errors_list_valid_keys(tmp_path):
 @pytest.mark.parametrize("kw, needle", [(dict(clip_eps=0.0), "clip_eps"), (dict(temperature=-1.0), "temperature"),
                                         (dict(kl_target=6.0), "adaptive_kl"), (dict(adaptive_kl=True), "kl_target"),
                                         (dict(rollout_batch=6, minibatch=4), "divisible"), (dict(kl_coef=-0.1), "kl_coef"),
-                                        (dict(missing_eos_penalty=1.0), "--truncated_score=nan")])
+                                        (dict(missing_eos_penalty=1.0), "--truncated_score=nan"),
+                                        (dict(eval_samples=0), "eval_samples"), (dict(eval_prompts=0), "eval_prompts"),
+                                        (dict(adaptive_kl=True, kl_target=1.0, kl_horizon=0), "kl_horizon")])
 def test_impossible_ppo_settings(kw, needle):
     with pytest.raises(UserError, match=needle):
         check_config(PPOConfig(**kw))
@@ -124,6 +126,54 @@ def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=re.escape("torchrun started 4 processes on this machine, which has 2 GPU(s): "
                                                   "--nproc_per_node=2")):
         ddp.ddp_init("cuda")
+
+
+def test_data_a_run_cannot_use_is_one_line(tmp_path, ckpts):
+    """Fewer training examples than a batch (batch_indices would hand out short batches, which under
+    torchrun differ between ranks and abort inside the collective), and a --max_len past the trunk's
+    block_size: one line each, before any step."""
+    sft, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"  # 10 records each: 9 to train on, 1 held out
+    sft.write_text("".join(json.dumps(dict(prompt=f"count 3 from {i}:", response=f" {i} {i + 1} {i + 2}")) + "\n" for i in range(10)))
+    pairs.write_text("".join(json.dumps(dict(prompt=f"count 3 from {i}:", chosen=f" {i} {i + 1} {i + 2}", rejected=f" {i}")) + "\n"
+                             for i in range(10)))
+    one_line_error(run("sft.py", f"--out_dir={tmp_path}", f"--data={sft}", *SFT, "--batch_size=16"),
+                   "9 training examples, fewer than --batch_size=16")
+    one_line_error(run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--data={pairs}", *RM,
+                       "--batch_size=16"), "9 training pairs, fewer than --batch_size=16")
+    one_line_error(run("ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}/reward.pt",
+                       f"--data={sft}", *PPO, "--rollout_batch=16"), "9 training prompts, fewer than the 16 of a rollout batch")
+    one_line_error(run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", *RM, "--max_len=40"),
+                   "--max_len=40 exceeds the model's block_size 24")
+
+
+def test_sample_cli_fits_the_model_context(ckpts):
+    """By default sample.py samples what the context leaves after the prompt (at most 64): the built-in
+    task's model has 24 positions. Asking for more than it has is one line."""
+    r = run("sample.py", f"--ckpt={ckpts}/sft.pt", "--prompt=count 3 from 5:", "--n=2")
+    assert r.returncode == 0 and r.stdout.count("count 3 from 5:") == 2, r.stderr
+    one_line_error(run("sample.py", f"--ckpt={ckpts}/sft.pt", "--prompt=count 3 from 5:", "--max_new_tokens=24"),
+                   "--max_new_tokens=24: must be in 1..23")
+
+
+def test_ppo_resume_refuses_what_it_cannot_continue(tmp_path, ckpts):
+    """A critic-free run resumed as a GAE run, a finished run resumed with fewer iterations: one line
+    each. Resumed at its last iteration, a finished run does not evaluate that iteration again (one eval
+    line each). A reward model whose reward.py never finished (not centred) is used with a warning."""
+    ck = torch.load(f"{ckpts}/reward.pt", weights_only=True)
+    del ck["normalized"]
+    torch.save(ck, tmp_path / "unfinished.pt")
+    args = ["ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", *PPO, "--eval_interval=1", "--iters=2"]
+    r = run(*args, f"--reward_ckpt={tmp_path}/unfinished.pt", "--advantage=rloo", "--samples_per_prompt=2")
+    assert r.returncode == 0 and "unfinished.pt is from an unfinished reward.py run" in r.stdout, r.stderr
+    args.append(f"--reward_ckpt={ckpts}/reward.pt")
+    one_line_error(run(*args, "--resume"), "ppo.pt was written by a run with --advantage=rloo")
+    one_line_error(run(*args[:-2], "--iters=1", args[-1], "--resume", "--advantage=rloo", "--samples_per_prompt=2"),
+                   "ppo.pt is at iteration 2: nothing to resume with --iters=1")
+    r = run(*args, "--resume", "--advantage=rloo", "--samples_per_prompt=2")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    evals = [m["iter"] for m in map(json.loads, open(tmp_path / "ppo_metrics.jsonl")) if m["kind"] == "eval"]
+    assert evals == [0, 1, 2], f"eval lines at iterations {evals}"
+    assert json.load(open(tmp_path / "ppo_eval.json"))["eval"]["n"] == 4
 
 
 def test_paths_a_run_cannot_use_are_one_line(tmp_path, ckpts):

@@ -4,7 +4,7 @@ import math
 import torch
 
 from checks import assert_close
-from data import batch_indices
+from data import batch_indices, eval_indices
 from sft import sft_loss
 
 
@@ -42,7 +42,7 @@ def test_sft_loss_matches_hand_computed():
                 ("a mean over every position: the last one predicts nothing",
                  (-math.log(3 / 4) - math.log(2 / 3) - math.log(1 / 2)) / 3)]
     assert_close("sft_loss", sft_loss(logits, tokens, mask), torch.tensor(want), 1e-6, mistakes,
-                 f"the mean of -log softmax(logits[:, t-1])[tokens[:, t]] over t with loss_mask[:, t] = 1")
+                 "the mean of -log softmax(logits[:, t-1])[tokens[:, t]] over t with loss_mask[:, t] = 1")
 
 
 def test_sft_loss_matches_naive_loop():
@@ -100,3 +100,11 @@ def test_batch_indices_cover_each_epoch_and_are_reproducible():
     assert len(set(epoch0)) == 9 and all(0 <= i < n for i in epoch0)
     assert batch_indices(n, 4, bs, 5) == batch_indices(n, 4, bs, 5)
     assert [batch_indices(n, it, bs, 5) for it in range(3)] != [batch_indices(n, it, bs, 5) for it in range(3, 6)]
+
+
+def test_eval_indices_see_each_example_once():
+    """Validation batches: batch_indices' first epoch where the set is large enough; a set smaller than
+    the batches asked for is seen once (batch_indices would wrap into a second epoch and count some twice)."""
+    assert eval_indices(100, 8, 3, 5) == [batch_indices(100, it, 8, 5) for it in range(3)]
+    small = eval_indices(20, 8, 16, 5)
+    assert [len(b) for b in small] == [8, 8, 4] and sorted(i for b in small for i in b) == list(range(20))

@@ -13,7 +13,7 @@ nvidia-smi -L | tee "$OUT/env.log"
 for p in $PARTS; do
   SECONDS=0
   case $p in
-  tests) timeout 120 python3 -m pytest -q -rs test_gpt.py -k "cuda or cudnn" ;;  # CUDA-graph decoding, no cuDNN attention
+  tests) timeout 120 python3 -m pytest -q -rs test_gpt.py test_rollout.py -k "cuda or cudnn" ;;  # graph decoding, no cuDNN, RLOO
   bench) timeout 240 python3 bench.py --preset=gpu --hh="$HH" --out="$OUT/bench.json" ;;  # the README's GPU table, with HF and TRL
   sft) timeout 150 $SFT --compile --compile_static --profile="$OUT/sft_static.txt" --out="$OUT/sft_static.json" &&
        timeout 200 $SFT --compile --hh="$HH" --profile="$OUT/sft_dynamic.txt" --out="$OUT/sft_dynamic.json" ;;  # as the scripts compile
