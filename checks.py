@@ -1,9 +1,27 @@
-"""The comparison that the tests of the course exercises make: a result against its expected value,
+"""The checks that the tests of the course exercises make: a result against its expected value,
 failing with one line that names the likely mistake and the numbers to 10 significant digits
-(six hide a float32 rounding). Imports torch only."""
+(six hide a float32 rounding); a call that must leave its inputs as they were; gradients by float64
+central finite differences and by autograd. Imports torch only."""
+import inspect
+
 import torch
 
 TOL = 1e-7  # default allowed |got - want|: float64 gradients against central differences (test_grads.py)
+H = 1e-6  # finite-difference step: truncation ~H^2 = 1e-12, float64 roundoff ~1e-16 / H = 1e-10 (TOL: 1e-7)
+
+
+def call(what, fn, *args, **kwargs):
+    """fn(*args, **kwargs), failing if fn changed one of its tensor inputs in place: callers read
+    their tensors (masks, returns, values) again after the call."""
+    names = list(inspect.signature(fn).parameters)
+    given = [(names[i], a) for i, a in enumerate(args)] + list(kwargs.items())
+    before = [(name, a, a.clone()) for name, a in given if isinstance(a, torch.Tensor)]
+    out = fn(*args, **kwargs)
+    for name, a, old in before:
+        if not ((a == old) | ((a != a) & (old != old))).all():  # nan == nan here
+            raise AssertionError(f"{what}: changed its input `{name}` in place, which the caller reads again: compute "
+                                 "new tensors (torch.where, x - y), never x[...] = ..., x -= ... or a _ method on an input")
+    return out
 
 
 def assert_close(what, got, want, tol=TOL, mistakes=(), hint="", labels=None):
@@ -40,3 +58,45 @@ def assert_close(what, got, want, tol=TOL, mistakes=(), hint="", labels=None):
     raise AssertionError(f"{what}: {first}\n" + ("\n".join(rows) + "\n" if g.dim() else
                          f"  got {g.item():.10g}, want {w.item():.10g}\n") +
                          f"  off {where}by up to {err.max().item():.3g} (tolerance {tol:.0e})")
+
+
+def numerical_grad(f, x, h=H):
+    """Central differences (f(x + h e_i) - f(x - h e_i)) / 2h at every entry i of the float64 tensor
+    x, which f() reads: x is changed in place one entry at a time and restored."""
+    assert x.dtype == torch.float64 and x.is_contiguous(), "finite differences need a contiguous float64 tensor"
+    grad, threads = torch.zeros_like(x), torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny evaluations: threads only add overhead (x10 on a busy machine)
+    try:
+        with torch.no_grad():
+            flat = x.view(-1)
+            for i in range(flat.numel()):
+                old = flat[i].item()
+                flat[i] = old + h
+                up = f().item()
+                flat[i] = old - h
+                down = f().item()
+                flat[i] = old
+                grad.view(-1)[i] = (up - down) / (2 * h)
+    finally:
+        torch.set_num_threads(threads)
+    return grad
+
+
+def gradcheck(f, *xs):
+    """torch.autograd.gradcheck (its own finite differences, every entry) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.autograd.gradcheck(f, tuple(x.detach().clone().requires_grad_(True) for x in xs), eps=H, atol=TOL)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def autograd_grads(f, *xs):
+    """d f(*xs) / d xs by backward(); an input the output does not depend on gets zeros."""
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    out = f(*xs)
+    if not out.requires_grad:  # e.g. everything was detached: the gradient that reaches the model is 0
+        return [torch.zeros_like(x) for x in xs]
+    gs = torch.autograd.grad(out, xs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, xs)]

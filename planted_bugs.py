@@ -33,6 +33,9 @@ BUGS = [
     ("KV cache: every layer written into layer 0", "gpt.py",
      "self.k[layer, :, :, self.pos:end] = k\n        self.v[layer, :, :, self.pos:end] = v",
      "self.k[0, :, :, self.pos:end] = k\n        self.v[0, :, :, self.pos:end] = v"),
+    ("KV cache: returns .contiguous() slices (a copy of every key so far whenever B x n_head > 1)", "gpt.py",
+     "        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]",
+     "        return self.k[layer, :, :, :end].contiguous(), self.v[layer, :, :, :end].contiguous()"),
     # gpt.py CausalSelfAttention.forward
     ("attention: no causal mask", "gpt.py", "F.scaled_dot_product_attention(q, k, v, is_causal=True)",
      "F.scaled_dot_product_attention(q, k, v)"),
@@ -59,13 +62,20 @@ BUGS = [
      "            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)\n",
      ATTN_SCORES + f"            att = att.masked_fill({FUTURE}, float('-inf')).exp()\n"
      "            y = att / att.sum(-1, keepdim=True) @ v\n"),
+    ("attention: a -1e4 added where masked, not -inf (scores of 1e5 get past it)", "gpt.py",
+     "F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
+     "F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(mask, 0.0, -1e4).to(q.dtype))"),
+    ("attention: a given mask combined with the causal rule (the mask is the whole rule)", "gpt.py",
+     "F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
+     "F.scaled_dot_product_attention(q, k, v, attn_mask=mask & torch.ones(T, k.size(2), dtype=torch.bool, "
+     "device=x.device).tril(k.size(2) - T))"),
     # sft.py sft_loss
     ("sft_loss: logits/labels shift missing", "sft.py",
      "targets = torch.roll(tokens, -1, dims=1)", "targets = tokens"),
     ("sft_loss: averaged over prompt and padding tokens", "sft.py",
-     "return (nll * m).sum() / m.sum()", "return nll.mean()"),
-    ("sft_loss: the mean of per-row means", "sft.py", "return (nll * m).sum() / m.sum()",
-     "m, nll = m.view(tokens.shape), nll.view(tokens.shape)\n    return ((nll * m).sum(1) / m.sum(1)).mean()"),
+     "return torch.where(m, nll, 0).sum() / m.sum()", "return nll.mean()"),
+    ("sft_loss: the mean of per-row means", "sft.py", "return torch.where(m, nll, 0).sum() / m.sum()",
+     "m, nll = m.view(tokens.shape), nll.view(tokens.shape)\n    return (torch.where(m, nll, 0).sum(1) / m.sum(1)).mean()"),
     ("sft_loss: mask not shifted with the labels", "sft.py",
      "m = torch.roll(loss_mask, -1, dims=1)", "m = loss_mask.clone()"),
     ("sft_loss: roll wraps token 0's mask onto the last position", "sft.py",
@@ -77,6 +87,11 @@ BUGS = [
      "-torch.softmax(logits.reshape(-1, V), -1).log().gather(1, targets.reshape(-1, 1)).squeeze(1)"),
     ("sft_loss: shifts the caller's loss_mask in place", "sft.py", "m = torch.roll(loss_mask, -1, dims=1)",
      "m = loss_mask\n    m[:, :-1] = loss_mask[:, 1:].clone()"),
+    ("sft_loss: nll times the mask (nan logits before a prompt or padding token give nan)", "sft.py",
+     "    m = m.reshape(-1).bool()\n    return torch.where(m, nll, 0).sum() / m.sum()",
+     "    m = m.reshape(-1).to(nll.dtype)\n    return (nll * m).sum() / m.sum()"),
+    ("sft_loss: zeroes the caller's loss_mask[:, 0] in place", "sft.py",
+     "    m = torch.roll(loss_mask, -1, dims=1)\n", "    loss_mask[:, 0] = 0\n    m = torch.roll(loss_mask, -1, dims=1)\n"),
     # reward.py preference_loss
     ("preference_loss: difference reversed", "reward.py",
      "F.logsigmoid(r_chosen - r_rejected)", "F.logsigmoid(r_rejected - r_chosen)"),
@@ -115,6 +130,9 @@ BUGS = [
     ("kl_penalized_rewards: score added at every valid token", "ppo.py",
      "return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))",
      "return rewards + scores[:, None].to(rewards.dtype) * mask"),
+    ("kl_penalized_rewards: the result in scores' dtype, not logprobs'", "ppo.py",
+     "    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))",
+     "    return rewards.to(scores.dtype).scatter_add(1, last[:, None], scores[:, None])"),
     # ppo.py gae
     ("gae: bootstraps past the end of a response", "ppo.py",
      "values, rewards = (torch.where(mask.bool(), x, 0) for x in (values, rewards))",
@@ -131,6 +149,11 @@ BUGS = [
      "for t in reversed(range(rewards.size(1))):", "for t in range(rewards.size(1)):"),
     ("gae: advantages allocated in float32", "ppo.py", "adv = torch.zeros_like(rewards)",
      "adv = torch.zeros(rewards.shape)"),
+    ("gae: the result in values' dtype, not rewards'", "ppo.py",
+     "    adv = torch.zeros_like(rewards)\n", "    adv = torch.zeros_like(values)\n"),
+    ("gae: zeroes the caller's rewards and values on padding, in place", "ppo.py",
+     "    values, rewards = (torch.where(mask.bool(), x, 0) for x in (values, rewards))",
+     "    values.masked_fill_(mask == 0, 0)\n    rewards.masked_fill_(mask == 0, 0)"),
     # ppo.py whiten
     ("whiten: statistics over padding", "ppo.py",
      "mean = masked_mean(x, mask)\n    var = masked_mean((x - mean) ** 2, mask)",
@@ -171,6 +194,8 @@ BUGS = [
     ("ppo_policy_loss: the mean of per-row means", "ppo.py",
      "masked_mean(torch.max(-advantages * ratio, -advantages * clipped), mask)",
      "((torch.max(-advantages * ratio, -advantages * clipped) * mask).sum(1) / mask.sum(1)).mean()"),
+    ("ppo_policy_loss: the log-ratio clamped at 20 before the exp (an 'overflow guard' that changes the loss)", "ppo.py",
+     "    ratio = torch.exp(logprobs - old_logprobs)", "    ratio = torch.exp((logprobs - old_logprobs).clamp(max=20.0))"),
     # ppo.py value_loss
     ("value_loss: clipped around the returns, not the old values", "ppo.py",
      "old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)",
@@ -212,6 +237,9 @@ BUGS = [
      "logp = F.log_softmax(logits.float(), -1)"),
     ("entropy: mean over padding", "ppo.py", "masked_mean(-(logp.exp() * logp).sum(-1), mask)",
      "(-(logp.exp() * logp).sum(-1)).mean()"),
+    ("entropy: H times the mask (nan logits on padding give nan)", "ppo.py",
+     "    return masked_mean(-(logp.exp() * logp).sum(-1), mask)",
+     "    h = -(logp.exp() * logp).sum(-1)\n    return (h * mask).sum() / mask.sum()"),
     # ppo.py ppo_loss
     ("ppo_loss: entropy bonus added to the loss", "ppo.py", "- ent_coef * entropy(logits, mask)",
      "+ ent_coef * entropy(logits, mask)"),
@@ -236,6 +264,13 @@ BUGS = [
      "    m = torch.roll(loss_mask, -1, 1).to(logits.dtype)\n"
      "    onehot = F.one_hot(torch.roll(tokens, -1, 1), V).to(logits.dtype)\n"
      "    grad = (torch.softmax(logits, -1) - onehot) * (m / m.sum())[..., None]\n"),
+    ("sft_loss_grad: autograd instead of the formula", "grads.py",
+     "    B, T, V = logits.shape\n    m = loss_mask",
+     "    with torch.enable_grad():\n        x = logits.detach().requires_grad_(True)\n"
+     "        lp = F.log_softmax(x[:, :-1], -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)\n"
+     "        mm = loss_mask[:, 1:].bool()\n"
+     "        return torch.autograd.grad(-torch.where(mm, lp, 0).sum() / mm.sum(), x)[0]\n"
+     "    B, T, V = logits.shape\n    m = loss_mask"),
     # grads.py preference_loss_grad
     ("preference_loss_grad: same sign for both rewards", "grads.py", "return -g, g", "return -g, -g"),
     ("preference_loss_grad: sigmoid(r_c - r_r), not sigmoid(r_r - r_c)", "grads.py",
@@ -259,6 +294,9 @@ BUGS = [
     ("ppo_policy_loss_grad: the factor rho missing", "grads.py", "return -advantages * rho *", "return -advantages *"),
     ("ppo_policy_loss_grad: padding not masked", "grads.py", "* mask / mask.sum()", "/ mask.sum()"),
     ("ppo_policy_loss_grad: divided by every entry", "grads.py", "/ mask.sum()", "/ mask.numel()"),
+    ("ppo_policy_loss_grad: the clip tested on the log-ratio against +-eps, not on the ratio", "grads.py",
+     "((advantages > 0) & (rho > 1 + clip_eps)) | ((advantages < 0) & (rho < 1 - clip_eps))",
+     "((advantages > 0) & (rho.log() > clip_eps)) | ((advantages < 0) & (rho.log() < -clip_eps))"),
     # ppo.py rloo_advantages
     ("rloo: the baseline is the group's mean, the response itself included", "ppo.py",
      "return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)", "return (r - r.mean(1, keepdim=True)).view(-1)"),
@@ -276,6 +314,9 @@ BUGS = [
     ("grpo: centred on the batch's mean, not the group's", "ppo.py",
      "((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps))", "((r - r.mean()) / (r.std(1, keepdim=True) + eps))"),
     ("grpo: eps inside the square root", "ppo.py", "(r.std(1, keepdim=True) + eps)", "(r.var(1, keepdim=True) + eps).sqrt()"),
+    ("grpo: normalises the caller's returns in place", "ppo.py",
+     "    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)",
+     "    r -= r.mean(1, keepdim=True)\n    r /= r.std(1, keepdim=True) + eps\n    return returns"),
     # outside the exercises: the reference's own code, which the suite must guard too
     ("position ids ignore left padding", "gpt.py", "return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
      "return torch.arange(attention_mask.size(1), device=attention_mask.device).expand_as(attention_mask)"),

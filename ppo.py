@@ -193,7 +193,7 @@ def value_loss(values, old_values, returns, mask, clip_eps):
 def entropy(logits, mask):
     """Masked mean over tokens of the entropy H = -sum_v p_v log p_v, p = softmax(logits).
     logits: (B, T, V), mask: (B, T). Returns a scalar of logits' dtype and device, finite for finite
-    logits of any size."""
+    logits of any size; positions where mask = 0 count for nothing, even if their logits are inf or nan."""
     logp = F.log_softmax(logits, -1)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
 

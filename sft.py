@@ -57,16 +57,16 @@ def sft_loss(logits, tokens, loss_mask):
     logits: (B, T, V) = model(tokens); tokens: (B, T) long; loss_mask: (B, T), 1 on response tokens.
     Position t-1 predicts token t, so the loss is the mean, over positions t >= 1 with
     loss_mask[:, t] = 1 (there is at least one), of -log softmax(logits[:, t-1])[tokens[:, t]]. Prompt and padding
-    tokens contribute nothing. Returns a scalar of logits' dtype and device (float64 logits: a
-    float64 loss)."""
+    tokens contribute nothing, whatever the logits that predict them hold (nan * 0 would be nan). Returns a
+    scalar of logits' dtype and device (float64 logits: a float64 loss)."""
     V = logits.size(-1)
     # shift the labels, not the logits: logits[:, :-1] would copy (B, T, V), 200 MB for GPT-2 at 4x256
     targets = torch.roll(tokens, -1, dims=1)  # (B, T): targets[:, t] = tokens[:, t+1]
     m = torch.roll(loss_mask, -1, dims=1)
     m[:, -1] = 0  # the last position predicts nothing (roll wrapped the first token there)
     nll = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none")  # (B*T,)
-    m = m.reshape(-1).to(nll.dtype)
-    return (nll * m).sum() / m.sum()
+    m = m.reshape(-1).bool()
+    return torch.where(m, nll, 0).sum() / m.sum()
 
 
 

@@ -76,6 +76,23 @@ def test_attention_with_padding_mask_and_cache_matches_naive_loop():
                      "queries being the last T positions")
 
 
+def test_attention_a_given_mask_is_the_whole_rule_at_any_scale():
+    """A given mask decides alone, causal or not (a key after the query, if allowed, is attended to), and
+    a masked key gets weight 0 exactly: scores here reach ~1e5 (float64), where an additive -1e4 lets it in."""
+    model, g = tiny().double(), torch.Generator().manual_seed(0)
+    attn = model.transformer.h[0].attn
+    allowed = (torch.rand(2, 1, 5, 5, generator=g) < 0.5) | torch.eye(5, dtype=torch.bool)  # each query sees itself
+    with torch.no_grad():
+        attn.c_attn.weight.normal_(0, 30.0, generator=g)
+        x = torch.randn(2, 5, 32, dtype=torch.float64, generator=g)
+        want = naive_attention(attn, x, allowed)
+        assert_close("CausalSelfAttention with a non-causal mask, scores ~1e5", attn(x, allowed), want,
+                     1e-9 * want.abs().max().item(),
+                     [("the mask combined with a causal rule: a given mask is the whole rule",
+                       naive_attention(attn, x, allowed & torch.ones(5, 5, dtype=torch.bool).tril()))],
+                     "masked keys get weight exactly 0 (-inf before the softmax, not a large negative number)")
+
+
 def test_attention_stable_for_large_scores():
     model = tiny()
     attn = model.transformer.h[0].attn
@@ -149,9 +166,9 @@ def test_attention_with_a_cache_and_no_mask_is_causal_at_the_right():
 
 def test_kvcache_update_returns_views_of_the_cache():
     """"two views of the cache": no copy (and no torch.cat) of every key so far at every step."""
-    c = KVCache(n_layer=2, B=1, n_head=1, T_max=6, head_size=2, device="cpu", dtype=torch.float32)
-    c.pos = 2
-    k, v = c.update(1, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    c = KVCache(n_layer=2, B=2, n_head=2, T_max=6, head_size=2, device="cpu", dtype=torch.float32)
+    c.pos = 2  # B, nh > 1: a slice of the time axis is not contiguous, so .contiguous() would copy it
+    k, v = c.update(1, torch.ones(2, 2, 3, 2), torch.ones(2, 2, 3, 2))
     for name, got, buf in (("keys", k, c.k), ("values", v, c.v)):
         assert got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), \
             f"KVCache.update returned {name} in new memory: return a slice of the cache (a view), not a copy or a torch.cat"

@@ -11,57 +11,14 @@ import torch
 from torch.nn import functional as F
 
 import grads
-from checks import TOL, assert_close
+from checks import TOL, assert_close, autograd_grads, call, gradcheck, numerical_grad
 from gpt import GPT, GPTConfig
 from ppo import entropy, ppo_loss, ppo_policy_loss, value_loss
 from ppo import policy_logprobs, token_logprobs
 from reward import RewardModel, preference_loss
 from sft import sft_loss
 
-H = 1e-6  # finite-difference step: truncation ~H^2 = 1e-12, float64 roundoff ~1e-16 / H = 1e-10 (TOL: 1e-7)
 CLIP = 0.2
-
-
-def numerical_grad(f, x, h=H):
-    """Central differences (f(x + h e_i) - f(x - h e_i)) / 2h at every entry i of the float64 tensor
-    x, which f() reads: x is changed in place one entry at a time and restored."""
-    assert x.dtype == torch.float64 and x.is_contiguous(), "finite differences need a contiguous float64 tensor"
-    grad, threads = torch.zeros_like(x), torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny evaluations: threads only add overhead (x10 on a busy machine)
-    try:
-        with torch.no_grad():
-            flat = x.view(-1)
-            for i in range(flat.numel()):
-                old = flat[i].item()
-                flat[i] = old + h
-                up = f().item()
-                flat[i] = old - h
-                down = f().item()
-                flat[i] = old
-                grad.view(-1)[i] = (up - down) / (2 * h)
-    finally:
-        torch.set_num_threads(threads)
-    return grad
-
-
-def gradcheck(f, *xs):
-    """torch.autograd.gradcheck (its own finite differences, every entry) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.autograd.gradcheck(f, tuple(x.detach().clone().requires_grad_(True) for x in xs), eps=H, atol=TOL)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def autograd_grads(f, *xs):
-    """d f(*xs) / d xs by backward(); an input the output does not depend on gets zeros."""
-    xs = [x.detach().clone().requires_grad_(True) for x in xs]
-    out = f(*xs)
-    if not out.requires_grad:  # e.g. everything was detached: the gradient that reaches the model is 0
-        return [torch.zeros_like(x) for x in xs]
-    gs = torch.autograd.grad(out, xs, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, xs)]
 
 
 # the losses written here from their docstrings: the known values beside each gradient check (a
@@ -106,10 +63,13 @@ def preference_example():
     return rc, rr
 
 
-# (ratio, advantage) -> whether the objective is clipped there (gradient 0); |ratio - 1 -+ eps| >= 0.1
+# (ratio, advantage) -> whether the objective is clipped there (gradient 0); |ratio - 1 -+ eps| >= 0.01, where a
+# finite-difference step moves the ratio by ~1e-6. 1.21 and 0.81 lie between 1 +- eps and exp(+-eps): the clip
+# is on the ratio, not on the log-ratio
 POLICY_POINTS = {"pos_adv-inside": (1.1, 1.3, False), "pos_adv-below_clip": (0.5, 0.8, False),
                  "pos_adv-above_clip": (1.5, 1.3, True), "neg_adv-inside": (0.9, -0.7, False),
-                 "neg_adv-below_clip": (0.5, -0.7, True), "neg_adv-above_clip": (1.5, -1.1, False)}
+                 "neg_adv-below_clip": (0.5, -0.7, True), "neg_adv-above_clip": (1.5, -1.1, False),
+                 "pos_adv-just_above_clip": (1.21, 1.0, True), "neg_adv-just_inside": (0.81, -1.0, False)}
 
 
 def policy_example(points=tuple(POLICY_POINTS.values())):
@@ -232,7 +192,7 @@ def test_entropy_autograd_matches_finite_differences():
 
 
 def test_ppo_loss_autograd_matches_finite_differences():
-    logprobs, old, adv, mask = policy_example()
+    logprobs, old, adv, mask = policy_example(tuple(POLICY_POINTS.values())[:6])  # T = 7: the widths of dv, dr
     B, T = mask.shape
     g = torch.Generator().manual_seed(1)
     old_values = torch.randn(B, T, dtype=torch.float64, generator=g)
@@ -264,11 +224,23 @@ def test_ppo_loss_autograd_matches_finite_differences():
 
 DERIVE = "want = finite differences of the loss, entry by entry: check the derivation on the entries listed"
 
+
+def closed_form(fn, *args):
+    """fn(*args) as the docstrings ask: without autograd (so under torch.inference_mode), inputs unchanged."""
+    try:
+        with torch.inference_mode():
+            return call(f"grads.{fn.__name__}", fn, *args)
+    except RuntimeError as e:
+        if isinstance(e, NotImplementedError) or ("grad" not in str(e) and "nference" not in str(e)):
+            raise
+        raise AssertionError(f"grads.{fn.__name__} fails under torch.inference_mode ({str(e).splitlines()[0][:80]}): "
+                             "compute the gradient from its formula, without autograd") from None
+
 def test_sft_loss_grad_matches_finite_differences():
     logits, tokens, mask = sft_example()
     x = logits.clone()
     want = numerical_grad(lambda: sft_loss(x, tokens, mask), x)
-    got = grads.sft_loss_grad(logits, tokens, mask)
+    got = closed_form(grads.sft_loss_grad, logits, tokens, mask)
     (B, T, V), p, M = logits.shape, logits.softmax(-1), mask[:, 1:].sum()
     onehot = F.one_hot(tokens, V).double()
     shifted = torch.zeros_like(logits)
@@ -304,7 +276,7 @@ def test_sft_loss_grad_stable_for_large_logits():
 
 def test_preference_loss_grad_matches_finite_differences():
     rc, rr = preference_example()
-    got_c, got_r = grads.preference_loss_grad(rc, rr)
+    got_c, got_r = closed_form(grads.preference_loss_grad, rc, rr)
     xc, xr = rc.clone(), rr.clone()
     want_c = numerical_grad(lambda: preference_loss(xc, xr), xc)
     want_r = numerical_grad(lambda: preference_loss(xc, xr), xr)
@@ -331,7 +303,7 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
     logprobs, old, adv, mask = policy_example()
     x = logprobs.clone()
     want = numerical_grad(lambda: ppo_policy_loss(x, old, adv, mask, CLIP), x)
-    got = grads.ppo_policy_loss_grad(logprobs, old, adv, mask, CLIP)
+    got = closed_form(grads.ppo_policy_loss_grad, logprobs, old, adv, mask, CLIP)
     rho = (logprobs - old).exp()
     unclipped = -adv * rho * mask / mask.sum()
     clipped = ((adv > 0) & (rho > 1 + CLIP)) | ((adv < 0) & (rho < 1 - CLIP))
@@ -346,6 +318,9 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
     labels = {(0, i): f"({name})" for i, name in enumerate(POLICY_POINTS)}
     mistakes.append(("the clip for A < 0 ignored: there the max picks the clipped term once rho < 1 - eps",
                      unclipped * ~((adv > 0) & (rho > 1 + CLIP))))
+    lr = logprobs - old
+    mistakes.append(("the clip tested on the log-ratio against +-eps: it is on the ratio, 1 - eps < rho < 1 + eps",
+                     unclipped * ~(((adv > 0) & (lr > CLIP)) | ((adv < 0) & (lr < -CLIP)))))
     assert_close("grads.ppo_policy_loss_grad", got, want, mistakes=mistakes, labels=labels, hint=DERIVE)
     autograd = autograd_grads(lambda lp: ppo_policy_loss(lp, old, adv, mask, CLIP), logprobs)[0]
     assert_close("grads.ppo_policy_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12, labels=labels)

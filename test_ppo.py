@@ -5,7 +5,7 @@ import math
 import torch
 
 import ppo
-from checks import assert_close
+from checks import assert_close, call
 from ppo import (entropy, gae, kl_penalized_rewards, ppo_loss, ppo_policy_loss, token_logprobs,
                  value_loss, whiten)
 
@@ -15,7 +15,7 @@ MASK = torch.tensor([[0., 1., 1., 1., 0.], [1., 1., 1., 1., 1.]])
 
 def test_token_logprobs_matches_hand_computed():
     logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0]]])  # (1, 2, 2)
-    got = token_logprobs(logits, torch.tensor([[1, 1]]))
+    got = call("token_logprobs", token_logprobs, logits, torch.tensor([[1, 1]]))
     assert got.shape == (1, 2), f"token_logprobs: shape {tuple(got.shape)}, want (1, 2): squeeze(-1) only the " \
                                 f"gathered dimension (squeeze() drops every dimension of size 1)"
     over_positions = torch.tensor([[math.log(3 / 4), math.log(1 / 4)]])
@@ -61,7 +61,7 @@ def check_kl_rewards(what, scores, logprobs, ref, mask, coef, tol):
                 ("score written over the last token's KL penalty: it is added to it", naive_kl_rewards(*args, add=False)),
                 ("KL penalty on padding too", naive_kl_rewards(*args, everywhere=True)),
                 ("kl_coef not applied", naive_kl_rewards(scores, logprobs, ref, mask, 1.0))]
-    assert_close(what, kl_penalized_rewards(*args), naive_kl_rewards(*args), tol, mistakes,
+    assert_close(what, call("kl_penalized_rewards", kl_penalized_rewards, *args), naive_kl_rewards(*args), tol, mistakes,
                  "0 on padding, -kl_coef * (logprobs - ref) on valid tokens, + the score at each row's last valid token")
 
 
@@ -77,6 +77,8 @@ def test_kl_penalized_rewards_matches_hand_computed():
     scores, logprobs, ref, want = kl_example()
     assert torch.equal(naive_kl_rewards(scores, logprobs, ref, MASK, 0.5), want)
     check_kl_rewards("kl_penalized_rewards", scores, logprobs, ref, MASK, 0.5, 1e-6)
+    assert_close("kl_penalized_rewards with float64 scores, float32 log-probs", kl_penalized_rewards(
+        scores.double(), logprobs, ref, MASK, 0.5), want, 1e-6, hint="the result has logprobs' dtype: scores.to(it)")
 
 
 def test_kl_penalized_rewards_zero_where_masked_whatever_the_logprobs_hold():
@@ -118,7 +120,7 @@ def test_gae_matches_naive_loop():
     torch.manual_seed(0)
     rewards, values = torch.randn(2, 5), torch.randn(2, 5) * 3  # values on padding must not leak in
     for gamma, lam in ((1.0, 0.95), (0.9, 0.8), (1.0, 1.0)):
-        adv, ret = gae(rewards, values, MASK, gamma, lam)
+        adv, ret = call("gae", gae, rewards, values, MASK, gamma, lam)
         want_adv, want_ret = naive_gae(rewards, values, MASK, gamma, lam)
         assert_close(f"gae advantages (gamma={gamma}, lam={lam})", adv, want_adv, 1e-5,
                      [("bootstrapped past a row's end: V = 0 after its last valid token",
@@ -142,6 +144,8 @@ def test_gae_padded_row_in_the_middle_float64():
                  [("bootstrapped past a row's end: V = 0 after its last valid token",
                    naive_gae(rewards, values, mask, 0.9, 0.8, True)[0] * mask)], "0 on padding, before and after a row")
     assert_close("gae returns, float64, middle row padded on both sides", ret, want_ret, 1e-12)
+    adv, _ = gae(rewards, values.float(), mask, 0.9, 0.8)
+    assert_close("gae advantages of float64 rewards, float32 values", adv, want_adv, 1e-5, hint="of rewards' dtype")
 
 
 def test_gae_does_not_bootstrap_past_the_end():
@@ -173,7 +177,7 @@ def test_whiten_matches_hand_computed():
     valid = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])  # padding (99, -50) excluded
     mean, var = valid.mean(), valid.var(unbiased=False)
     want = (x - mean) / torch.sqrt(var + 1e-8) * MASK
-    assert_close("whiten", whiten(x, MASK), want, 1e-6,
+    assert_close("whiten", call("whiten", whiten, x, MASK), want, 1e-6,
                  [("statistics include padding: mean and var over valid entries only", (x - x.mean()) / x.std() * MASK),
                   ("statistics include padding", (x - x.mean()) / x.std(unbiased=False) * MASK),
                   ("unbiased variance (n - 1): var = masked_mean((x - mean)^2)", (x - mean) / valid.std() * MASK),
@@ -219,8 +223,8 @@ def test_ppo_policy_loss_matches_hand_computed_each_branch():
     old = -1.7  # not 0: exp(logprobs) alone must not pass for the ratio
     for log_r, a, clipped in CASES:
         lp, r = torch.tensor([[old + log_r]], dtype=torch.float64), math.exp(log_r)
-        got = ppo_policy_loss(lp, torch.full((1, 1), old, dtype=torch.float64),
-                              torch.tensor([[a]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), 0.2)
+        got = call("ppo_policy_loss", ppo_policy_loss, lp, torch.full((1, 1), old, dtype=torch.float64),
+                   torch.tensor([[a]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), 0.2)
         mistakes = [("min instead of max (or the clipped term alone): the loss is the larger, pessimistic term",
                      policy_terms(log_r, a, min)),
                     ("ratio inverted: rho = exp(logprobs - old_logprobs)", policy_terms(-log_r, a)),
@@ -251,6 +255,12 @@ def test_ppo_policy_loss_stable_for_very_negative_logprobs():
     want = sum(policy_terms(x, a) for x, a in zip(d[0].tolist(), [1.0, -1.0, 0.5])) / 3
     assert_close("ppo_policy_loss at log-probs -200..-120 (float32)", got, torch.tensor(want), 1e-4,
                  hint="rho = exp(logprobs - old_logprobs) in one exp")
+    lp, one = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True), torch.ones(1, 1, dtype=torch.float64)
+    got = ppo_policy_loss(lp, lp.detach() - 25, -one, one, 0.2)  # a log-ratio of 25 on a valid token, A < 0
+    got.backward()
+    assert_close("ppo_policy_loss and its gradient at a log-ratio of 25, A = -1", torch.stack([got, lp.grad[0, 0]]),
+                 torch.full((2,), math.exp(25), dtype=torch.float64), 1e-12 * math.exp(25),
+                 hint="rho = exp(logprobs - old_logprobs), nothing clamped: the loss is -A * rho")
 
 
 def test_masked_mean_drops_nonfinite_masked_entries():
@@ -316,7 +326,7 @@ def test_value_loss_matches_hand_computed_around_old_values():
                 ("the clipped term alone: max((V - R)^2, (V_clipped - R)^2)", naive_value_loss(*args, pick=lambda a, b: b)),
                 ("the 0.5 forgotten", 2 * naive_value_loss(*args)),
                 ("a mean over padding too: masked_mean divides by sum(mask)", naive_value_loss(*args, every=True))]
-    assert_close("value_loss with V_old other than 1, rows of 3 and 5 valid tokens", value_loss(*args),
+    assert_close("value_loss with V_old other than 1, rows of 3 and 5 valid tokens", call("value_loss", value_loss, *args),
                  naive_value_loss(*args), 1e-12, mistakes, "0.5 * masked mean of max((V - R)^2, (clip(V, V_old - eps, "
                  "V_old + eps) - R)^2)")
 
@@ -345,13 +355,16 @@ def test_entropy_matches_hand_computed():
     p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     want = -(p * p.log()).sum()  # 1.0397
     logits = (torch.log(p) + 5.0).expand(2, 5, 3)  # logits, not log-probs: softmax(logits) = p
-    assert_close("entropy of softmax(log p + 5)", entropy(logits, MASK.double()), want, 1e-12,
+    assert_close("entropy of softmax(log p + 5)", call("entropy", entropy, logits, MASK.double()), want, 1e-12,
                  [("-sum p * logits: log p = logits - logsumexp(logits)", -(p * (p.log() + 5)).sum()),
                   ("sign flipped: H = -sum p log p >= 0", -want), ("a mean over the vocabulary: H sums over it", want / 3)])
     logits = torch.zeros(2, 5, 3)
     logits[0, 0] = torch.tensor([100.0, 0.0, 0.0])  # a padding position with zero entropy: excluded
     assert_close("entropy with a padding position of entropy 0", entropy(logits, MASK), torch.tensor(math.log(3)), 1e-6,
                  hint="a masked mean over valid tokens")
+    logits[0, 0], logits[0, 4] = -math.inf, math.nan  # padding: whatever a forward left there
+    assert_close("entropy with -inf and nan logits at padding", entropy(logits, MASK), torch.tensor(math.log(3)), 1e-6,
+                 hint="a masked mean that drops padding (masked_mean), not (H * mask).sum(): nan * 0 = nan")
 
 
 def test_entropy_stable_for_large_logits():
@@ -367,7 +380,7 @@ def test_ppo_loss_combines_its_terms():
     pg = ppo_policy_loss(logp, old, adv, MASK, 0.2)
     vf = value_loss(v, old_v, ret, MASK, 0.3)
     h = entropy(logits, MASK)
-    got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01)
+    got = call("ppo_loss", ppo_loss, logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01)
     assert_close("ppo_loss", got, pg + 0.5 * vf - 0.01 * h, 1e-6,
                  [("the entropy bonus added: the loss subtracts ent_coef * entropy", pg + 0.5 * vf + 0.01 * h),
                   ("vf_coef not applied", pg + vf - 0.01 * h), ("the value loss subtracted", pg - 0.5 * vf - 0.01 * h),
@@ -384,7 +397,7 @@ def test_rloo_advantages_known_values():
     which is GRPO's centre without the scale, and not of the whole batch)."""
     from ppo import rloo_advantages
     R = torch.tensor([1.0, 2.0, 6.0, -1.0, -1.0, 5.0], dtype=torch.float64)
-    got = rloo_advantages(R, 3)
+    got = call("rloo_advantages", rloo_advantages, R, 3)
     want = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, -1 - 2.0, -1 - 2.0, 5 + 1.0], dtype=torch.float64)
     assert_close("rloo_advantages, two groups of 3", got, want, 1e-12, hint="leave-one-out mean of the group")
     group_centred = R.view(2, 3) - R.view(2, 3).mean(1, keepdim=True)
@@ -396,7 +409,7 @@ def test_grpo_advantages_known_values_and_constant_groups():
     """Group-normalised: (R - mean) / (sample std + eps) per prompt; a group of equal returns gives 0, not NaN."""
     from ppo import grpo_advantages
     R = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0], dtype=torch.float64)  # group means 3 and 4, batch mean 3.5
-    got = grpo_advantages(R, 3)
+    got = call("grpo_advantages", grpo_advantages, R, 3)
     assert got.dtype == torch.float64, f"grpo_advantages returned {got.dtype} for float64 returns: no .float()"
     std = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)  # Bessel: divide by k - 1
     want = torch.tensor([-2 / (std + 1e-4), -1 / (std + 1e-4), 3 / (std + 1e-4), 0, 0, 0], dtype=torch.float64)

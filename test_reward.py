@@ -7,7 +7,7 @@ import data
 from gpt import GPT, GPTConfig
 from data import last_index
 from reward import RewardModel, group_batch, preference_loss
-from checks import assert_close
+from checks import assert_close, call
 
 
 def test_preference_loss_matches_hand_computed():
@@ -17,7 +17,7 @@ def test_preference_loss_matches_hand_computed():
                  sum(math.log(1 + math.exp(d)) for d in (2, -0.5, -2)) / 3),
                 ("a sum over pairs, not the mean", sum(nll)), ("the minus sign missing: -log sigmoid", -sum(nll) / 3),
                 ("log sigmoid of the mean difference: the mean is over the pairs' losses", math.log(1 + math.exp(1 / 6)))]
-    assert_close("preference_loss", preference_loss(rc, rr), torch.tensor(sum(nll) / 3), 1e-6, mistakes,
+    assert_close("preference_loss", call("preference_loss", preference_loss, rc, rr), torch.tensor(sum(nll) / 3), 1e-6, mistakes,
                  "the mean over pairs of -log sigmoid(r_chosen - r_rejected)")
 
 

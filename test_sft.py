@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from checks import assert_close
+from checks import assert_close, call
 from data import batch_indices, eval_indices
 from sft import sft_loss
 
@@ -68,7 +68,7 @@ def test_sft_loss_first_token_is_never_a_target():
     want = naive_sft_loss(logits, tokens, mask)
     logp_last = torch.log_softmax(logits[:, -1], -1).gather(1, tokens[:, :1]).squeeze(1)  # (B,): predicts token 0
     wrapped = (want * 6 - logp_last.sum().item()) / 8  # 6 targets, and the 2 wrapped ones
-    assert_close("sft_loss with loss_mask[:, 0] = 1", sft_loss(logits, tokens, mask),
+    assert_close("sft_loss with loss_mask[:, 0] = 1", call("sft_loss", sft_loss, logits, tokens, mask),
                  torch.tensor(want, dtype=torch.float64), 1e-12, [("the last position predicts token 0 (torch.roll wraps around): zero its weight", wrapped)])
 
 
@@ -85,6 +85,11 @@ def test_sft_loss_ignores_prompt_and_padding():
                  before, 1e-12, hint="prompt or padding tokens are trained on")
     changed[0, 1, tokens[0, 2]] += 5.0  # predicts token 2, a response token
     assert not torch.allclose(sft_loss(changed, tokens, mask), before), "a response token does not count"
+    changed = logits.clone()
+    changed[0, 0], changed[1, 3] = math.nan, -math.inf  # predict a prompt token and padding
+    assert_close("sft_loss with nan and -inf logits predicting prompt and padding tokens", sft_loss(changed, tokens, mask),
+                 before, 1e-12, hint="the mean drops prompt and padding positions (torch.where), it does not multiply "
+                                     "them by 0: nan * 0 = nan")
 
 
 def test_sft_loss_stable_for_large_logits():
