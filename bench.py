@@ -46,7 +46,7 @@ class Config:
     compile_mode: str = "default"  # with --compile: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
     compile_static: bool = False  # with --compile: shapes specialised (torch.compile's default), not symbolic as the scripts compile
     profile: str = ""  # write torch.profiler's table of one SFT step (ops and kernels by time) to this file
-    preset: str = ""  # gpu: the GPU table's settings (cuda, bf16, the sizes below), set over the defaults
+    preset: str = ""  # gpu: the GPU table's settings (cuda, bf16, the sizes below), set over the defaults and those flags
     compare: bool = True  # also time transformers (+ TRL) when installed
     out: str = "bench.json"  # results as JSON
 

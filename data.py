@@ -35,7 +35,11 @@ class Tokenizer:
                              "tiktoken-cache")
         if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(cache):
             os.environ["TIKTOKEN_CACHE_DIR"] = os.path.normpath(cache)
-        self.enc = tiktoken.get_encoding("gpt2")
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches the files at first use: offline, a requests error
+            raise UserError(f"tokenizer: tiktoken cannot load GPT-2's BPE files ({type(e).__name__}): it downloads them once; "
+                            "offline, set TIKTOKEN_CACHE_DIR to a folder holding them (as ../shared/tiktoken-cache)") from None
         self.vocab = None if vocab is None else [int(g) for g in vocab]
         self.eot, self.vocab_size = self.enc.eot_token, self.enc.n_vocab
         if self.vocab is not None:

@@ -88,9 +88,9 @@ def main(argv):
             k, _, v = a[2:].partition("=")
             if k not in opts:
                 raise UserError(f"unknown option --{k}; valid: --out=FILE.png, --kind=training|overopt")
-            opts[k] = v
+            opts[k] = os.path.expanduser(v)
         else:
-            dirs.append(a)
+            dirs.append(os.path.expanduser(a))
     if not dirs:
         raise UserError("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=FILE.png] [--kind=training|overopt]")
     if opts["kind"] not in ("training", "overopt"):

@@ -26,7 +26,7 @@ from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_in
 from hf import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from reward import load_reward_model
 from util import (GracefulStop, UserError, autocast, check_finite, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, main_guard, make_optimizer, parse_config, write_json)
+                  load_optimizer, main_guard, make_optimizer, metrics_file, parse_config, write_json)
 
 
 @dataclass
@@ -351,6 +351,7 @@ def train(cfg, log=None):
         if kl_ctl:
             kl_ctl.value = ck["kl_coef"]
         print(f"resumed from {path} at iteration {start}")
+    metrics_file(cfg.out_dir, "ppo_metrics.jsonl", append=cfg.resume or RANK > 0)  # default_log's
     print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}, {WORLD} process(es)")
     tpolicy, tcritic = (m and ddp_wrap(compile_for_lengths(m, cfg.compile), device) for m in (policy, critic))  # the update's
     static = cfg.cuda_graph and device.startswith("cuda")

@@ -24,7 +24,7 @@ import onednn
 from gpt import generate
 from hf import load_checkpoint, model_from_checkpoint, save_checkpoint
 from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, lr_at, main_guard, make_optimizer, parse_config)
+                  load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config)
 
 
 @dataclass
@@ -225,6 +225,7 @@ def main(argv):
         save_checkpoint(path, rm.gpt, "reward", head=rm.head.state_dict(), vocab=tok.vocab, cfg=asdict(cfg),
                         iter=it, best_loss=best_loss, optimizer=opt.state_dict(), rng=torch.get_rng_state(), **extra)
 
+    metrics = metrics_file(cfg.out_dir, "reward_metrics.jsonl", append=cfg.resume or RANK > 0)
     t0, stop = time.time(), GracefulStop()
     for it in range(start, cfg.max_iters + 1):
         if any_rank(stop.requested, device):
@@ -232,8 +233,8 @@ def main(argv):
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             if RANK == 0:  # one process evaluates and saves while the others wait at the barrier
                 vloss, vacc, vgold = evaluate(rm, val, val_gold, cfg, ctx, device, tok.eot)
-                print(f"reward {it}/{cfg.max_iters} | val loss {vloss:.4f} | val acc {vacc:.3f} "
-                      f"| gold agreement {vgold:.3f}")
+                print(f"reward {it}/{cfg.max_iters} | val loss {vloss:.4f} | val acc {vacc:.3f}"
+                      + (f" | gold agreement {vgold:.3f}" if val_gold else ""))
                 if vloss < best:  # the loss, not the accuracy: on noisy labels it is the steadier signal
                     best = vloss
                     save(best_path, it, best, val_acc=vacc, gold_agreement=vgold)
@@ -262,7 +263,7 @@ def main(argv):
         if it % cfg.log_interval == 0:  # loss and accuracy over the global batch: unscaled, summed over ranks
             loss_all, acc = all_sum(torch.stack([loss.detach() / WORLD, (rc > rr).sum() / n_all])).tolist()
             if RANK == 0:
-                append_jsonl(dict(iter=it, loss=loss_all), os.path.join(cfg.out_dir, "reward_metrics.jsonl"))
+                append_jsonl(dict(iter=it, loss=loss_all), metrics)
             print(f"reward {it}/{cfg.max_iters} | loss {loss_all:.4f} | acc {acc:.3f} "
                   f"| {(time.time() - t0) * 1000 / cfg.log_interval:.0f} ms/step")
             t0 = time.time()

@@ -4,6 +4,8 @@ Face GPT-2 directory.
 
     python sample.py --ckpt=out/ppo.pt --prompt=$'\n\nHuman: How do I bake bread?\n\nAssistant:' --n=3
 """
+import os
+
 import torch
 
 from data import Tokenizer
@@ -20,7 +22,7 @@ def main(argv):
         if k not in opts:
             raise UserError(f"unknown option --{k}; valid: {', '.join('--' + o for o in opts)}")
         try:
-            opts[k] = type(opts[k])(v)
+            opts[k] = type(opts[k])(os.path.expanduser(v) if k == "ckpt" else v)
         except ValueError:
             raise UserError(f"--{k}={v}: expected {type(opts[k]).__name__}") from None
     if not opts["ckpt"]:

@@ -21,7 +21,7 @@ import onednn
 from gpt import GPT, GPTConfig, generate
 from hf import from_pretrained, load_checkpoint, model_from_checkpoint, save_checkpoint
 from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, lr_at, main_guard, make_optimizer, parse_config)
+                  load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config)
 
 
 @dataclass
@@ -178,6 +178,7 @@ def main(argv):
         save_checkpoint(path, model, "sft", vocab=tok.vocab, cfg=asdict(cfg), iter=it, best_val=best_val,
                         optimizer=opt.state_dict(), rng=torch.get_rng_state())
 
+    metrics = metrics_file(cfg.out_dir, "sft_metrics.jsonl", append=cfg.resume or RANK > 0)
     t0, tokens_seen, stop = time.time(), 0, GracefulStop()
     for it in range(start, cfg.max_iters + 1):
         if any_rank(stop.requested, device):  # Ctrl-C reaches ranks at different moments: all stop here
@@ -223,8 +224,7 @@ def main(argv):
             dt = time.time() - t0
             loss_all, tokens_all = global_loss(loss, cfg), all_sum(torch.tensor(tokens_seen, device=device)).item()
             if RANK == 0:
-                append_jsonl(dict(iter=it, loss=loss_all, lr=opt.param_groups[0]["lr"]),
-                             os.path.join(cfg.out_dir, "sft_metrics.jsonl"))
+                append_jsonl(dict(iter=it, loss=loss_all, lr=opt.param_groups[0]["lr"]), metrics)
             print(f"sft {it}/{cfg.max_iters} | loss {loss_all:.4f} | lr {opt.param_groups[0]['lr']:.2e} "
                   f"| {dt * 1000 / cfg.log_interval:.0f} ms/step | {tokens_all / dt:.0f} tok/s")
             t0, tokens_seen = time.time(), 0

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 import torch
 
+import data
 from data import (Tokenizer, builtin_task, download_hh, encode_examples, load_records,
                   pad_left, pad_right, rankings_to_pairs, read_hh, read_jsonl, task_tokenizer)
 from util import UserError
@@ -51,6 +52,14 @@ def test_tokenizer_vocab_remap_round_trip():
     assert (tok.vocab_size, tok.eot) == (3, 2)
     assert tok.encode("Hello world") == [1, 0]
     assert tok.decode([1, 0, 2]) == "Hello world<|endoftext|>"
+
+
+def test_tokenizer_offline_without_its_files_is_one_line(monkeypatch):
+    def offline(name):
+        raise ConnectionError("openaipublic.blob.core.windows.net unreachable")
+    monkeypatch.setattr(data.tiktoken, "get_encoding", offline)
+    with pytest.raises(UserError, match="tokenizer: tiktoken cannot load GPT-2's BPE files .*TIKTOKEN_CACHE_DIR"):
+        Tokenizer()
 
 
 def test_tokenizer_vocab_out_of_vocab_error():

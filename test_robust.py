@@ -176,6 +176,14 @@ def test_ppo_resume_refuses_what_it_cannot_continue(tmp_path, ckpts):
     assert json.load(open(tmp_path / "ppo_eval.json"))["eval"]["n"] == 4
 
 
+def test_a_new_run_starts_its_metrics_afresh(tmp_path):
+    """A second run in the same out_dir (not --resume) replaces the first one's metrics log: appended to
+    it, plot.py would draw the two runs as one."""
+    for _ in range(2):
+        assert run("sft.py", f"--out_dir={tmp_path}", *SFT, "--max_iters=3", "--eval_interval=3").returncode == 0
+    assert [json.loads(line)["iter"] for line in open(tmp_path / "sft_metrics.jsonl")] == [0, 1, 2]
+
+
 def test_paths_a_run_cannot_use_are_one_line(tmp_path, ckpts):
     """An out_dir that is a file or lies under one, a checkpoint path that is a folder, a precision the
     script cannot train in: one line before any training. A ~ the shell left alone is expanded."""

@@ -203,6 +203,15 @@ def check_out_dir(path):
         raise UserError(f"--out_dir={path}: cannot write there ({e.strerror})") from None
 
 
+def metrics_file(out_dir, name, append):
+    """out_dir/name, a JSON-lines log, emptied now unless `append` (a resumed run, or a process that does
+    not write it): a new run appended to the last one's would plot as one run."""
+    path = os.path.join(out_dir, name)
+    if not append and os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 def append_jsonl(obj, path):
     """Append one JSON line and flush it to disk (a metrics log: a crash loses at most this line)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
