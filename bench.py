@@ -46,7 +46,7 @@ class Config:
     compile_mode: str = "default"  # with --compile: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
     compile_static: bool = False  # with --compile: shapes specialised (torch.compile's default), not symbolic as the scripts compile
     profile: str = ""  # write torch.profiler's table of one SFT step (ops and kernels by time) to this file
-    preset: str = ""  # gpu: the GPU table's settings (cuda, bf16, the sizes below), set over the defaults and those flags
+    preset: str = ""  # gpu: the GPU table's settings (cuda, bf16, the sizes below), set over the defaults (flags given win)
     compare: bool = True  # also time transformers (+ TRL) when installed
     out: str = "bench.json"  # results as JSON
 
@@ -264,10 +264,16 @@ def bench_ppo(cfg, bc, device, ctx, results):
                           update_s=statistics.median(p[1] for p in parts), peak_mem_gib=peak_mem(device))
 
 
-def main(argv):
-    bc = parse_config(Config, argv)
+def settings(argv):
+    """The Config of a command line: --preset=gpu sets its values over the defaults, not over flags given."""
+    bc, given = parse_config(Config, argv), {a.lstrip("-").partition("=")[0] for a in argv}
     if bc.preset == "gpu":
-        bc = Config(**{**asdict(bc), **GPU_PRESET})
+        bc = Config(**{**asdict(bc), **{k: v for k, v in GPU_PRESET.items() if k not in given}})
+    return bc
+
+
+def main(argv):
+    bc = settings(argv)
     only, batches = check_config(bc)
     device = get_device(bc.device)
     bc.device = device

@@ -82,6 +82,8 @@ def test_impossible_bench_settings(kw, needle):
         bench.check_config(bench.Config(**kw))
     assert bench.check_config(bench.Config(model="tiny", only="generate,ppo", prompt_len=8, new_tokens=8,
                                            ppo_prompt_len=16, ppo_new_tokens=8)) == (["generate", "ppo"], [1, 8])
+    bc = bench.settings(["--preset=gpu", "--reps=5", "--sft_len=512"])  # the preset under the flags given
+    assert (bc.reps, bc.sft_len, bc.sft_batch, bc.device) == (5, 512, 16, "cuda")
 
 
 def test_missing_and_wrong_checkpoints(tmp_path, ckpts):
