@@ -403,13 +403,17 @@ def batch_indices(n, it, batch_size, seed):
     """The example indices of batch number `it`: epoch e = it // (n // batch_size) walks a
     permutation seeded by (seed, e). A pure function of `it`, so a resumed run sees the same data."""
     per_epoch = max(1, n // batch_size)
-    g = torch.Generator().manual_seed(seed * 1000003 + it // per_epoch)
     j = it % per_epoch
-    return torch.randperm(n, generator=g)[j * batch_size:(j + 1) * batch_size].tolist()
+    return epoch_permutation(n, seed, it // per_epoch)[j * batch_size:(j + 1) * batch_size].tolist()
+
+
+def epoch_permutation(n, seed, epoch):
+    """The order of the n examples in epoch `epoch` of a run seeded by `seed`: (n,) long."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
 
 
 def eval_indices(n, batch_size, max_batches, seed):
     """Up to max_batches batches of a permutation seeded by `seed`, each example at most once (the last
     batch may be short): batch_indices' first epoch, without repeats where n < max_batches x batch_size."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003)).tolist()
+    perm = epoch_permutation(n, seed, 0).tolist()
     return [perm[i:i + batch_size] for i in range(0, min(n, max_batches * batch_size), batch_size)]
