@@ -12,6 +12,7 @@ import ppo
 from gpt import GPT, GPTConfig
 from ppo import policy_logprobs
 from reward import RewardModel
+from test_gpt import CUDA
 from rollout import AdaptiveKLController, RunningMoments, add_advantages, kl_stats, make_sampler, rollout, seeded
 from util import UserError, autocast, make_optimizer
 
@@ -196,8 +197,7 @@ def test_add_advantages_critic_free_uses_kl_penalised_returns(advantage):
     assert (b["returns"] == 0).all() and (b["values"] == 0).all()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                                       reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_ppo_update_without_a_critic_runs_on_the_policys_device(device):
     """RLOO and GRPO have no critic: its gradient norm is a zero made beside the policy's, on its device
     (a CPU zero beside a CUDA norm stopped the first critic-free step on a GPU)."""
