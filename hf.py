@@ -258,4 +258,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(main, usage=__doc__)

@@ -5,6 +5,8 @@ here and nowhere else.
     python plot.py out out/kl0                     # runs overlaid: score, gold, KL, length per iteration
     python plot.py runs/kl* --out=overopt.png --kind=overopt    # gold and proxy score against sqrt(KL)
 
+--kind=training (default) | overopt; --out=FILE.png (default training.png or overopt.png).
+
 The over-optimisation picture (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization",
 Fig. 1): every evaluation of every run is a point at d = sqrt(KL(policy || reference)), the KL per
 response in nats; gold (the labeler, the truth) and proxy (the reward model PPO optimised) against d.
@@ -12,7 +14,6 @@ response in nats; gold (the labeler, the truth) and proxy (the reward model PPO 
 import json
 import math
 import os
-import sys
 
 from util import UserError, main_guard
 
@@ -108,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main_guard(main, sys.argv[1:])
+    main_guard(main, usage=__doc__)

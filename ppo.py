@@ -8,7 +8,6 @@ Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (arXiv:2403.
     python ppo.py --kl_coef=0           # no KL penalty: watch the proxy reward and the gold score part
     torchrun --standalone --nproc_per_node=4 ppo.py   # 4 processes, each rolling out a quarter of the prompts
 """
-import copy
 import functools
 import json
 import math
@@ -23,8 +22,7 @@ import data
 import onednn
 from data import batch_indices, last_index
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
-from hf import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from reward import load_reward_model
+from hf import load_checkpoint, load_weights, save_checkpoint
 from util import (GracefulStop, UserError, autocast, check_finite, check_out_dir, compile_for_lengths, get_device,
                   load_optimizer, main_guard, make_optimizer, metrics_file, parse_config, write_json)
 
@@ -294,43 +292,17 @@ def check_config(cfg):
 def train(cfg, log=None):
     """PPO from cfg; log(metrics: dict) is called once per iteration and per evaluation (rank 0 only)."""
     from rollout import (AdaptiveKLController, RunningMoments, add_advantages, default_log, demo_loss, evaluate,  # here:
-                         explained_variance, kl_stats, make_sampler, responses, rollout, seeded)  # it imports this math
+                         explained_variance, kl_stats, load_models, load_prompts, make_sampler, responses, rollout,
+                         seeded)  # it imports this math
     check_config(cfg)
     check_out_dir(cfg.out_dir)
     device = ddp_init(get_device(cfg.device, cfg.dtype))
     log = log or default_log(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    sft_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
-    policy = model_from_checkpoint(sft_ck, cfg.sft_ckpt).to(device)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the KL anchor
-    rm, rm_ck = load_reward_model(cfg.reward_ckpt)
-    rm = rm.to(device).eval().requires_grad_(False)  # frozen: the proxy reward
-    if not rm_ck.get("normalized") and RANK == 0:  # reward.py marks the checkpoint it finished and centred
-        print(f"warning: {cfg.reward_ckpt} is from an unfinished reward.py run: its scores are not centred on the "
-              "SFT policy's samples (finish it with `python reward.py --resume`)")
-    # The critic is a separate copy of the reward model (InstructGPT §3.5): initialised to predict
-    # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
-    critic = copy.deepcopy(rm).train().requires_grad_(True) if cfg.advantage == "gae" else None  # RLOO, GRPO: none
-    models = [m for m in (policy, ref, rm, critic) if m is not None]
-    onednn.enable(*models)  # the CPU fast path: fp32 matmuls through oneDNN (onednn.py)
+    policy, ref, rm, critic, tok = load_models(cfg, device)
+    onednn.enable(*(m for m in (policy, ref, rm, critic) if m is not None))  # the CPU fast path: fp32 matmuls via oneDNN
     sampler = make_sampler(policy, cfg, device)
-    if rm_ck.get("vocab") != sft_ck.get("vocab"):
-        raise UserError(f"{cfg.reward_ckpt} and {cfg.sft_ckpt} use different vocabularies")
-    tok = data.Tokenizer(sft_ck.get("vocab"))
-    if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
-        raise UserError(f"--max_prompt_len + --max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} "
-                        f"exceeds the model's block_size {policy.config.block_size}")
-    train_prompts, eval_prompts = data.load_records(cfg.data, "prompts", cfg.seed)
-    eval_prompts = eval_prompts[:cfg.eval_prompts]
-    encode = lambda ps: [tok.encode(p)[-cfg.max_prompt_len:] for p in ps]  # keep the end, nearest the response
-    train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)
-    if len(train_ids) < cfg.rollout_batch // cfg.samples_per_prompt:  # batch_indices would hand out fewer
-        raise UserError(f"--data={cfg.data}: {len(train_ids)} training prompts, fewer than the {cfg.rollout_batch // cfg.samples_per_prompt}"
-                        f" of a rollout batch (--rollout_batch={cfg.rollout_batch}, --samples_per_prompt={cfg.samples_per_prompt})")
-    if cfg.ptx_coef > 0:
-        demos = data.load_records(cfg.data, "sft", cfg.seed)[0]
-        demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
-                                     cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len, "ptx")
+    train_prompts, train_ids, eval_prompts, eval_ids, demos = load_prompts(cfg, tok)
     opts = [make_optimizer(m.parameters(), lr, 0.0) for m, lr in ((policy, cfg.lr), (critic, cfg.vf_lr)) if m is not None]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     moments = RunningMoments()

@@ -1,8 +1,8 @@
 """
-The experience PPO learns from: sample responses from the policy and score them (log-probs under
-the policy and the reference, the reward model's score, the critic's values), turn them into
-advantages, draw PPO-ptx's demonstrations, and evaluate a policy on held-out prompts against the SFT
-policy. The math they use is ppo.py's; ppo.py's loop calls them, bench.py times them.
+The experience PPO learns from: load the four models and the prompts, sample responses from the
+policy and score them (log-probs under the policy and the reference, the reward model's score, the
+critic's values), turn them into advantages, draw PPO-ptx's demonstrations, and evaluate a policy on
+held-out prompts against the SFT policy. The math they use is ppo.py's; ppo.py's loop calls them, bench.py times them.
 """
 import copy
 import math
@@ -14,10 +14,12 @@ import data
 import onednn
 from ddp import RANK, WORLD, all_sum
 from gpt import generate
+from hf import load_checkpoint, model_from_checkpoint
 from ppo import (gae, grpo_advantages, kl_penalized_rewards, kl_per_response, masked_mean, policy_logprobs,
                  rloo_advantages, whiten)
+from reward import load_reward_model
 from sft import sft_loss
-from util import append_jsonl, resolve_dtype
+from util import UserError, append_jsonl, resolve_dtype
 
 
 def make_sampler(policy, cfg, device):
@@ -28,6 +30,49 @@ def make_sampler(policy, cfg, device):
     dtype = resolve_dtype(device, cfg.dtype) if cfg.rollout_dtype == "auto" else cfg.rollout_dtype
     return None if dtype == "float32" else copy.deepcopy(policy).to(getattr(torch, dtype)).requires_grad_(False)
 
+
+
+def load_models(cfg, device):
+    """(policy, ref, rm, critic, tok), on `device`: the policy (trained) and the reference (frozen: the
+    KL anchor), both from cfg.sft_ckpt; the reward model (frozen: the proxy reward) and the critic
+    (trained; None with --advantage=rloo or grpo), both from cfg.reward_ckpt; the tokenizer they share."""
+    sft_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
+    policy = model_from_checkpoint(sft_ck, cfg.sft_ckpt).to(device)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm, rm_ck = load_reward_model(cfg.reward_ckpt)
+    rm = rm.to(device).eval().requires_grad_(False)
+    if rm_ck.get("vocab") != sft_ck.get("vocab"):
+        raise UserError(f"{cfg.reward_ckpt} and {cfg.sft_ckpt} use different vocabularies")
+    if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
+        raise UserError(f"--max_prompt_len + --max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} "
+                        f"exceeds the model's block_size {policy.config.block_size}")
+    if not rm_ck.get("normalized") and RANK == 0:  # reward.py marks the checkpoint it finished and centred
+        print(f"warning: {cfg.reward_ckpt} is from an unfinished reward.py run: its scores are not centred on the "
+              "SFT policy's samples (finish it with `python reward.py --resume`)")
+    # The critic is a separate copy of the reward model (InstructGPT §3.5): initialised to predict
+    # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
+    critic = copy.deepcopy(rm).train().requires_grad_(True) if cfg.advantage == "gae" else None
+    return policy, ref, rm, critic, data.Tokenizer(sft_ck.get("vocab"))
+
+
+def load_prompts(cfg, tok):
+    """(train_prompts, train_ids, eval_prompts, eval_ids, demos) of cfg.data: prompts as text and as
+    token lists, each keeping its last cfg.max_prompt_len tokens (those nearest the response), at most
+    cfg.eval_prompts held out; demos, PPO-ptx's demonstrations [(prompt_ids, response_ids)] if
+    cfg.ptx_coef > 0, else None."""
+    train_prompts, eval_prompts = data.load_records(cfg.data, "prompts", cfg.seed)
+    eval_prompts = eval_prompts[:cfg.eval_prompts]
+    encode = lambda ps: [tok.encode(p)[-cfg.max_prompt_len:] for p in ps]
+    n = cfg.rollout_batch // cfg.samples_per_prompt
+    if len(train_prompts) < n:  # batch_indices would hand out fewer
+        raise UserError(f"--data={cfg.data}: {len(train_prompts)} training prompts, fewer than the {n} of a rollout batch "
+                        f"(--rollout_batch={cfg.rollout_batch}, --samples_per_prompt={cfg.samples_per_prompt})")
+    demos = None
+    if cfg.ptx_coef > 0:
+        demos = data.load_records(cfg.data, "sft", cfg.seed)[0]
+        demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
+                                     cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len, "ptx")
+    return train_prompts, encode(train_prompts), eval_prompts, encode(eval_prompts), demos
 
 
 @torch.no_grad()

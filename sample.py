@@ -1,8 +1,12 @@
-"""
+r"""
 Sample from a checkpoint: ours (.pt, from sft.py, ppo.py or `python hf.py convert`) or a Hugging
 Face GPT-2 directory.
 
     python sample.py --ckpt=out/ppo.pt --prompt=$'\n\nHuman: How do I bake bread?\n\nAssistant:' --n=3
+
+--ckpt=PATH (required), --prompt (default a newline), --n=3 samples, --max_new_tokens=0 (0: as many as
+the model's context leaves after the prompt, at most 64), --temperature=1.0, --top_k=0 (0: off),
+--top_p=1.0 (1: off), --seed=0.
 """
 import os
 
@@ -46,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(main, usage=__doc__)

@@ -1,4 +1,4 @@
-"""Tests for data.py: expected values are written by hand or computed independently (a json parse of
+"""Tests for data.py and records.py: expected values are written by hand or computed independently (a json parse of
 the raw file, a formula), never by the function under test. Run: python -m pytest -q test_data.py"""
 import codecs
 import csv
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import data
-from data import (Tokenizer, builtin_task, download_hh, encode_examples, load_records,
-                  pad_left, pad_right, rankings_to_pairs, read_hh, read_jsonl, task_tokenizer)
+from data import Tokenizer, builtin_task, encode_examples, load_records, pad_left, pad_right, task_tokenizer
+from records import download_hh, rankings_to_pairs, read_hh, read_jsonl
 from util import UserError
 
 HH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "hh-rlhf",

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from data import Tokenizer, rankings_to_pairs, task_tokenizer
+from data import Tokenizer, task_tokenizer
+from records import rankings_to_pairs
 from task import MAX_N, MAX_START, PREFERENCE_BETA, RESPONSE_WORDS, builtin_task, gold_score, task_combos
 
 

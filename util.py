@@ -29,10 +29,14 @@ class UserError(Exception):
     """Bad input or settings. Printed as one line `error: ...`, exit code 2, no traceback."""
 
 
-def main_guard(main, argv=None):
+def main_guard(main, argv=None, usage=None):
     """Run main(argv). A UserError (or Ctrl-C) becomes one line and a non-zero exit; the traceback
-    is kept with --debug on the command line or MINRLHF_DEBUG=1 in the environment."""
+    is kept with --debug on the command line or MINRLHF_DEBUG=1 in the environment. With `usage` (a
+    script's docstring), --help or -h prints it and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
+    if usage and ("--help" in argv or "-h" in argv):
+        print(usage.strip())
+        return
     debug = "--debug" in argv or os.environ.get("MINRLHF_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     keep_freed_memory()
