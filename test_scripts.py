@@ -139,6 +139,22 @@ def test_bench_runs_every_workload_and_profiles(tmp_path):
     assert sum(res["sft"]["profile_ms"].values()) < 1e3 * res["sft"]["step_s"] * 3, "the profile is of one step"
 
 
+def test_bench_profile_kinds_of_kernel_names():
+    """Names as torch.profiler records them (CUDA kernels on Hopper; CPU ops): flash and cutlass fmha
+    kernels are attention, inductor's matmul templates are matmuls, its other kernels fusions."""
+    from bench import kind_of
+    for name, kind in (("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+                       ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+                       ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+                       ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_NTN", "matmul"), ("sm90_xmma_gemm_bf16bf16", "matmul"),
+                       ("triton_tem_fused_addmm_0", "matmul"), ("aten::addmm", "matmul"),
+                       ("triton_per_fused__log_softmax_gather_1", "fused (compiled)"),
+                       ("## Call CompiledFxGraph fjl2uot2zd2nif3lxphasidu2oks", "fused (compiled)"),
+                       ("multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>", "optimizer"),
+                       ("aten::_fused_adamw_", "optimizer"), ("aten::copy_", "other")):
+        assert kind_of(name) == kind, f"{name}: {kind_of(name)}, want {kind}"
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_training_compiles_once_for_every_length():
     """sft.py --compile (and reward.py's, ppo.py's): batches padded to their longest row change length
