@@ -2,7 +2,8 @@
 The experience PPO learns from: load the four models and the prompts, sample responses from the
 policy and score them (log-probs under the policy and the reference, the reward model's score, the
 critic's values), turn them into advantages, draw PPO-ptx's demonstrations, and evaluate a policy on
-held-out prompts against the SFT policy. The math they use is ppo.py's; ppo.py's loop calls them, bench.py times them.
+held-out prompts against the SFT policy. The math they use is ppo.py's; ppo.py's loop calls them,
+bench.py times them.
 """
 import copy
 import math
@@ -20,16 +21,6 @@ from ppo import (gae, grpo_advantages, kl_penalized_rewards, kl_per_response, ma
 from reward import load_reward_model
 from sft import sft_loss
 from util import UserError, append_jsonl, resolve_dtype
-
-
-def make_sampler(policy, cfg, device):
-    """The copy of the policy that samples, its weights in --rollout_dtype (cast once per update, where
-    autocast would cast them at every decode step), or None: the fp32 policy samples itself. A decode
-    step is bound by reading the weights, and a bf16 copy reads half the bytes. It samples slightly
-    off the policy, whose log-probs a scoring forward then takes (rollout.py), as vLLM rollouts do."""
-    dtype = resolve_dtype(device, cfg.dtype) if cfg.rollout_dtype == "auto" else cfg.rollout_dtype
-    return None if dtype == "float32" else copy.deepcopy(policy).to(getattr(torch, dtype)).requires_grad_(False)
-
 
 
 def load_models(cfg, device):
@@ -73,6 +64,15 @@ def load_prompts(cfg, tok):
         demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
                                      cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len, "ptx")
     return train_prompts, encode(train_prompts), eval_prompts, encode(eval_prompts), demos
+
+
+def make_sampler(policy, cfg, device):
+    """The copy of the policy that samples, its weights in --rollout_dtype (cast once per update, where
+    autocast would cast them at every decode step), or None: the fp32 policy samples itself. A decode
+    step is bound by reading the weights, and a bf16 copy reads half the bytes. It samples slightly
+    off the policy, whose log-probs a scoring forward then takes (rollout.py), as vLLM rollouts do."""
+    dtype = resolve_dtype(device, cfg.dtype) if cfg.rollout_dtype == "auto" else cfg.rollout_dtype
+    return None if dtype == "float32" else copy.deepcopy(policy).to(getattr(torch, dtype)).requires_grad_(False)
 
 
 @torch.no_grad()
