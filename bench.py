@@ -189,7 +189,8 @@ def profiled(step, device, path):
     key, events = ("self_device_time_total" if cuda else "self_cpu_time_total"), prof.key_averages()
     kinds = {}
     for e in events:
-        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0) + getattr(e, key) / 1e3
+        kind = kind_of(e.key)
+        kinds[kind] = kinds.get(kind, 0) + getattr(e, key) / 1e3
     with open(path, "w") as f:
         f.write(events.table(sort_by=key, row_limit=40) + "\n")
     return dict(profile_ms=dict(sorted(kinds.items(), key=lambda kv: -kv[1])))

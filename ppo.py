@@ -297,7 +297,6 @@ def train(cfg, log=None):
     check_config(cfg)
     check_out_dir(cfg.out_dir)
     device = ddp_init(get_device(cfg.device, cfg.dtype))
-    log = log or default_log(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     policy, ref, rm, critic, tok = load_models(cfg, device)
     onednn.enable(*(m for m in (policy, ref, rm, critic) if m is not None))  # the CPU fast path: fp32 matmuls via oneDNN
@@ -323,7 +322,7 @@ def train(cfg, log=None):
         if kl_ctl:
             kl_ctl.value = ck["kl_coef"]
         print(f"resumed from {path} at iteration {start}")
-    metrics_file(cfg.out_dir, "ppo_metrics.jsonl", append=cfg.resume or RANK > 0)  # default_log's
+    log = log or default_log(metrics_file(cfg.out_dir, "ppo_metrics.jsonl", append=cfg.resume or RANK > 0))
     print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}, {WORLD} process(es)")
     tpolicy, tcritic = (m and ddp_wrap(compile_for_lengths(m, cfg.compile), device) for m in (policy, critic))  # the update's
     static = cfg.cuda_graph and device.startswith("cuda")

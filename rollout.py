@@ -7,7 +7,6 @@ bench.py times them.
 """
 import copy
 import math
-import os
 
 import torch
 
@@ -202,11 +201,11 @@ def seeded(*key, device="cpu"):
     return torch.Generator(device=device).manual_seed(hash(key) % 2 ** 63)
 
 
-def default_log(out_dir):
-    """The logging hook: one printed line, and the full dict appended to out_dir/ppo_metrics.jsonl.
-    Pass your own log(metrics: dict) to train() for wandb or TensorBoard."""
+def default_log(path):
+    """The logging hook: one printed line, and the full dict appended to the JSON-lines file at `path`
+    (out_dir/ppo_metrics.jsonl). Pass your own log(metrics: dict) to train() for wandb or TensorBoard."""
     def log(m):
-        append_jsonl(m, os.path.join(out_dir, "ppo_metrics.jsonl"))
+        append_jsonl(m, path)
         keys = [k for k in ("score", "kl", "k3", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_var",
                             "length", "gold", "win_rate", "gold_win_rate", "kl_coef") if k in m]
         line = " | ".join(f"{k} {m[k]:.3g}" for k in keys)
