@@ -18,7 +18,7 @@ def sft_loss_grad(logits, tokens, loss_mask):
     m = loss_mask, p_{b,s} = softmax(logits[b, s]) and M = sum_{b, t >= 1} m_{b,t}.
     Derive on paper: d(-log softmax(z)[y]) / d z_v for one position; then which term of L each logit
     position s appears in (the shift by one, the last position, the mask) and the factor 1/M.
-    Without autograd (loss.backward() is what the tests compare it with); finite for logits of any size.
+    Without autograd (loss.backward() is what the tests compare it with); finite for large logits (+-1000).
     Answer (stripped from the skeleton):
     -log softmax(z)[y] = logsumexp(z) - z_y, whose derivative w.r.t. z_v is softmax(z)_v - [v == y].
     Logit position s only appears in the term of token t = s + 1, so

@@ -50,6 +50,7 @@ EXERCISES = [  # (file, function, exercises to solve first, what it takes, pytes
     ("grads.py", "ppo_policy_loss_grad", ("ppo_policy_loss",), "which branch of the max is active",
      "test_ppo_policy_loss_grad_"),
 ]
+TESTS = {"ppo.py": "test_advantages.py test_ppo.py"}  # a file's tests, where not test_<file> alone
 NOT_IN_SKELETON = {"make_exercises.py", "planted_bugs.py", "test_exercises.py"}  # they quote reference code
 ANSWER = "Answer (stripped from the skeleton):"  # a docstring line: it and the lines after it stay in the reference
 SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".benchmarks", "out", "runs", ".cache", "exercises"}
@@ -213,7 +214,7 @@ def exercises_md(exercises=EXERCISES):
         "finite differences and autograd.", "",
         "| # | function | what it takes | check |", "|---|---|---|---|", *rows, "",
         "When a file is done, run all of its tests: "
-        + ", ".join(f"`python -m pytest -q test_{f}`" for f in files) + ".",
+        + ", ".join(f"`python -m pytest -q {TESTS.get(f, 'test_' + f)}`" for f in files) + ".",
         "Then everything, end to end through a tiny GPT: `python -m pytest -q`; and the three stages on",
         "the built-in task: `python sft.py && python reward.py && python ppo.py`.",
         "Each command here runs as written; until the exercises it needs are done, it fails only with",

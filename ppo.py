@@ -42,7 +42,7 @@ class Config:
     max_prompt_len: int = 12  # prompts keep their last max_prompt_len tokens
     max_new_tokens: int = 12  # response length cap
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
-    rollout_dtype: str = "auto"  # auto (= the training dtype) | float32 | bfloat16: weights of the copy that samples
+    rollout_dtype: str = "auto"  # auto (= the training dtype) | float32 | bfloat16 | float16: weights of the copy that samples
     cuda_graph: bool = True  # CUDA: sample with a static KV cache, each decode step one CUDA graph replay
     compile: bool = False  # torch.compile the policy and the critic for the update, one graph for all lengths
     lr: float = 1e-4  # policy learning rate (constant); 3e-4 was less steady on the built-in task
@@ -76,8 +76,8 @@ class Config:
 
 def token_logprobs(logits, tokens):
     """log softmax(logits)[..., tokens]: the log-probability of each token under its logits.
-    logits: (B, T, V), tokens: (B, T) -> (B, T), of logits' dtype and device, finite for logits of any
-    size. No shift inside: the caller aligns them (logits[:, :-1] with tokens[:, 1:])."""
+    logits: (B, T, V), tokens: (B, T) -> (B, T), of logits' dtype and device, finite for large logits
+    (+-1000). No shift inside: the caller aligns them (logits[:, :-1] with tokens[:, 1:])."""
     return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -95,9 +95,10 @@ def policy_logprobs(model, tokens, attn, temperature, start=0):
 def kl_per_response(b):
     """KL(policy || reference) on the policy's own samples, summed over each response's tokens:
     k1 = log p - log q (unbiased, but single samples go negative) and k3 = (r - 1) - log r, r = q / p
-    (never negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html). (B,), (B,)."""
-    d = (b["logprobs"] - b["ref_logprobs"]) * b["mask"]
-    return d.sum(1), ((torch.exp(-d) - 1 + d) * b["mask"]).sum(1)
+    (never negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html). (B,), (B,).
+    Tokens where mask = 0 count for nothing, whatever their log-probs (d = 0 there gives k1 = k3 = 0)."""
+    d = torch.where(b["mask"].bool(), b["logprobs"] - b["ref_logprobs"], 0)
+    return d.sum(1), (torch.exp(-d) - 1 + d).sum(1)
 
 
 def masked_mean(x, mask):
@@ -110,7 +111,7 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     """Per-token rewards: r_t = -kl_coef * (logprobs_t - ref_logprobs_t) on valid tokens
     (mask = 1), 0 elsewhere whatever the log-probs there (inf * 0 would be nan), plus scores[b] added
     at each row's last valid token (every row has one). scores: (B,); logprobs, ref_logprobs, mask:
-    (B, T). Returns (B, T), of logprobs' dtype and device."""
+    (B, T). Returns (B, T), of the log-probs' dtype and device (scores are cast to it)."""
     rewards = torch.where(mask.bool(), -kl_coef * (logprobs - ref_logprobs), 0)
     last = last_index(mask)  # (B,)
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
@@ -122,7 +123,7 @@ def gae(rewards, values, mask, gamma, lam):
     mask = 0, whatever they hold there (even inf or nan). delta_t = r_t + gamma * V_{t+1} - V_t, so
     V = 0 after each row's last valid token; A_t = sum_l (gamma * lam)^l * delta_{t+l} over the valid
     positions from t on; returns = A + V. Returns (advantages, returns), both (B, T), 0 where mask = 0,
-    of rewards' dtype and device."""
+    on rewards' device; the advantages of rewards' dtype."""
     values, rewards = (torch.where(mask.bool(), x, 0) for x in (values, rewards))
     adv = torch.zeros_like(rewards)
     next_adv = torch.zeros_like(rewards[:, 0])
@@ -169,7 +170,7 @@ def whiten(x, mask, shift_mean=True):
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
     """Clipped surrogate: masked mean of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)),
     rho = exp(logprobs - old_logprobs). All (B, T); old_logprobs and advantages are constants of
-    the rollout. Returns a scalar (a loss: minimised) of logprobs' dtype and device. Where mask = 0,
+    the rollout. Returns a scalar (a loss: minimised) of the inputs' dtype and device. Where mask = 0,
     rho = 1 whatever the log-probs there: exp(-5 - (-120)) = inf would make a nan gradient (0 * inf)
     even if the mean dropped it."""
     logprobs, old_logprobs = (torch.where(mask.bool(), x, 0.0) for x in (logprobs, old_logprobs))
@@ -180,8 +181,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
 
 def value_loss(values, old_values, returns, mask, clip_eps):
     """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2).
-    values V, old_values V_old (the rollout's), returns R, mask: (B, T). Returns a scalar of values'
-    dtype and device. Where mask = 0 the inputs count as 0 whatever they hold: a nan there would
+    values V, old_values V_old (the rollout's), returns R, mask: (B, T). Returns a scalar of the
+    inputs' dtype and device. Where mask = 0 the inputs count as 0 whatever they hold: a nan there would
     reach the gradient through the square even if the mean dropped the entry."""
     values, old_values, returns = (torch.where(mask.bool(), x, 0.0) for x in (values, old_values, returns))
     clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
@@ -190,8 +191,8 @@ def value_loss(values, old_values, returns, mask, clip_eps):
 
 def entropy(logits, mask):
     """Masked mean over tokens of the entropy H = -sum_v p_v log p_v, p = softmax(logits).
-    logits: (B, T, V), mask: (B, T). Returns a scalar of logits' dtype and device, finite for finite
-    logits of any size; positions where mask = 0 count for nothing, even if their logits are inf or nan."""
+    logits: (B, T, V), mask: (B, T). Returns a scalar of the inputs' dtype and device, finite for large
+    logits (+-1000); positions where mask = 0 count for nothing, even if their logits are inf or nan."""
     logp = F.log_softmax(logits, -1)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
 
@@ -201,7 +202,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, lo
     """The full objective: ppo_policy_loss (ratio clipped at clip_eps) + vf_coef * value_loss (values
     clipped at vf_clip) - ent_coef * entropy(logits) (+ ptx_coef * ptx_loss, the SFT loss on
     demonstrations, for PPO-ptx; no term when ptx_loss is None). Shapes as in those functions;
-    ptx_loss a scalar or None. Returns a scalar of logprobs' dtype and device."""
+    ptx_loss a scalar or None. Returns a scalar of the inputs' dtype and device."""
     loss = (ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
             + vf_coef * value_loss(values, old_values, returns, mask, vf_clip))
     if ent_coef:  # skipped at 0: a softmax over the vocabulary at every token, and its backward
@@ -275,13 +276,16 @@ def check_config(cfg):
     if cfg.rollout_batch % cfg.minibatch or cfg.minibatch % WORLD:
         raise UserError(f"--rollout_batch={cfg.rollout_batch} is not divisible into --minibatch={cfg.minibatch}, "
                         f"or that not divisible among the {WORLD} processes")
-    if cfg.kl_coef < 0 or cfg.ent_coef < 0 or cfg.ptx_coef < 0:
-        raise UserError("--kl_coef, --ent_coef and --ptx_coef must be >= 0")
+    for key in ("kl_coef", "ent_coef", "ptx_coef", "vf_coef"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be >= 0")
+    if not (0 < cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
+        raise UserError(f"--gamma={cfg.gamma}, --lam={cfg.lam}: GAE needs 0 < gamma <= 1 and 0 <= lam <= 1")
     if cfg.adaptive_kl != (cfg.kl_target > 0) or (cfg.adaptive_kl and (cfg.kl_coef <= 0 or cfg.kl_horizon <= 0)):
         raise UserError("--adaptive_kl=True needs --kl_target > 0, --kl_horizon > 0 and a starting --kl_coef > 0, "
                         "and --kl_target needs it")
     if cfg.samples_per_prompt < (1 if cfg.advantage == "gae" else 2):
-        raise UserError(f"--advantage={cfg.advantage} needs --samples_per_prompt >= 2 (a group to compare within)")
+        raise UserError(f"--samples_per_prompt={cfg.samples_per_prompt}: gae needs >= 1, rloo and grpo >= 2 (a group)")
     if cfg.rollout_batch % (cfg.samples_per_prompt * WORLD):
         raise UserError(f"--rollout_batch={cfg.rollout_batch}: not whole groups of --samples_per_prompt="
                         f"{cfg.samples_per_prompt} for each of the {WORLD} processes")

@@ -93,7 +93,7 @@ VALUE_POINTS = {"inside": (0.1, -0.5, False), "above-unclipped_wins": (0.5, -0.5
 # -----------------------------------------------------------------------------
 # backward() of each loss against finite differences of the same loss
 
-FORWARD = "the function itself is wrong: its known-value tests (test_ppo.py, test_sft.py, test_reward.py) say how"
+FORWARD = "the function itself is wrong: its known-value tests (test_advantages.py, test_ppo.py, test_sft.py, test_reward.py) say how"
 
 
 def test_sft_loss_autograd_matches_finite_differences():

@@ -66,7 +66,10 @@ def test_settings_errors_list_valid_keys(tmp_path):
                                         (dict(rollout_batch=6, minibatch=4), "divisible"), (dict(kl_coef=-0.1), "kl_coef"),
                                         (dict(missing_eos_penalty=1.0), "--truncated_score=nan"),
                                         (dict(eval_samples=0), "eval_samples"), (dict(eval_prompts=0), "eval_prompts"),
-                                        (dict(adaptive_kl=True, kl_target=1.0, kl_horizon=0), "kl_horizon")])
+                                        (dict(adaptive_kl=True, kl_target=1.0, kl_horizon=0), "kl_horizon"),
+                                        (dict(vf_coef=-0.5), "--vf_coef=-0.5"), (dict(gamma=0.0), "--gamma=0.0"),
+                                        (dict(lam=1.5), "--lam=1.5"), (dict(advantage="rloo"), "--samples_per_prompt=1"),
+                                        (dict(advantage="gae", samples_per_prompt=0), "gae needs >= 1")])
 def test_impossible_ppo_settings(kw, needle):
     with pytest.raises(UserError, match=needle):
         check_config(PPOConfig(**kw))

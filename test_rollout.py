@@ -64,6 +64,8 @@ def test_kl_stats_per_token_k1_and_nonnegative_k3():
     assert abs(k3 - sum(math.exp(-x) - 1 + x for x in d) / 8) < 1e-6
     assert abs(kl_seq - (0.5 + 1.5) / 2) < 1e-6
     assert k3 >= 0
+    b["logprobs"][0, 0], b["ref_logprobs"][0, 4] = -math.inf, math.nan  # padding: whatever a forward left there
+    assert kl_stats(b) == (k1, k3, kl_seq), "a non-finite log-prob past a response's end reached the KL: inf * 0 = nan"
 
 
 def test_rollout_logprobs_of_a_left_padded_row_equal_the_row_alone():
