@@ -44,7 +44,7 @@ class Config:
     eval_interval: int = 100  # steps between validation loss/accuracy + checkpoint
     eval_batches: int = 16  # validation batches per evaluation, each group at most once (built-in: 1,024 of 2,500 pairs)
     log_interval: int = 20  # steps between log lines
-    norm_samples: int = 256  # SFT samples whose mean score is shifted to 0 at the end; 0 = off
+    norm_samples: int = 256  # SFT samples (each prompt alike) whose mean score is shifted to 0 at the end; 0 = off
     seed: int = 0  # data order and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA GPUs from Ampere on, else fp32) | float32 | bfloat16
@@ -159,14 +159,22 @@ def evaluate(rm, val, val_gold, cfg, ctx, device, pad_id):
     return loss / n, acc / n, (agree / n_gold if n_gold else float("nan"))
 
 
+def centring_prompts(prompts, n, seed):
+    """The prompts whose samples centre the reward model, each one equally often: whole passes over
+    them in a seeded order until at least n, or n of them without repeats if there are more."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = n if n <= len(prompts) else -(-n // len(prompts)) * len(prompts)
+    return [prompts[order[j % len(prompts)]] for j in range(n)]
+
+
 @torch.no_grad()
 def normalize(rm, policy, prompts, tok, cfg, device):
-    """Shift the head's bias so that the SFT policy's own samples score 0 on average
-    (InstructGPT §C.2): PPO's rewards then start centred, whatever scale training left."""
+    """Shift the head's bias so that the SFT policy's own samples score 0 on average over the prompts
+    PPO trains on (InstructGPT §C.2): PPO's rewards then start centred, whatever scale training left."""
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    scores = []
-    for i in range(0, cfg.norm_samples, cfg.batch_size):
-        ids = [tok.encode(p)[-cfg.max_prompt_len:] for p in prompts[i % len(prompts):][:cfg.batch_size]]
+    picks, scores = centring_prompts(prompts, cfg.norm_samples, cfg.seed), []
+    for i in range(0, len(picks), cfg.batch_size):
+        ids = [tok.encode(p)[-cfg.max_prompt_len:] for p in picks[i:i + cfg.batch_size]]
         x, m = data.pad_left(ids, tok.eot)
         out, gen = generate(policy, x.to(device), m.to(device), cfg.max_len - x.size(1), eos_id=tok.eot, generator=g)
         mask = torch.cat([m.to(device), gen[:, x.size(1):]], 1)
@@ -272,7 +280,7 @@ def main(argv):
     # normalise the best model, and freeze it for PPO
     rm, ck = load_reward_model(best_path)
     rm.to(device).eval()
-    if cfg.norm_samples > 0:
+    if cfg.norm_samples > 0 and not ck.get("normalized"):  # a finished run, resumed: centred already
         policy = model_from_checkpoint(policy_ck if not cfg.resume else load_checkpoint(cfg.sft_ckpt, "sft"))
         prompts = data.load_records(cfg.data, "prompts", cfg.seed)[0]
         shift = normalize(rm, policy.to(device).eval(), prompts, tok, cfg, device)

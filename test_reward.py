@@ -6,7 +6,7 @@ import torch
 import data
 from gpt import GPT, GPTConfig
 from data import last_index
-from reward import RewardModel, group_batch, preference_loss
+from reward import RewardModel, centring_prompts, group_batch, preference_loss
 from checks import assert_close, call
 
 
@@ -73,3 +73,17 @@ def test_reward_model_score_same_left_or_right_padded():
     assert torch.allclose(c, alone, atol=1e-5), "score(first=k) reads the same last tokens"
     assert torch.allclose(a, alone, atol=1e-5) and torch.allclose(b, alone, atol=1e-5), \
         "the reward must be read at each row's last real token, with positions restarted after left padding"
+
+
+def test_centring_prompts_count_every_prompt_alike():
+    """The reward model is centred on the SFT policy's samples over the prompts PPO trains on: a
+    prefix of the prompt file cycled to n samples would count some prompts (the built-in task's file
+    is sorted by count) more than others."""
+    prompts = [f"count {n} from 0:" for n in range(1, 6)]
+    picks = centring_prompts(prompts, 8, seed=0)
+    assert sorted(picks) == sorted(prompts * 2), f"8 samples of 5 prompts: two whole passes, each prompt twice; got {picks}"
+    few = centring_prompts(prompts, 3, seed=0)
+    assert len(few) == len(set(few)) == 3, f"3 samples of 5 prompts: 3 different prompts; got {few}"
+    assert centring_prompts(prompts, 3, seed=0) == few, "the same seed, the same prompts"
+    assert centring_prompts(prompts * 40, 30, seed=1) != (prompts * 40)[:30], "a seeded subset, not the file's first prompts"
+
