@@ -99,10 +99,7 @@ def read_hf(src):
     if path.endswith(".safetensors"):
         sd = read_safetensors(path)
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
-        except Exception as e:
-            raise UserError(f"{path}: unreadable (truncated or corrupt?): {str(e).splitlines()[0][:200]}")
+        sd = torch_load(path, "")
     lm_head = sd.get("lm_head.weight")
     # the hub's files for openai-community/gpt2 drop the "transformer." prefix; ours keep it
     sd = {k if k.startswith("transformer.") else "transformer." + k: v.t() if k.endswith(TRANSPOSED) else v
@@ -152,6 +149,18 @@ def save_checkpoint(path, model, stage, **extra):
     atomic_save({"stage": stage, "config": asdict(model.config), "model": model.state_dict(), **extra}, path)
 
 
+def torch_load(path, what):
+    """torch.load with weights_only (it never runs code from the file); a file it cannot read is one
+    line, without torch's advice to set weights_only=False."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [l for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+        marks = [i for i, l in enumerate(lines[:-1]) if "WeightsUnpickler error" in l]  # the reason is the next line
+        why = lines[marks[0] + 1] if marks else lines[0]
+        raise UserError(f"{path}: unreadable{what} (not a PyTorch file, truncated or corrupt?): {why[:200]}") from None
+
+
 def load_checkpoint(path, stage=None, hint=""):
     """Read one of our checkpoints (weights_only: never executes code from the file). `stage`: a
     name or tuple of names it must have; `hint`: how to make it, e.g. "run `python sft.py` first"."""
@@ -160,10 +169,7 @@ def load_checkpoint(path, stage=None, hint=""):
     if os.path.isdir(path):
         inside = ", ".join(f for f in sorted(os.listdir(path)) if f.endswith(".pt"))
         raise UserError(f"{path}: a folder, not a checkpoint file" + (f"; it holds {inside}" if inside else ""))
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: unreadable checkpoint (truncated or corrupt?): {str(e).splitlines()[0][:200]}")
+    ck = torch_load(path, " checkpoint")
     if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
         raise UserError(f"{path}: not a minrlhf checkpoint (no config/model); convert HF weights with `python hf.py convert`")
     stages = (stage,) if isinstance(stage, str) else stage

@@ -222,6 +222,8 @@ def exercises_md(exercises=EXERCISES):
 
 
 def main(argv):
+    if argv in (["--help"], ["-h"]):
+        return print(__doc__.strip())
     if len(argv) != 1 or argv[0].startswith("-"):
         raise ExerciseError("usage: python make_exercises.py OUT_DIR  (e.g. ../minrlhf-exercises)")
     out_dir = argv[0]

@@ -29,7 +29,7 @@ from util import (GracefulStop, UserError, autocast, check_finite, check_out_dir
 
 @dataclass
 class Config:
-    data: str = "builtin"  # builtin | hh-rlhf | path to a .jsonl whose prompts are used
+    data: str = "builtin"  # builtin | hh-rlhf | a file (.jsonl, .json, .csv, .tsv; .gz too) whose prompts are used
     sft_ckpt: str = "out/sft.pt"  # policy init and the frozen reference
     reward_ckpt: str = "out/reward.pt"  # the frozen reward model; also the critic's init
     out_dir: str = "out"  # writes ppo.pt, ppo_metrics.jsonl, ppo_eval.json
@@ -241,12 +241,11 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None, it=0, hint=""):
                                     mask=m, clip_eps=cfg.clip_eps, vf_clip=cfg.vf_clip, vf_coef=cfg.vf_coef,
                                     ent_coef=cfg.ent_coef) + ptx_loss
             loss.backward()
-            norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                     for model in (policy, critic) if model is not None]
-            norms += [torch.zeros_like(norms[0])] * (critic is None)  # RLOO, GRPO: on the policy's device, as a GPU needs
+            norms = {k: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                     for k, model in (("grad_norm", policy), ("vf_grad_norm", critic)) if model is not None}
             # before the step, so a nan never reaches the weights: one host sync per step, as in sft.py; the norms
             # are of the all-reduced gradients, so every rank stops alike
-            check_finite(f"ppo iteration {it}", hint, grad_norm=norms[0], vf_grad_norm=norms[1])
+            check_finite(f"ppo iteration {it}", hint, **norms)
             for opt in opts:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -254,9 +253,8 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None, it=0, hint=""):
                 log_ratio = logprobs.detach() - b["logprobs"][mb]
                 stats.append(dict(
                     loss=loss.detach(), clipfrac=share * masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_eps).float(), m),
-                    approx_kl=share * masked_mean(0.5 * log_ratio ** 2, m),
-                    value_loss=share * value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip),
-                    grad_norm=norms[0], vf_grad_norm=norms[1]))
+                    approx_kl=share * masked_mean(0.5 * log_ratio ** 2, m), **norms, **({} if critic is None else dict(
+                        value_loss=share * value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip)))))
     means = all_sum(torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0)) / WORLD
     return dict(zip(stats[0], means.tolist()))  # one host sync for the whole update
 
@@ -274,16 +272,18 @@ def check_config(cfg):
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)}: expected {', '.join(allowed)}")
     if cfg.rollout_batch % cfg.minibatch or cfg.minibatch % WORLD:
-        raise UserError(f"--rollout_batch={cfg.rollout_batch} is not divisible into --minibatch={cfg.minibatch}, "
-                        f"or that not divisible among the {WORLD} processes")
+        raise UserError(f"--minibatch={cfg.minibatch} must divide --rollout_batch={cfg.rollout_batch}"
+                        + (f", and the {WORLD} processes must divide it" if WORLD > 1 else ""))
     for key in ("kl_coef", "ent_coef", "ptx_coef", "vf_coef"):
         if getattr(cfg, key) < 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be >= 0")
     if not (0 < cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise UserError(f"--gamma={cfg.gamma}, --lam={cfg.lam}: GAE needs 0 < gamma <= 1 and 0 <= lam <= 1")
-    if cfg.adaptive_kl != (cfg.kl_target > 0) or (cfg.adaptive_kl and (cfg.kl_coef <= 0 or cfg.kl_horizon <= 0)):
-        raise UserError("--adaptive_kl=True needs --kl_target > 0, --kl_horizon > 0 and a starting --kl_coef > 0, "
-                        "and --kl_target needs it")
+    if cfg.kl_target > 0 and not cfg.adaptive_kl:
+        raise UserError(f"--kl_target={cfg.kl_target} is the adaptive KL controller's target: add --adaptive_kl")
+    if cfg.adaptive_kl and (cfg.kl_target <= 0 or cfg.kl_coef <= 0 or cfg.kl_horizon <= 0):
+        raise UserError("--adaptive_kl needs --kl_target > 0 (nats per response, e.g. 6), --kl_horizon > 0 and a "
+                        "starting --kl_coef > 0")
     if cfg.samples_per_prompt < (1 if cfg.advantage == "gae" else 2):
         raise UserError(f"--samples_per_prompt={cfg.samples_per_prompt}: gae needs >= 1, rloo and grpo >= 2 (a group)")
     if cfg.rollout_batch % (cfg.samples_per_prompt * WORLD):
@@ -382,8 +382,9 @@ def train(cfg, log=None):
             m = dict(kind="train", iter=it, iters=cfg.iters, score=b["scores"].mean().item(), kl=k1, k3=k3, kl_seq=kl_seq,
                      kl_coef=kl_coef, entropy=masked_mean(-b["logprobs"], b["mask"]).item(),  # sampled: E[-log p] = H
                      length=b["mask"].sum(1).mean().item(), ended=b["ended"].float().mean().item(), **({"gold": gold} if builtin else {}),
-                     explained_var=float("nan") if critic is None else explained_variance(b["values"], b["returns"], b["mask"]),
                      rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
+            if critic is not None:  # RLOO and GRPO have no value statistics
+                m["explained_var"] = explained_variance(b["values"], b["returns"], b["mask"])
             if kl_seq > cfg.kl_max:
                 print(f"warning: ppo iteration {it}: KL per response {kl_seq:.1f} > --kl_max={cfg.kl_max}: the policy is running away")
             if RANK == 0:

@@ -43,7 +43,7 @@ def _lines(path):
         text = raw.decode(codec)
     except UnicodeDecodeError as e:
         line = len(NEWLINE.split(raw[:e.start].decode("latin-1")))
-        raise UserError(f"{path}:{line}: not {codec[:5].upper()} text (byte 0x{raw[e.start]:02x}); "
+        raise UserError(f"{path}:{line}: not {codec.upper().replace('-SIG', '')} text (byte 0x{raw[e.start]:02x}); "
                         "save it as UTF-8") from None
     return NEWLINE.split(text)  # not str.splitlines: a JSON string may hold a raw U+2028
 

@@ -29,7 +29,7 @@ from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir
 
 @dataclass
 class Config:
-    data: str = "builtin"  # builtin | hh-rlhf | path to a .jsonl of pairs or rankings
+    data: str = "builtin"  # builtin | hh-rlhf | a file of pairs or rankings (.jsonl, .json, .csv, .tsv; .gz too)
     kind: str = "pairs"  # pairs | rankings (K-way, best first)
     sft_ckpt: str = "out/sft.pt"  # the trunk starts from the SFT policy
     out_dir: str = "out"  # writes reward.pt (lowest validation loss) and reward_last.pt (for --resume)
@@ -223,6 +223,8 @@ def main(argv):
     if cfg.resume:
         load_optimizer(opt, ck["optimizer"], last_path)
         start, best = ck["iter"], ck["best_loss"]
+        if start > cfg.max_iters:
+            raise UserError(f"{last_path} is at step {start}: nothing to resume with --max_iters={cfg.max_iters}")
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")
     ctx = autocast(device, cfg.dtype)

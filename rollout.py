@@ -38,7 +38,7 @@ def load_models(cfg, device):
                         f"exceeds the model's block_size {policy.config.block_size}")
     if not rm_ck.get("normalized") and RANK == 0:  # reward.py marks the checkpoint it finished and centred
         print(f"warning: {cfg.reward_ckpt} is from an unfinished reward.py run: its scores are not centred on the "
-              "SFT policy's samples (finish it with `python reward.py --resume`)")
+              "SFT policy's samples (a finished run's is its reward.pt; finish an interrupted one with --resume)")
     # The critic is a separate copy of the reward model (InstructGPT §3.5): initialised to predict
     # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
     critic = copy.deepcopy(rm).train().requires_grad_(True) if cfg.advantage == "gae" else None

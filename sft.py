@@ -26,7 +26,7 @@ from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir
 
 @dataclass
 class Config:
-    data: str = "builtin"  # builtin | hh-rlhf | path to a .jsonl of {prompt, response}
+    data: str = "builtin"  # builtin | hh-rlhf | a file of {prompt, response} (.jsonl, .json, .csv, .tsv; .gz too)
     init: str = "scratch"  # scratch (sized below) | gpt2 | gpt2-medium | ... | path to a .pt or HF dir
     out_dir: str = "out"  # writes sft.pt (best validation loss) and sft_last.pt (for --resume)
     n_layer: int = 4  # with init=scratch only
@@ -164,6 +164,8 @@ def main(argv):
     if cfg.resume:
         load_optimizer(opt, ck["optimizer"], last_path)
         start, best = ck["iter"], ck["best_val"]
+        if start > cfg.max_iters:
+            raise UserError(f"{last_path} is at step {start}: nothing to resume with --max_iters={cfg.max_iters}")
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {last_path} at step {start}")
     ctx = autocast(device, cfg.dtype)

@@ -141,6 +141,10 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     open(tmp_path / "cut.pt", "wb").write(open(p, "rb").read()[:1000])
     with pytest.raises(UserError, match="unreadable checkpoint"):
         hf.load_checkpoint(str(tmp_path / "cut.pt"))
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0}\n')  # not a PyTorch file: torch's message says to set
+    with pytest.raises(UserError, match="unreadable checkpoint") as e:  # weights_only=False, which must not reach a user
+        hf.load_checkpoint(str(tmp_path / "metrics.jsonl"))
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_load_hf_bad_files_name_the_key(tmp_path):

@@ -58,12 +58,12 @@ def test_bad_jsonl_is_one_line_naming_file_and_line(tmp_path):
 def test_settings_errors_list_valid_keys(tmp_path):
     one_line_error(run("sft.py", "--lr_max=1"), "unknown setting --lr_max", "--max_iters")
     one_line_error(run("sft.py", "--lr=fast"), "--lr=fast", "float")
-    one_line_error(run("ppo.py", "--rollout_batch=10", "--minibatch=4"), "not divisible")
+    one_line_error(run("ppo.py", "--rollout_batch=10", "--minibatch=4"), "--minibatch=4 must divide --rollout_batch=10")
 
 
 @pytest.mark.parametrize("kw, needle", [(dict(clip_eps=0.0), "clip_eps"), (dict(temperature=-1.0), "temperature"),
                                         (dict(kl_target=6.0), "adaptive_kl"), (dict(adaptive_kl=True), "kl_target"),
-                                        (dict(rollout_batch=6, minibatch=4), "divisible"), (dict(kl_coef=-0.1), "kl_coef"),
+                                        (dict(rollout_batch=6, minibatch=4), "must divide"), (dict(kl_coef=-0.1), "kl_coef"),
                                         (dict(missing_eos_penalty=1.0), "--truncated_score=nan"),
                                         (dict(eval_samples=0), "eval_samples"), (dict(eval_prompts=0), "eval_prompts"),
                                         (dict(adaptive_kl=True, kl_target=1.0, kl_horizon=0), "kl_horizon"),
@@ -170,6 +170,7 @@ def test_ppo_resume_refuses_what_it_cannot_continue(tmp_path, ckpts):
     args = ["ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", *PPO, "--eval_interval=1", "--iters=2"]
     r = run(*args, f"--reward_ckpt={tmp_path}/unfinished.pt", "--advantage=rloo", "--samples_per_prompt=2")
     assert r.returncode == 0 and "unfinished.pt is from an unfinished reward.py run" in r.stdout, r.stderr
+    assert "a finished run's is its reward.pt" in r.stdout, r.stdout
     args.append(f"--reward_ckpt={ckpts}/reward.pt")
     one_line_error(run(*args, "--resume"), "ppo.pt was written by a run with --advantage=rloo")
     one_line_error(run(*args[:-2], "--iters=1", args[-1], "--resume", "--advantage=rloo", "--samples_per_prompt=2"),
@@ -263,6 +264,16 @@ def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, ckpts, stage):
     assert la.keys() == lb.keys() and max(lb) > stopped_at
     for it in la:
         assert abs(la[it] - lb[it]) <= 1e-6 * max(1.0, abs(la[it])), f"{stage} step {it}: {la[it]} vs resumed {lb[it]}"
+
+
+def test_resume_past_a_smaller_max_iters_is_one_line(tmp_path, ckpts):
+    """A checkpoint at step 4 resumed with --max_iters=2 has nothing to do: saying "saved" would be false."""
+    for name in ("sft_last.pt", "reward_last.pt"):
+        shutil.copy(f"{ckpts}/{name}", tmp_path / name)
+    one_line_error(run("sft.py", f"--out_dir={tmp_path}", *SFT, "--max_iters=2", "--resume"),
+                   "sft_last.pt is at step 4: nothing to resume with --max_iters=2")
+    one_line_error(run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", *RM, "--max_iters=2", "--resume"),
+                   "reward_last.pt is at step 4: nothing to resume with --max_iters=2")
 
 
 def test_sigkill_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
