@@ -253,8 +253,9 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None, it=0, hint=""):
                 log_ratio = logprobs.detach() - b["logprobs"][mb]
                 stats.append(dict(
                     loss=loss.detach(), clipfrac=share * masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_eps).float(), m),
-                    approx_kl=share * masked_mean(0.5 * log_ratio ** 2, m), **norms, **({} if critic is None else dict(
-                        value_loss=share * value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip)))))
+                    approx_kl=share * masked_mean(0.5 * log_ratio ** 2, m), **norms))
+                if critic is not None:  # RLOO and GRPO have no value statistics
+                    stats[-1]["value_loss"] = share * value_loss(values.detach(), b["values"][mb], b["returns"][mb], m, cfg.vf_clip)
     means = all_sum(torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0)) / WORLD
     return dict(zip(stats[0], means.tolist()))  # one host sync for the whole update
 
@@ -383,7 +384,7 @@ def train(cfg, log=None):
                      kl_coef=kl_coef, entropy=masked_mean(-b["logprobs"], b["mask"]).item(),  # sampled: E[-log p] = H
                      length=b["mask"].sum(1).mean().item(), ended=b["ended"].float().mean().item(), **({"gold": gold} if builtin else {}),
                      rollout_s=t1 - t0, update_s=t2 - t1, tok_s=b["attn"].sum().item() * (1 + cfg.ppo_epochs) / (t2 - t0), **stats)
-            if critic is not None:  # RLOO and GRPO have no value statistics
+            if critic is not None:
                 m["explained_var"] = explained_variance(b["values"], b["returns"], b["mask"])
             if kl_seq > cfg.kl_max:
                 print(f"warning: ppo iteration {it}: KL per response {kl_seq:.1f} > --kl_max={cfg.kl_max}: the policy is running away")

@@ -321,6 +321,8 @@ def test_make_exercises_stale_table_is_an_error(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "exists and is not empty" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "make_exercises.py"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: usage: python make_exercises.py OUT_DIR"), r.stderr
+    r = subprocess.run([sys.executable, "make_exercises.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "python make_exercises.py ../minrlhf-exercises" in r.stdout and not r.stderr, r
 
 
 def test_skeleton_imports_and_ppo_help_works(runs):

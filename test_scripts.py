@@ -91,8 +91,7 @@ def test_scripts_help_lists_settings():
     for script in ("sft.py", "reward.py", "ppo.py"):
         r = run(script, "--help")
         assert "--lr=" in r.stdout and "learning rate" in r.stdout
-    for script, needle in (("sample.py", "--top_p=1.0"), ("plot.py", "--kind=training"), ("hf.py", "python hf.py convert"),
-                           ("make_exercises.py", "EXERCISES.md")):
+    for script, needle in (("sample.py", "--top_p=1.0"), ("plot.py", "--kind=training"), ("hf.py", "python hf.py convert")):
         for flag in ("--help", "-h"):  # its usage and exit 0, not "unknown option --help"
             r = run(script, flag)
             assert f"python {script}" in r.stdout and needle in r.stdout and not r.stderr, (script, flag, r.stdout, r.stderr)
