@@ -50,7 +50,7 @@ class Config:
     clip_eps: float = 0.2  # PPO ratio clip
     vf_clip: float = 0.2  # value clip around the rollout's values
     vf_coef: float = 0.5  # weight of the value loss
-    ent_coef: float = 0.0  # weight of the entropy bonus; 0.001 and 0.01 lost gold on the built-in task (README)
+    ent_coef: float = 0.0  # weight of the entropy bonus; 0.001 and 0.01 gained no gold on the built-in task (README)
     gamma: float = 1.0  # discount; 1 for episodes of a dozen tokens
     lam: float = 0.95  # GAE lambda
     kl_coef: float = 0.1  # per-token KL penalty beta (the start value with adaptive_kl); 0 = off

@@ -34,8 +34,8 @@ likely next item is the right one, so sharpening the SFT policy (fewer slips) an
 too-short lists both raise gold: RLHF has room to improve on SFT, by the reward model alone.
 
 Reward hacking, as observed (seed 0, the quick start's checkpoints, README "Results"): with
-kl_coef=0 the proxy score rises -0.66 -> 0.28 over 75 iterations while gold peaks at 0.58 after 25
-and falls to 0.45; with kl_coef=0.1 gold rises 0.36 -> 0.69 (gold win rate vs SFT 0.72). Before
+kl_coef=0 the proxy score rises -0.24 -> 0.65 over 75 iterations while gold peaks at 0.67 after 50
+and falls to 0.56; with kl_coef=0.1 gold rises 0.36 -> 0.69 (gold win rate vs SFT 0.76). Before
 blank and too-long demonstrations were added (and at PREFERENCE_BETA = 1.5), the reward model had
 never seen those failure modes and PPO found them: gold win rates 0.46-0.63 with the KL penalty on.
 
