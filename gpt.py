@@ -275,6 +275,7 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         sorted_logits, idx = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keeps the token that crosses top_p
+        drop[:, 0] = False  # and the most likely one, even at top_p <= 0
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     # inverse-CDF sampling, one uniform draw per row: torch.multinomial draws an exponential per
     # vocabulary entry, a large part of a CPU decode step for GPT-2's 50257 tokens
@@ -347,6 +348,8 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
     (before top_k / top_p; 0 when greedy), 0 elsewhere. static=True decodes with GPT.decode_step, the same shapes
     at every step; on CUDA that step is a CUDA graph (DecodeGraph), replayed at every token."""
     B, P = prompt.shape
+    if P + max_new_tokens - 1 > model.config.block_size:  # the last token is sampled, never fed back
+        raise ValueError(f"{P} prompt + {max_new_tokens} new tokens exceed block_size={model.config.block_size} + 1")
     device = prompt.device
     pad = 0 if eos_id is None else eos_id
     T = P + max_new_tokens

@@ -99,7 +99,8 @@ def _csv_rows(path):
         max(",;", key=lambda d: len(names & {h.strip(' "') for h in header.split(d)}))
     rows = csv.reader(io.StringIO("\n".join(lines), newline=""), delimiter=sep)
     try:
-        keys, last = [k.strip().lower() for k in next(rows, [])], rows.line_num
+        keys = [k.strip().lower() for k in next((r for r in rows if any(c.strip() for c in r)), [])]  # the header
+        last = rows.line_num
         for row in rows:
             where, last = f"{path}:{last + 1}", rows.line_num
             if len(row) > len(keys):

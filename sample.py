@@ -31,6 +31,10 @@ def main(argv):
             raise UserError(f"--{k}={v}: expected {type(opts[k]).__name__}") from None
     if not opts["ckpt"]:
         raise UserError("--ckpt=PATH is required (a .pt from sft.py, ppo.py or hf.py convert, or an HF dir)")
+    for k, ok, rule in (("n", opts["n"] >= 1, ">= 1"), ("temperature", opts["temperature"] >= 0, ">= 0 (0: greedy)"),
+                        ("top_k", opts["top_k"] >= 0, ">= 0"), ("top_p", 0 < opts["top_p"] <= 1, "in (0, 1]")):
+        if not ok:
+            raise UserError(f"--{k}={opts[k]}: must be {rule}")
     ck = load_checkpoint(opts["ckpt"]) if opts["ckpt"].endswith(".pt") else None
     model = model_from_checkpoint(ck, opts["ckpt"]) if ck else load_hf(opts["ckpt"])
     tok = Tokenizer(ck.get("vocab") if ck else None)

@@ -136,6 +136,7 @@ def csv_bytes(delimiter=",", header=("Prompt", "Response")):
     ("excel.csv", codecs.BOM_UTF8 + csv_bytes()),  # Excel's "CSV UTF-8"
     ("semicolon.csv", csv_bytes(";")),  # where the decimal mark is a comma
     ("sheet.tsv", csv_bytes("\t", ("prompt", "response"))),
+    ("blank_first.csv", b"\r\n,\r\n" + csv_bytes()),  # a blank line and an empty row before the header
 ])
 def test_read_jsonl_files_as_tools_write_them(tmp_path, name, raw):
     (tmp_path / name).write_bytes(raw)
@@ -150,6 +151,7 @@ def test_read_jsonl_files_as_tools_write_them(tmp_path, name, raw):
     ("bad.json", b'[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a" "response": "b"}\n]', 3, "not valid JSON"),
     ("cells.csv", b'prompt,response\r\na,b\r\na,b,c\r\n', 3, "3 cells, the header has 2"),
     ("empty.csv", b'prompt,response\r\na,\r\n', 2, "'response' must be a non-empty string"),
+    ("odd.jsonl", codecs.BOM_UTF16_LE + b"\xfa\x00bad", 1, "not UTF-16 text"),  # an odd number of UTF-16 bytes
 ])
 def test_read_jsonl_bad_file_of_another_format_names_the_line(tmp_path, name, raw, where, expect):
     (tmp_path / name).write_bytes(raw)

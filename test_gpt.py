@@ -310,6 +310,17 @@ def test_sample_token_top_k_top_p():
     freq = torch.bincount(sample_token(logits, temperature=1.0, generator=g), minlength=4) / 4000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
     assert sample_token(logits[:1], temperature=0).item() == 0
+    for p in (0.0, -1.0, 0.3):  # top_p below the top token's 0.5: that token alone, not every token dropped
+        assert set(sample_token(logits, top_p=p, generator=g).tolist()) == {0}, f"top_p={p}"
+
+
+def test_generate_past_block_size_is_a_clear_error():
+    """Every path, the static one included (on CUDA an out-of-range position is a device-side assert)."""
+    model, prompt = tiny(3), torch.randint(0, 96, (2, 40))
+    for static, use_cache in ((False, True), (False, False), (True, True)):
+        with pytest.raises(ValueError, match="exceed block_size=48"):
+            generate(model, prompt, torch.ones_like(prompt), 10, static=static, use_cache=use_cache)
+    assert generate(model, prompt, torch.ones_like(prompt), 9, static=True)[0].shape == (2, 49)  # 48 fed, 1 sampled
 
 
 @pytest.mark.parametrize("temperature", [0, 0.8])
