@@ -36,6 +36,9 @@ BUGS = [
     ("KV cache: returns .contiguous() slices (a copy of every key so far whenever B x n_head > 1)", "gpt.py",
      "        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]",
      "        return self.k[layer, :, :, :end].contiguous(), self.v[layer, :, :, :end].contiguous()"),
+    ("KV cache: returns the keys and values in the new ones' dtype (a copy), not the cache's", "gpt.py",
+     "        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]",
+     "        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)"),
     # gpt.py CausalSelfAttention.forward
     ("attention: no causal mask", "gpt.py", "F.scaled_dot_product_attention(q, k, v, is_causal=True)",
      "F.scaled_dot_product_attention(q, k, v)"),
@@ -69,6 +72,11 @@ BUGS = [
      "F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
      "F.scaled_dot_product_attention(q, k, v, attn_mask=mask & torch.ones(T, k.size(2), dtype=torch.bool, "
      "device=x.device).tril(k.size(2) - T))"),
+    ("attention: dropout in training mode (nanoGPT's), which GPT-2 here does not have", "gpt.py",
+     "F.scaled_dot_product_attention(q, k, v, is_causal=True)",
+     "F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1 if self.training else 0.0)"),
+    ("attention: one query after cached keys falls back to is_causal (key 0 alone)", "gpt.py",
+     "if mask is None and k.size(2) > T:", "if mask is None and k.size(2) > T and T > 1:"),
     # sft.py sft_loss
     ("sft_loss: logits/labels shift missing", "sft.py",
      "targets = torch.roll(tokens, -1, dims=1)", "targets = tokens"),
@@ -112,6 +120,10 @@ BUGS = [
      "logits - logits.exp().sum(-1, keepdim=True).log(), -1,"),
     ("token_logprobs: squeeze() drops every size-1 dimension", "ppo.py",
      "tokens.unsqueeze(-1)).squeeze(-1)", "tokens.unsqueeze(-1)).squeeze()"),
+    ("token_logprobs: one max over the whole batch, not each row's (a row far below it underflows)", "ppo.py",
+     "    return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)",
+     "    mx = logits.max()\n    return torch.gather(logits - mx - (logits - mx).exp().sum(-1, keepdim=True).log(), -1, "
+     "tokens.unsqueeze(-1)).squeeze(-1)"),
     # ppo.py kl_penalized_rewards
     ("kl_penalized_rewards: KL sign flipped", "ppo.py",
      "-kl_coef * (logprobs - ref_logprobs), 0)", "kl_coef * (logprobs - ref_logprobs), 0)"),
@@ -196,6 +208,9 @@ BUGS = [
      "((torch.max(-advantages * ratio, -advantages * clipped) * mask).sum(1) / mask.sum(1)).mean()"),
     ("ppo_policy_loss: the log-ratio clamped at 20 before the exp (an 'overflow guard' that changes the loss)", "ppo.py",
      "    ratio = torch.exp(logprobs - old_logprobs)", "    ratio = torch.exp((logprobs - old_logprobs).clamp(max=20.0))"),
+    ("ppo_policy_loss: zeroes the caller's old log-probs on padding, in place", "ppo.py",
+     "    logprobs, old_logprobs = (torch.where(mask.bool(), x, 0.0) for x in (logprobs, old_logprobs))",
+     "    old_logprobs.masked_fill_(~mask.bool(), 0.0)\n    logprobs = torch.where(mask.bool(), logprobs, 0.0)"),
     # ppo.py value_loss
     ("value_loss: clipped around the returns, not the old values", "ppo.py",
      "old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)",
@@ -249,6 +264,8 @@ BUGS = [
     ("ppo_loss: value loss subtracted", "ppo.py", "+ vf_coef * value_loss(", "- vf_coef * value_loss("),
     ("ppo_loss: the value clip from clip_eps, not vf_clip", "ppo.py",
      "value_loss(values, old_values, returns, mask, vf_clip)", "value_loss(values, old_values, returns, mask, clip_eps)"),
+    ("ppo_loss: the PPO-ptx term switched on by ptx_coef, not by a ptx_loss given", "ppo.py",
+     "    if ptx_loss is not None:\n", "    if ptx_coef:\n"),
     # grads.py sft_loss_grad
     ("sft_loss_grad: shifted the wrong way", "grads.py", "grad[:, :-1] = (p - onehot)", "grad[:, 1:] = (p - onehot)"),
     ("sft_loss_grad: mask not shifted with the labels", "grads.py", "m = loss_mask[:, 1:].to(logits.dtype)",
@@ -271,6 +288,8 @@ BUGS = [
      "        mm = loss_mask[:, 1:].bool()\n"
      "        return torch.autograd.grad(-torch.where(mm, lp, 0).sum() / mm.sum(), x)[0]\n"
      "    B, T, V = logits.shape\n    m = loss_mask"),
+    ("sft_loss_grad: a one-hot as wide as the largest token present, not V", "grads.py",
+     "F.one_hot(tokens[:, 1:], V)", "F.one_hot(tokens[:, 1:])"),
     # grads.py preference_loss_grad
     ("preference_loss_grad: same sign for both rewards", "grads.py", "return -g, g", "return -g, -g"),
     ("preference_loss_grad: sigmoid(r_c - r_r), not sigmoid(r_r - r_c)", "grads.py",

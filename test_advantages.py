@@ -34,9 +34,11 @@ def test_token_logprobs_matches_naive_loop_float64():
 
 
 def test_token_logprobs_stable_for_large_logits():
-    logits = torch.tensor([[[1000.0, 0.0, -1000.0]], [[-1000.0, 1000.0, 0.0]]])  # (2, 1, 3)
-    got = token_logprobs(logits, torch.tensor([[1], [1]]))
-    assert_close("token_logprobs at logits +-1000", got, torch.tensor([[-1000.0], [0.0]]), 1e-3)
+    logits = torch.tensor([[[1000.0, 0.0, -1000.0]], [[-1000.0, 1000.0, 0.0]], [[-1000.0, -1000.0, -1001.0]]])  # (3, 1, 3)
+    got = token_logprobs(logits, torch.tensor([[1], [1], [1]]))
+    assert_close("token_logprobs at logits +-1000", got, torch.tensor([[-1000.0], [0.0], [-math.log(2 + math.exp(-1))]]),
+                 1e-3, hint="each row's own max subtracted (log_softmax over the last dim): one max over the whole "
+                            "batch underflows a row whose logits all sit far below it")
 
 
 def naive_kl_rewards(scores, logprobs, ref, mask, coef, last=lambda valid: valid[-1], add=True, everywhere=False):

@@ -53,6 +53,17 @@ def test_attention_matches_naive_loop():
                      "softmax over the keys (last dim) of q k^T / sqrt(hs); heads split (B, nh, T, hs) and merged back")
 
 
+def test_attention_in_training_mode_is_the_same_function():
+    """sft.py and ppo.py train with model.train(): GPT-2 here has no dropout, so attention in training
+    mode must compute exactly what it computes in eval mode."""
+    model = tiny().double().train()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        assert_close("CausalSelfAttention in training mode", attn(x), naive_attention(attn, x), 1e-10,
+                     hint="no dropout (dropout_p=0): the docstring's attention has none, and GPTConfig no rate")
+
+
 def test_attention_with_padding_mask_and_cache_matches_naive_loop():
     """A left-padded batch through a KVCache as GPT.hidden drives it (a prefill of 4 positions, then
     one at a time, the test advancing cache.pos) equals one pass over all positions, each query
@@ -162,6 +173,13 @@ def test_attention_with_a_cache_and_no_mask_is_causal_at_the_right():
                      1e-10, [("the causal mask aligned at the top left (is_causal with T < S): query i sits at "
                               "position S - T + i", naive_attention(attn, x, left.expand(2, 1, S, S))[:, P:])],
                      "with a cache and no mask: causal over all S keys, the queries being the last T positions")
+        cache.pos = S - 1  # one query (a decode step) after S - 1 cached keys: it sees them all
+        first = torch.ones(S, S, dtype=torch.bool).tril()
+        first[-1, 1:] = False  # what is_causal gives one query after cached keys: key 0 alone
+        assert_close("CausalSelfAttention of 1 query after 6 cached keys, no mask", attn(x[:, -1:], None, cache, 0),
+                     naive_attention(attn, x)[:, -1:], 1e-10, [("is_causal with T = 1 < S: the query sees key 0 only",
+                                                               naive_attention(attn, x, first.expand(2, 1, S, S))[:, -1:])],
+                     "a single query after cached keys attends to every key, its own included")
 
 
 def test_kvcache_update_returns_views_of_the_cache():
@@ -172,6 +190,13 @@ def test_kvcache_update_returns_views_of_the_cache():
     for name, got, buf in (("keys", k, c.k), ("values", v, c.v)):
         assert got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), \
             f"KVCache.update returned {name} in new memory: return a slice of the cache (a view), not a copy or a torch.cat"
+
+
+def test_kvcache_update_returns_the_cache_dtype():
+    c = KVCache(n_layer=1, B=1, n_head=1, T_max=4, head_size=2, device="cpu", dtype=torch.float64)
+    k, v = c.update(0, torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))  # float32 keys into a float64 cache
+    assert k.dtype == v.dtype == torch.float64 and k.untyped_storage().data_ptr() == c.k.untyped_storage().data_ptr(), \
+        f"KVCache.update returned {k.dtype}: views of the cache, in the cache's dtype (no .to(k.dtype), which copies)"
 
 
 def test_kvcache_update_writes_in_place():

@@ -49,8 +49,8 @@ def ref_entropy(logits, mask):
 
 def sft_example():
     g = torch.Generator().manual_seed(0)
-    logits = 2 * torch.randn(3, 6, 5, dtype=torch.float64, generator=g)  # (B, T, V)
-    tokens = torch.randint(0, 5, (3, 6), generator=g)
+    logits = 2 * torch.randn(3, 6, 7, dtype=torch.float64, generator=g)  # (B, T, V)
+    tokens = torch.randint(0, 5, (3, 6), generator=g)  # below V - 1: a one-hot must be told V
     mask = torch.tensor([[0, 0, 1, 1, 1, 1],  # 2 prompt tokens, runs to the end
                          [0, 1, 1, 1, 0, 0],  # 1 prompt token, padding after
                          [1, 0, 0, 1, 1, 0]])  # loss_mask[:, 0] = 1: token 0 is never a target, so it counts for nothing

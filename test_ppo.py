@@ -81,7 +81,7 @@ def test_ppo_policy_loss_finite_with_extreme_logprobs_where_masked():
     want_grad = [-1.0 * math.exp(0.1) / 2, 0.5 * math.exp(-0.1) / 2, 0.0]
     for new_lp, old_lp in ((-5.0, -120.0), (-120.0, -5.0), (-math.inf, -math.inf), (math.nan, -5.0)):
         logp = torch.tensor([[-1.0, -2.0, new_lp]], requires_grad=True)
-        loss = ppo_policy_loss(logp, torch.tensor([old + [old_lp]]), adv, mask, 0.2)
+        loss = call("ppo_policy_loss", ppo_policy_loss, logp, torch.tensor([old + [old_lp]]), adv, mask, 0.2)
         loss.backward()
         assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all(), \
             f"masked log-probs {new_lp} (new) and {old_lp} (old) gave loss {loss.item()}, gradient {logp.grad.tolist()}: " \
@@ -189,6 +189,9 @@ def test_ppo_loss_combines_its_terms():
                   ("the value clip from clip_eps: value_loss takes vf_clip",
                    pg + 0.5 * value_loss(v, old_v, ret, MASK, 0.2) - 0.01 * h)],
                  "policy + vf_coef * value - ent_coef * entropy")
+    got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01, None, 0.25)
+    assert_close("ppo_loss with ptx_coef 0.25 and ptx_loss None", got, pg + 0.5 * vf - 0.01 * h, 1e-6,
+                 hint="no PPO-ptx term when ptx_loss is None, whatever ptx_coef")
     got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01, torch.tensor(2.0), 0.25)
     assert_close("ppo_loss with PPO-ptx", got, pg + 0.5 * vf - 0.01 * h + 0.5, 1e-6,
                  [("ptx_coef not applied", pg + 0.5 * vf - 0.01 * h + 2.0)], "PPO-ptx adds ptx_coef * ptx_loss")
