@@ -162,7 +162,7 @@ def evaluate(rm, val, val_gold, cfg, ctx, device, pad_id):
 def centring_prompts(prompts, n, seed):
     """The prompts whose samples centre the reward model, each one equally often: whole passes over
     them in a seeded order until at least n, or n of them without repeats if there are more."""
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = data.epoch_permutation(len(prompts), seed, 0).tolist()
     n = n if n <= len(prompts) else -(-n // len(prompts)) * len(prompts)
     return [prompts[order[j % len(prompts)]] for j in range(n)]
 
