@@ -24,11 +24,14 @@ def call(what, fn, *args, **kwargs):
     return out
 
 
-def assert_close(what, got, want, tol=TOL, mistakes=(), hint="", labels=None):
+def assert_close(what, got, want, tol=TOL, mistakes=(), hint="", labels=None, some_agree=False):
     """Fail unless `got` is within `tol` of `want` at every entry, with a first line that names the
     likely mistake: the first of `mistakes` ((name, wrong answer), ...) that `got` matches, else
     `hint`; then the worst entries (by `labels[index]` where given) to 10 significant digits. A tensor
-    `want` of a floating dtype fixes the dtype that `got` must have."""
+    `want` of a floating dtype fixes the dtype that `got` must have. A wrong answer within `tol` of
+    `want` fails the test whatever `got` is (inputs that cannot tell them apart test nothing), unless
+    `some_agree`: a loop over points where some mistakes agree with the right answer by design (min
+    and max of the PPO terms inside the clip), which names only the others."""
     got = torch.as_tensor(got).detach()
     if isinstance(want, torch.Tensor) and want.is_floating_point() and got.dtype != want.dtype:
         raise AssertionError(f"{what}: dtype {got.dtype}, want {want.dtype} (the inputs' dtype): no .float(), and "
@@ -37,6 +40,11 @@ def assert_close(what, got, want, tol=TOL, mistakes=(), hint="", labels=None):
     g, w = got.double(), f64(want)
     if g.shape != w.shape:
         raise AssertionError(f"{what}: shape {tuple(g.shape)}, want {tuple(w.shape)}")
+    agree = [((f64(wrong) - w).abs() <= tol).all() for _, wrong in mistakes]
+    if any(agree) and not some_agree:
+        raise AssertionError(f"{what}: the test's inputs cannot tell the mistake '{mistakes[agree.index(True)][0]}' "
+                             "from the right answer")
+    mistakes = [m for m, same in zip(mistakes, agree) if not same]
     err = (g - w).abs().nan_to_num(float("inf"))
     if (err <= tol).all():
         return

@@ -21,10 +21,11 @@ class Tokenizer:
     """GPT-2's byte-level BPE (tiktoken "gpt2"): encode(text) -> list[int], decode(ids) -> str.
     Without `vocab`: GPT-2's ids, vocab_size 50257, eot 50256. With `vocab` (distinct GPT-2 ids,
     50256 among them) GPT-2 id vocab[i] becomes id i, so a model on a small task needs a softmax
-    over len(vocab) outputs only; text giving a GPT-2 id outside `vocab` is a UserError.
-    decode treats the eot like any token: stopping at it is the caller's job."""
+    over len(vocab) outputs only; text giving a GPT-2 id outside `vocab` is a UserError naming
+    `source`, the checkpoint the vocabulary came from. decode treats the eot like any token:
+    stopping at it is the caller's job."""
 
-    def __init__(self, vocab=None):
+    def __init__(self, vocab=None, source="the built-in task"):
         # offline here: the BPE files in ../shared, unless the user points tiktoken elsewhere
         cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
                              "tiktoken-cache")
@@ -36,6 +37,7 @@ class Tokenizer:
             raise UserError(f"tokenizer: tiktoken cannot load GPT-2's BPE files ({type(e).__name__}): it downloads them once; "
                             "offline, set TIKTOKEN_CACHE_DIR to a folder holding them (as ../shared/tiktoken-cache)") from None
         self.vocab = None if vocab is None else [int(g) for g in vocab]
+        self.source = source
         self.eot, self.vocab_size = self.enc.eot_token, self.enc.n_vocab
         if self.vocab is not None:
             self._local = {g: i for i, g in enumerate(self.vocab)}
@@ -52,7 +54,7 @@ class Tokenizer:
         for g in ids:
             if g not in self._local:
                 raise UserError(f"tokenizer: {text[:60]!r} has GPT-2 token {self.enc.decode([g])!r}, "
-                                f"outside the {self.vocab_size}-token vocab")
+                                f"outside the {self.vocab_size}-token vocab of {self.source}")
         return [self._local[g] for g in ids]
 
     def decode(self, ids):

@@ -105,6 +105,17 @@ def barrier():
         dist.barrier()
 
 
+def rank0_first(f, *args):
+    """f(*args) on rank 0, then on the other ranks: rank 0 downloads what is missing (hh-rlhf), the others
+    read its cached copy rather than all fetching it at once."""
+    if RANK > 0:
+        barrier()
+    out = f(*args)
+    if RANK == 0:
+        barrier()
+    return out
+
+
 def ddp_main(main):
     """main for main_guard. Every rank reads the same settings, data and checkpoints and checks them
     alike, and the gradient-norm check sees the all-reduced gradient, so a UserError (or the second

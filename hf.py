@@ -259,6 +259,9 @@ def main(argv):
         print(f"wrote {args[1]}")
     else:
         ck = load_checkpoint(args[0], ("pretrained", "sft", "ppo"))
+        if ck.get("vocab") is not None:  # ids renumbered onto a small vocabulary (data.Tokenizer)
+            raise UserError(f"{args[0]}: its token ids are renumbered onto a {len(ck['vocab'])}-token vocabulary "
+                            "(the built-in task's), which GPT-2's tokenizer cannot drive: not exported")
         export_hf(model_from_checkpoint(ck, args[0]), args[1])
         print(f"wrote {args[1]}/model.safetensors and config.json")
 

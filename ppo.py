@@ -24,7 +24,7 @@ from data import batch_indices, last_index
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from hf import load_checkpoint, load_weights, save_checkpoint
 from util import (GracefulStop, UserError, autocast, check_finite, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, main_guard, make_optimizer, metrics_file, parse_config, write_json)
+                  load_optimizer, main_guard, make_optimizer, metrics_file, parse_config, resume_at, write_json)
 
 
 @dataclass
@@ -123,7 +123,7 @@ def gae(rewards, values, mask, gamma, lam):
     mask = 0, whatever they hold there (even inf or nan). delta_t = r_t + gamma * V_{t+1} - V_t, so
     V = 0 after each row's last valid token; A_t = sum_l (gamma * lam)^l * delta_{t+l} over the valid
     positions from t on; returns = A + V. Returns (advantages, returns), both (B, T), 0 where mask = 0,
-    on rewards' device; the advantages of rewards' dtype."""
+    on rewards' device; the advantages of rewards' dtype, the returns of A + V's."""
     values, rewards = (torch.where(mask.bool(), x, 0) for x in (values, rewards))
     adv = torch.zeros_like(rewards)
     next_adv = torch.zeros_like(rewards[:, 0])
@@ -133,7 +133,7 @@ def gae(rewards, values, mask, gamma, lam):
         next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
         adv[:, t] = next_adv
         next_v = values[:, t]
-    return adv, (adv + values) * mask
+    return adv, torch.where(mask.bool(), adv + values, 0)
 
 
 def rloo_advantages(returns, k):
@@ -192,7 +192,9 @@ def value_loss(values, old_values, returns, mask, clip_eps):
 def entropy(logits, mask):
     """Masked mean over tokens of the entropy H = -sum_v p_v log p_v, p = softmax(logits).
     logits: (B, T, V), mask: (B, T). Returns a scalar of the inputs' dtype and device, finite for large
-    logits (+-1000); positions where mask = 0 count for nothing, even if their logits are inf or nan."""
+    logits (+-1000); positions where mask = 0 count for nothing, in the value and in the gradient, even
+    if their logits are inf or nan (the log-softmax of a nan row has a nan gradient, even times 0)."""
+    logits = torch.where(mask.bool()[..., None], logits, 0.0)
     logp = F.log_softmax(logits, -1)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
 
@@ -316,8 +318,6 @@ def train(cfg, log=None):
         ck = load_checkpoint(path, "ppo", "nothing to resume: run `python ppo.py` without --resume")
         if (critic is None) != (ck.get("critic") is None):
             raise UserError(f"{path} was written by a run with --advantage={ck['cfg'].get('advantage', 'gae')}: resume it with that")
-        if ck["iter"] > cfg.iters:
-            raise UserError(f"{path} is at iteration {ck['iter']}: nothing to resume with --iters={cfg.iters}")
         load_weights(policy, ck["model"], path, ck.get("config"))
         if critic is not None:
             load_weights(critic, ck["critic"], path)
@@ -326,10 +326,12 @@ def train(cfg, log=None):
         start, moments.__dict__, ev = ck["iter"], ck["moments"], ck.get("eval")  # ev: iteration start's, if it was done
         if kl_ctl:
             kl_ctl.value = ck["kl_coef"]
-        print(f"resumed from {path} at iteration {start}")
+        resume_at(path, start, cfg, ck.get("cfg", {}), "iters", "iteration")
     log = log or default_log(metrics_file(cfg.out_dir, "ppo_metrics.jsonl", append=cfg.resume or RANK > 0))
     print(f"ppo: {len(train_ids)} train / {len(eval_ids)} eval prompts, device {device}, {WORLD} process(es)")
-    tpolicy, tcritic = (m and ddp_wrap(compile_for_lengths(m, cfg.compile), device) for m in (policy, critic))  # the update's
+    # the update's modules; the rollout scores with them too (eager and compiled kernels round apart: ratio 1 exactly)
+    cpolicy, ccritic = (m and compile_for_lengths(m, cfg.compile) for m in (policy, critic))
+    tpolicy, tcritic = (None if m is None else ddp_wrap(m, device) for m in (cpolicy, ccritic))
     static = cfg.cuda_graph and device.startswith("cuda")
 
     def save(it, **extra):
@@ -358,7 +360,7 @@ def train(cfg, log=None):
             k = cfg.samples_per_prompt  # each rank rolls out whole groups: k adjacent copies of a prompt
             idx = batch_indices(len(train_ids), it, cfg.rollout_batch // k, cfg.seed)
             mine = [j for j in idx[RANK::WORLD] for _ in range(k)]
-            b = rollout(policy, ref, rm, critic, [train_ids[j] for j in mine], tok.eot, cfg.max_new_tokens, cfg.temperature,
+            b = rollout(cpolicy, ref, rm, ccritic, [train_ids[j] for j in mine], tok.eot, cfg.max_new_tokens, cfg.temperature,
                         ctx, seeded(cfg.seed, 0, RANK, it, device=device), sampler, static=static,
                         width=max(len(train_ids[j]) for j in idx))  # padded alike on every rank
             gold = all_sum(torch.tensor(sum(map(data.gold_score, [train_prompts[j] for j in mine], responses(b, tok))) / len(mine),

@@ -19,12 +19,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import data
-from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
+from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, rank0_first, save_and_exit
 import onednn
 from gpt import generate
 from hf import load_checkpoint, model_from_checkpoint, save_checkpoint
 from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config)
+                  load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config, resume_at)
 
 
 @dataclass
@@ -105,13 +105,25 @@ def rank_groups(records, kind):
 
 
 def encode_groups(groups, tok, cfg, name):
+    """groups [(prompt, [response best, ..., worst])] -> (encoded groups, the groups kept), alike in
+    length. A response the same as a better-ranked one of its prompt once cut to max_len is dropped (a
+    tie labelled a win: its loss stays log 2 and it counts as wrong), and a group left with one
+    response with it; the counts are printed."""
     flat = [(p, r) for p, rs in groups for r in rs]
     ex = data.encode_examples(tok, [p for p, _ in flat], [r for _, r in flat], cfg.max_len, cfg.max_prompt_len, name)
-    out, i = [], 0
-    for _, rs in groups:
-        out.append(ex[i:i + len(rs)])
-        i += len(rs)
-    return out
+    enc, kept, i = [], [], 0
+    for p, rs in groups:
+        g, i = ex[i:i + len(rs)], i + len(rs)
+        keep = [k for k in range(len(rs)) if g[k] not in g[:k]]
+        if len(keep) >= 2:
+            enc.append([g[k] for k in keep])
+            kept.append((p, [rs[k] for k in keep]))
+    if len(ex) > sum(map(len, enc)):
+        print(f"data: {name}: {len(ex) - sum(map(len, enc))} responses dropped, each the same as a better-ranked one "
+              f"once cut to --max_len={cfg.max_len}, and {len(groups) - len(enc)} of {len(groups)} records with them")
+    if not enc:
+        raise UserError(f"--data={cfg.data}: {name}: every record's responses are the same once cut to --max_len={cfg.max_len}")
+    return enc, kept
 
 
 def group_batch(groups, idx, pad_id, bucket=1, limit=None):
@@ -184,15 +196,22 @@ def normalize(rm, policy, prompts, tok, cfg, device):
     return mean.item()
 
 
-def main(argv):
-    cfg = parse_config(Config, argv)
+def check_config(cfg):
+    """Impossible settings are one-line errors before anything loads (as sft.check_config)."""
     if cfg.kind not in ("pairs", "rankings"):
         raise UserError(f"--kind={cfg.kind}: expected pairs or rankings")
-    for key in ("batch_size", "max_iters", "eval_interval", "eval_batches", "log_interval"):
+    for key in ("batch_size", "max_iters", "eval_interval", "eval_batches", "log_interval", "max_len", "lr"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
+    if not 0 < cfg.max_prompt_len < cfg.max_len:  # 0 would train on responses alone, which PPO scores with prompts
+        raise UserError(f"--max_prompt_len={cfg.max_prompt_len}: must be in 1..max_len-1 ({cfg.max_len - 1})")
     if cfg.batch_size < WORLD:
         raise UserError(f"--batch_size={cfg.batch_size}: fewer prompts than the {WORLD} processes")
+
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    check_config(cfg)
     check_out_dir(cfg.out_dir)
     device = ddp_init(get_device(cfg.device, cfg.dtype))
     torch.manual_seed(cfg.seed)
@@ -203,14 +222,13 @@ def main(argv):
     else:
         policy_ck = load_checkpoint(cfg.sft_ckpt, "sft", "run `python sft.py` first")
         rm = RewardModel(model_from_checkpoint(policy_ck, cfg.sft_ckpt))
-    tok = data.Tokenizer(policy_ck.get("vocab"))
-    if RANK > 0:
-        barrier()  # rank 0 downloads the data (hh-rlhf) if needed, then the others read the cached copy
-    train_rec, val_rec = data.load_records(cfg.data, cfg.kind, cfg.seed)
-    if RANK == 0:
-        barrier()
+    tok = data.Tokenizer(policy_ck.get("vocab"), last_path if cfg.resume else cfg.sft_ckpt)
+    train_rec, val_rec = rank0_first(data.load_records, cfg.data, cfg.kind, cfg.seed)
+    if cfg.kind == "pairs" and data.is_data_file(cfg.data) and data.file_kind(cfg.data) == "rankings":
+        print(f"data: {cfg.data} holds rankings, read as pairs, each scored apart: --kind=rankings scores each "
+              "response once and batches a ranking's pairs together (InstructGPT)")
     train_groups, val_groups = rank_groups(train_rec, cfg.kind), rank_groups(val_rec, cfg.kind)
-    train, val = encode_groups(train_groups, tok, cfg, "rm train"), encode_groups(val_groups, tok, cfg, "rm val")
+    (train, _), (val, val_groups) = encode_groups(train_groups, tok, cfg, "rm train"), encode_groups(val_groups, tok, cfg, "rm val")
     val_gold = [[data.gold_score(p, r) for r in rs] for p, rs in val_groups] if cfg.data == "builtin" else None
     if len(train) < cfg.batch_size:  # batch_indices would hand out short batches, uneven across processes
         raise UserError(f"--data={cfg.data}: {len(train)} training {cfg.kind}, fewer than --batch_size={cfg.batch_size}")
@@ -223,10 +241,8 @@ def main(argv):
     if cfg.resume:
         load_optimizer(opt, ck["optimizer"], last_path)
         start, best = ck["iter"], ck["best_loss"]
-        if start > cfg.max_iters:
-            raise UserError(f"{last_path} is at step {start}: nothing to resume with --max_iters={cfg.max_iters}")
         torch.set_rng_state(ck["rng"])
-        print(f"resumed from {last_path} at step {start}")
+        resume_at(last_path, start, cfg, ck.get("cfg", {}))
     ctx = autocast(device, cfg.dtype)
     trm = ddp_wrap(compile_for_lengths(rm, cfg.compile), device)  # for training; rank 0 evaluates with rm alone
     print(f"reward: {len(train)} train / {len(val)} val {cfg.kind}, device {device}")

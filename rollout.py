@@ -12,7 +12,7 @@ import torch
 
 import data
 import onednn
-from ddp import RANK, WORLD, all_sum
+from ddp import RANK, WORLD, all_sum, rank0_first
 from gpt import generate
 from hf import load_checkpoint, model_from_checkpoint
 from ppo import (gae, grpo_advantages, kl_penalized_rewards, kl_per_response, masked_mean, policy_logprobs,
@@ -42,7 +42,7 @@ def load_models(cfg, device):
     # The critic is a separate copy of the reward model (InstructGPT §3.5): initialised to predict
     # scores, and not sharing the policy's trunk, so value regression cannot disturb the policy.
     critic = copy.deepcopy(rm).train().requires_grad_(True) if cfg.advantage == "gae" else None
-    return policy, ref, rm, critic, data.Tokenizer(sft_ck.get("vocab"))
+    return policy, ref, rm, critic, data.Tokenizer(sft_ck.get("vocab"), cfg.sft_ckpt)
 
 
 def load_prompts(cfg, tok):
@@ -50,7 +50,7 @@ def load_prompts(cfg, tok):
     token lists, each keeping its last cfg.max_prompt_len tokens (those nearest the response), at most
     cfg.eval_prompts held out; demos, PPO-ptx's demonstrations [(prompt_ids, response_ids)] if
     cfg.ptx_coef > 0, else None."""
-    train_prompts, eval_prompts = data.load_records(cfg.data, "prompts", cfg.seed)
+    train_prompts, eval_prompts = rank0_first(data.load_records, cfg.data, "prompts", cfg.seed)
     eval_prompts = eval_prompts[:cfg.eval_prompts]
     encode = lambda ps: [tok.encode(p)[-cfg.max_prompt_len:] for p in ps]
     n = cfg.rollout_batch // cfg.samples_per_prompt
@@ -59,7 +59,7 @@ def load_prompts(cfg, tok):
                         f"(--rollout_batch={cfg.rollout_batch}, --samples_per_prompt={cfg.samples_per_prompt})")
     demos = None
     if cfg.ptx_coef > 0:
-        demos = data.load_records(cfg.data, "sft", cfg.seed)[0]
+        demos = data.load_records(cfg.data, "sft", cfg.seed)[0]  # downloaded already
         demos = data.encode_examples(tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
                                      cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len, "ptx")
     return train_prompts, encode(train_prompts), eval_prompts, encode(eval_prompts), demos

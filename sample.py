@@ -37,7 +37,7 @@ def main(argv):
             raise UserError(f"--{k}={opts[k]}: must be {rule}")
     ck = load_checkpoint(opts["ckpt"]) if opts["ckpt"].endswith(".pt") else None
     model = model_from_checkpoint(ck, opts["ckpt"]) if ck else load_hf(opts["ckpt"])
-    tok = Tokenizer(ck.get("vocab") if ck else None)
+    tok = Tokenizer(ck.get("vocab") if ck else None, opts["ckpt"])
     ids, T = tok.encode(opts["prompt"]), model.config.block_size
     if not ids:
         raise UserError("--prompt: empty; it needs at least one token")

@@ -16,12 +16,12 @@ import torch
 from torch.nn import functional as F
 
 import data
-from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, no_sync, save_and_exit
+from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, no_sync, rank0_first, save_and_exit
 import onednn
 from gpt import GPT, GPTConfig, generate
 from hf import from_pretrained, load_checkpoint, model_from_checkpoint, save_checkpoint
 from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config)
+                  load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config, resume_at)
 
 
 @dataclass
@@ -139,11 +139,7 @@ def main(argv):
     device = ddp_init(get_device(cfg.device, cfg.dtype))
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.data)
-    if RANK > 0:
-        barrier()  # rank 0 downloads the data (hh-rlhf) if needed, then the others read the cached copy
-    train_rec, val_rec = data.load_records(cfg.data, "sft", cfg.seed)
-    if RANK == 0:
-        barrier()
+    train_rec, val_rec = rank0_first(data.load_records, cfg.data, "sft", cfg.seed)
     encode = lambda recs, name: data.encode_examples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs],
                                                     cfg.max_len, cfg.max_prompt_len, name)
     train, val = encode(train_rec, "sft train"), encode(val_rec, "sft val")
@@ -164,10 +160,8 @@ def main(argv):
     if cfg.resume:
         load_optimizer(opt, ck["optimizer"], last_path)
         start, best = ck["iter"], ck["best_val"]
-        if start > cfg.max_iters:
-            raise UserError(f"{last_path} is at step {start}: nothing to resume with --max_iters={cfg.max_iters}")
         torch.set_rng_state(ck["rng"])
-        print(f"resumed from {last_path} at step {start}")
+        resume_at(last_path, start, cfg, ck.get("cfg", {}))
     ctx = autocast(device, cfg.dtype)
     tmodel = ddp_wrap(model, device)  # for training; rank 0 evaluates and samples with model alone
     train_loss = lambda x, m: sft_loss(tmodel(x), x, m)

@@ -87,8 +87,11 @@ def test_kl_penalized_rewards_zero_where_masked_whatever_the_logprobs_hold():
     reward of 0, not nan (inf * 0 = nan), and leave the valid tokens' rewards alone."""
     scores, logprobs, ref, want = kl_example()
     logprobs[0, 0], logprobs[0, 4], ref[0, 4] = math.nan, -math.inf, math.inf  # row 0's padding
-    assert_close("kl_penalized_rewards with inf and nan log-probs on padding",
-                 kl_penalized_rewards(scores, logprobs, ref, MASK, 0.5), want, 1e-6,
+    got = kl_penalized_rewards(scores, logprobs, ref, MASK, 0.5)
+    valid = MASK.bool()
+    assert_close("kl_penalized_rewards on the valid tokens (inf and nan log-probs on padding)", got[valid], want[valid], 1e-6,
+                 hint="wrong on the valid tokens themselves: test_kl_penalized_rewards_matches_hand_computed says how")
+    assert_close("kl_penalized_rewards with inf and nan log-probs on padding", got, want, 1e-6,
                  hint="0 where mask = 0 whatever the log-probs hold there: torch.where(mask, penalty, 0), not penalty * mask")
 
 
@@ -130,7 +133,7 @@ def test_gae_matches_naive_loop():
                        naive_gae(rewards, values, MASK, gamma, 1.0)[0]),
                       ("gamma missing from delta_t = r_t + gamma * V_{t+1} - V_t",
                        naive_gae(rewards, values, MASK, gamma, lam, gamma_in_delta=False)[0])],
-                     "a backward recursion over each row's valid tokens, 0 on padding")
+                     "a backward recursion over each row's valid tokens, 0 on padding", some_agree=True)  # gamma 1
         assert_close(f"gae returns (gamma={gamma}, lam={lam})", ret, want_ret, 1e-5,
                      hint="returns = advantages + values on valid tokens, 0 elsewhere")
 
@@ -204,7 +207,10 @@ def test_whiten_near_constant_and_constant_inputs_float64():
     want = (x - mean) / torch.sqrt(var + 1e-8) * m
     assert_close("whiten of a near-constant x (var 2e-10)", whiten(x, m), want, 1e-9,
                  [("divided by std + 1e-8: it is sqrt(var + 1e-8), which differs when var is near 0",
-                   (x - mean) / (var.sqrt() + 1e-8) * m)], "in x's dtype: float32 keeps only 7 digits of x = 3.00001")
+                   (x - mean) / (var.sqrt() + 1e-8) * m),
+                  ("no eps: it is sqrt(var + 1e-8), which differs when var is near 0", (x - mean) / var.sqrt() * m),
+                  ("eps 1e-5: it is sqrt(var + 1e-8)", (x - mean) / torch.sqrt(var + 1e-5) * m)],
+                 "in x's dtype: float32 keeps only 7 digits of x = 3.00001")
     const = torch.full((2, 5), 4.0, dtype=torch.float64)
     assert_close("whiten of a constant x", whiten(const, m), torch.zeros_like(const), 1e-12,
                  hint="var = 0: the 1e-8 inside the sqrt keeps (x - mean) / sqrt(var + 1e-8) at 0")

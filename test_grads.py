@@ -18,7 +18,7 @@ from ppo import policy_logprobs, token_logprobs
 from reward import RewardModel, preference_loss
 from sft import sft_loss
 
-CLIP = 0.2
+CLIP, VCLIP = 0.2, 0.4  # the ratio clip, the value clip: a loss that swaps them must show
 
 
 # the losses written here from their docstrings: the known values beside each gradient check (a
@@ -138,7 +138,8 @@ def test_ppo_policy_loss_autograd_matches_finite_differences(point):
                 ("ratio inverted: rho = exp(logprobs - old_logprobs)",
                  ref_policy_loss(old, logprobs, advantages, mask, CLIP)),
                 ("old_logprobs left out of the ratio", ref_policy_loss(logprobs, 0 * old, advantages, mask, CLIP))]
-    assert_close(what, f(logprobs), ref_policy_loss(logprobs, old, advantages, mask, CLIP), 1e-12, mistakes, FORWARD)
+    assert_close(what, f(logprobs), ref_policy_loss(logprobs, old, advantages, mask, CLIP), 1e-12, mistakes, FORWARD,
+                 some_agree=True)  # inside the clip, min and max agree
     got = autograd_grads(f, logprobs)[0]
     x = logprobs.clone()
     labels = {(0, 0): f"(the {point} point)"}
@@ -167,11 +168,12 @@ def test_value_loss_autograd_matches_finite_differences(point):
     what = f"value_loss at V - V_old = {dv:+}, R - V_old = {dr:+}, clip {CLIP} (V_old = {old[0, 0]:.1f})"
     mistakes = [("V clipped to [1 - eps, 1 + eps]: the clip is around V_old, V_old +- eps",
                  ref_value_loss(values, old, returns, mask, CLIP, torch.ones_like(old))),
-                ("V clipped around the returns: the clip is around V_old",
-                 ref_value_loss(values, old, returns, mask, CLIP, returns)),
+                ("no clip, or V clipped around the returns (the same: max((V - R)^2, clip(V - R)^2) = (V - R)^2): the "
+                 "clip is around V_old", ref_value_loss(values, old, returns, mask, CLIP, returns)),
                 ("min instead of max: the loss takes the larger, pessimistic term",
                  ref_value_loss(values, old, returns, mask, CLIP, pick=torch.min))]
-    assert_close(what, f(values), ref_value_loss(values, old, returns, mask, CLIP), 1e-12, mistakes, FORWARD)
+    assert_close(what, f(values), ref_value_loss(values, old, returns, mask, CLIP), 1e-12, mistakes, FORWARD,
+                 some_agree=True)  # where the clip is inactive, these mistakes agree
     got = autograd_grads(f, values)[0]
     x = values.clone()
     labels = {(0, 0): f"(the {point} point)"}
@@ -197,21 +199,25 @@ def test_ppo_loss_autograd_matches_finite_differences():
     g = torch.Generator().manual_seed(1)
     old_values = torch.randn(B, T, dtype=torch.float64, generator=g)
     dv = torch.tensor([[0.1, -0.5, 0.5, 0.05, -0.1, 0.3, 0.0], [0.5, -0.3, 0.1, -0.5, 0.15, 0.25, 0.02]],
-                      dtype=torch.float64)  # V - V_old: inside the value clip and outside it on each side
+                      dtype=torch.float64)  # V - V_old: inside the value clip (VCLIP, not CLIP) and outside it on each side
     dr = torch.tensor([[0.4, 0.5, 1.0, -1.0, 0.6, -0.5, 0.2], [-0.5, -1.0, 0.3, 0.5, -0.4, 1.2, 0.1]],
                       dtype=torch.float64)  # R - V_old: either term of the max the larger one
-    assert ((dv - dr) ** 2 - (dv.clamp(-CLIP, CLIP) - dr) ** 2)[dv.abs() > CLIP].abs().min() > 0.05, "test data on a kink"
+    assert ((dv - dr) ** 2 - (dv.clamp(-VCLIP, VCLIP) - dr) ** 2)[dv.abs() > VCLIP].abs().min() > 0.05, "test data on a kink"
     values, returns = old_values + dv, old_values + dr
     logits = torch.randn(B, T, 4, dtype=torch.float64, generator=g)
     ptx = torch.tensor(1.7, dtype=torch.float64)
 
     def f(lp, v, lg, p):
-        return ppo_loss(lp, old, adv, v, old_values, returns, lg, mask, CLIP, CLIP, 0.5, 0.1, p, 0.3)
+        return ppo_loss(lp, old, adv, v, old_values, returns, lg, mask, CLIP, VCLIP, 0.5, 0.1, p, 0.3)
     inputs = [logprobs, values, logits, ptx]
-    pg, vf = ref_policy_loss(logprobs, old, adv, mask, CLIP), ref_value_loss(values, old_values, returns, mask, CLIP)
+    pg, vf = ref_policy_loss(logprobs, old, adv, mask, CLIP), ref_value_loss(values, old_values, returns, mask, VCLIP)
     h = ref_entropy(logits, mask)
     assert_close("ppo_loss", f(*inputs), pg + 0.5 * vf - 0.1 * h + 0.3 * ptx, 1e-12, hint=FORWARD, mistakes=[
-        ("the entropy bonus added: the loss subtracts ent_coef * entropy", pg + 0.5 * vf + 0.1 * h + 0.3 * ptx)])
+        ("the entropy bonus added: the loss subtracts ent_coef * entropy", pg + 0.5 * vf + 0.1 * h + 0.3 * ptx),
+        ("the ratio clipped at vf_clip: ppo_policy_loss takes clip_eps",
+         ref_policy_loss(logprobs, old, adv, mask, VCLIP) + 0.5 * vf - 0.1 * h + 0.3 * ptx),
+        ("the values clipped at clip_eps: value_loss takes vf_clip",
+         pg + 0.5 * ref_value_loss(values, old_values, returns, mask, CLIP) - 0.1 * h + 0.3 * ptx)])
     got = autograd_grads(f, *inputs)
     xs = [x.clone() for x in inputs]
     for name, i in (("logprobs", 0), ("values", 1), ("logits", 2), ("ptx_loss", 3)):

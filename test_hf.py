@@ -62,6 +62,16 @@ def test_export_convert_round_trip_exact(tmp_path):
         assert (theirs(ids).logits - model(ids)).abs().max() < 1e-4
 
 
+def test_export_refuses_a_renumbered_vocabulary(tmp_path):
+    """A built-in-task checkpoint numbers its 63 tokens 0..62: exported, GPT-2's tokenizer would drive it
+    with ids it does not have (and eos 50256). One line, nothing written."""
+    model = tiny()
+    hf.save_checkpoint(str(tmp_path / "sft.pt"), model, "sft", vocab=list(range(model.config.vocab_size - 1)) + [50256])
+    with pytest.raises(UserError, match="renumbered onto a"):
+        hf.main(["export", str(tmp_path / "sft.pt"), str(tmp_path / "hf")])
+    assert not os.path.exists(tmp_path / "hf")
+
+
 def test_download_file_url(tmp_path):
     src = tmp_path / "hub" / "openai-community" / "gpt2"
     shutil.copytree(TINY, src)

@@ -36,7 +36,8 @@ def test_ppo_policy_loss_matches_hand_computed_each_branch():
                      max(-a * r, -a * math.exp(min(max(log_r, -0.2), 0.2))))]
         assert_close(f"ppo_policy_loss at ratio {r:.2f}, advantage {a:+} ({'clipped' if clipped else 'unclipped'})",
                      got, torch.tensor(policy_terms(log_r, a), dtype=torch.float64), 1e-12, mistakes,
-                     "the loss is max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)): the pessimistic one")
+                     "the loss is max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)): the pessimistic one",
+                     some_agree=True)  # inside the clip, the clip's mistakes give the right answer
 
 
 def test_ppo_policy_loss_masked_mean():
@@ -98,7 +99,10 @@ def test_ppo_policy_loss_gradient_flows_through_the_ratio():
     loss.backward()
     want = torch.tensor([[-1.0 * math.exp(0.05), 2.0 * math.exp(-0.05)]]) / 2
     assert_close("ppo_policy_loss: d/d logprobs", logp.grad, want, 1e-6,
-                 hint="d(-A * rho)/d logprobs = -A * rho: rho must stay in the graph")
+                 [("a sum over tokens, not the mean: each token's term divided by the number of valid tokens", 2 * want),
+                  ("d/d logprobs of -A * rho taken as -A: the derivative of rho = exp(logprobs - old) is rho",
+                   torch.tensor([[-1.0, 2.0]]) / 2)],
+                 hint="d(-A * rho)/d logprobs = -A * rho / N on the unclipped tokens: rho must stay in the graph")
 
 
 def naive_value_loss(v, old, ret, mask, eps, clip=lambda v, o, r, e: o + min(max(v - o, -e), e), pick=max, every=False):
@@ -120,8 +124,8 @@ def test_value_loss_matches_hand_computed_around_old_values():
                  naive_value_loss(*args, clip=lambda v, o, r, e: min(max(v, 1 - e), 1 + e))),
                 ("V clipped to [-eps, eps]: the clip is around V_old",
                  naive_value_loss(*args, clip=lambda v, o, r, e: min(max(v, -e), e))),
-                ("V clipped around the returns: the clip is around V_old",
-                 naive_value_loss(*args, clip=lambda v, o, r, e: r + min(max(v - r, -e), e))),
+                ("no clip, or V clipped around the returns (the same: max((V - R)^2, clip(V - R)^2) = (V - R)^2): the "
+                 "clip is around V_old", naive_value_loss(*args, clip=lambda v, o, r, e: r + min(max(v - r, -e), e))),
                 ("V clipped to V_old * [1 - eps, 1 + eps]: the value clip is additive, V_old +- eps",
                  naive_value_loss(*args, clip=lambda v, o, r, e: o * min(max(v / o, 1 - e), 1 + e) if o else 0.0)),
                 ("min instead of max: the loss takes the larger (pessimistic) term", naive_value_loss(*args, pick=min)),
@@ -153,6 +157,21 @@ def test_value_loss_matches_hand_computed_both_regimes():
                      1e-6, hint="clip V around V_old, take the max")
 
 
+def test_entropy_is_one_mean_over_valid_tokens():
+    """Each position its own entropy, rows of 3 and 5 valid tokens: the masked mean over all valid
+    tokens, which a mean of per-row means or a mean over padding misses."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 4, dtype=torch.float64, generator=g) * torch.tensor([0.3, 1.0, 3.0, 0.5, 2.0], dtype=torch.float64)[:, None]
+    h = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # (2, 5)
+    per_token = [[-sum(p * math.log(p) for p in row) for row in pos.softmax(-1).tolist()] for pos in logits]
+    assert_close("naive entropy", h, torch.tensor(per_token, dtype=torch.float64), 1e-12)
+    m = MASK.double()
+    assert_close("entropy over rows of 3 and 5 valid tokens", call("entropy", entropy, logits, m), (h * m).sum() / m.sum(), 1e-12,
+                 [("the mean of per-row means: one mean over all valid tokens", ((h * m).sum(1) / m.sum(1)).mean()),
+                  ("a mean over padding too: masked_mean divides by sum(mask)", h.mean()),
+                  ("a sum over tokens divided by the batch size", (h * m).sum() / 2)], "masked_mean of H over valid tokens")
+
+
 def test_entropy_matches_hand_computed():
     p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     want = -(p * p.log()).sum()  # 1.0397
@@ -165,8 +184,13 @@ def test_entropy_matches_hand_computed():
     assert_close("entropy with a padding position of entropy 0", entropy(logits, MASK), torch.tensor(math.log(3)), 1e-6,
                  hint="a masked mean over valid tokens")
     logits[0, 0], logits[0, 4] = -math.inf, math.nan  # padding: whatever a forward left there
-    assert_close("entropy with -inf and nan logits at padding", entropy(logits, MASK), torch.tensor(math.log(3)), 1e-6,
+    logits.requires_grad_(True)
+    got = entropy(logits, MASK)
+    assert_close("entropy with -inf and nan logits at padding", got, torch.tensor(math.log(3)), 1e-6,
                  hint="a masked mean that drops padding (masked_mean), not (H * mask).sum(): nan * 0 = nan")
+    got.backward()
+    assert torch.isfinite(logits.grad).all(), "entropy: the gradient is nan at the padding's logits (it would reach the " \
+        "model's weights): replace the logits there first (torch.where), as the log-softmax of a nan row has a nan gradient"
 
 
 def test_entropy_stable_for_large_logits():
@@ -177,7 +201,9 @@ def test_entropy_stable_for_large_logits():
 
 def test_ppo_loss_combines_its_terms():
     torch.manual_seed(0)
-    logp, old, adv = torch.randn(2, 5) * 0.1, torch.randn(2, 5) * 0.1, torch.randn(2, 5)
+    old = torch.randn(2, 5) * 0.1  # valid ratios 1.25 (A > 0) and 0.75 (A < 0): clipped at 0.2, not at 0.3
+    logp = old + torch.tensor([[0.0, math.log(1.25), -0.05, math.log(0.75), 0.3], [0.1, -0.1, 0.02, math.log(1.28), -0.2]])
+    adv = torch.tensor([[0.3, 1.5, -0.4, -2.0, 0.8], [-0.6, 1.1, 0.9, 0.7, -1.3]])
     v, old_v, ret, logits = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5, 4)
     pg = ppo_policy_loss(logp, old, adv, MASK, 0.2)
     vf = value_loss(v, old_v, ret, MASK, 0.3)
@@ -187,7 +213,9 @@ def test_ppo_loss_combines_its_terms():
                  [("the entropy bonus added: the loss subtracts ent_coef * entropy", pg + 0.5 * vf + 0.01 * h),
                   ("vf_coef not applied", pg + vf - 0.01 * h), ("the value loss subtracted", pg - 0.5 * vf - 0.01 * h),
                   ("the value clip from clip_eps: value_loss takes vf_clip",
-                   pg + 0.5 * value_loss(v, old_v, ret, MASK, 0.2) - 0.01 * h)],
+                   pg + 0.5 * value_loss(v, old_v, ret, MASK, 0.2) - 0.01 * h),
+                  ("the ratio clip from vf_clip: ppo_policy_loss takes clip_eps",
+                   ppo_policy_loss(logp, old, adv, MASK, 0.3) + 0.5 * vf - 0.01 * h)],
                  "policy + vf_coef * value - ent_coef * entropy")
     got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01, None, 0.25)
     assert_close("ppo_loss with ptx_coef 0.25 and ptx_loss None", got, pg + 0.5 * vf - 0.01 * h, 1e-6,

@@ -1,12 +1,13 @@
 """reward.py: the Bradley-Terry loss by hand, K-way pairs, and where the reward is read."""
 import math
+from types import SimpleNamespace
 
 import torch
 
 import data
 from gpt import GPT, GPTConfig
 from data import last_index
-from reward import RewardModel, centring_prompts, group_batch, preference_loss
+from reward import RewardModel, centring_prompts, encode_groups, group_batch, preference_loss
 from checks import assert_close, call
 
 
@@ -87,3 +88,16 @@ def test_centring_prompts_count_every_prompt_alike():
     assert centring_prompts(prompts, 3, seed=0) == few, "the same seed, the same prompts"
     assert centring_prompts(prompts * 40, 30, seed=1) != (prompts * 40)[:30], "a seeded subset, not the file's first prompts"
 
+
+
+def test_encode_groups_drops_responses_truncation_made_the_same(capsys):
+    """Two responses that share their first tokens are the same sequence once cut to max_len: a tie
+    labelled a win (its loss stays log 2, it counts as wrong). The later one goes, and a group left
+    with one response goes with it; the counts are printed."""
+    tok, cfg = data.Tokenizer(), SimpleNamespace(max_len=8, max_prompt_len=4, data="test")
+    a, b = " Yes, the sky is blue on a clear day.", " Yes, the sky is blue, but not at night."
+    enc, kept = encode_groups([("Is the sky blue?", [a, b]), ("Is it?", [a, " No.", a]), ("Or?", [" No.", a])], tok, cfg, "rm")
+    assert kept == [("Is it?", [a, " No."]), ("Or?", [" No.", a])]
+    out = capsys.readouterr().out
+    assert "rm: 3 responses dropped" in out and "1 of 3 records" in out, out
+    assert len(enc) == 2 and enc[0][0] != enc[0][1] and enc[1] == encode_groups([kept[1]], tok, cfg, "rm")[0][0]

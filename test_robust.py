@@ -59,6 +59,8 @@ def test_settings_errors_list_valid_keys(tmp_path):
     one_line_error(run("sft.py", "--lr_max=1"), "unknown setting --lr_max", "--max_iters")
     one_line_error(run("sft.py", "--lr=fast"), "--lr=fast", "float")
     one_line_error(run("ppo.py", "--rollout_batch=10", "--minibatch=4"), "--minibatch=4 must divide --rollout_batch=10")
+    for bad, rule in (("--max_prompt_len=0", "must be in 1..max_len-1"), ("--lr=-1", "must be positive")):  # as sft.py's
+        one_line_error(run("reward.py", bad), bad, rule)
 
 
 @pytest.mark.parametrize("kw, needle", [(dict(clip_eps=0.0), "clip_eps"), (dict(temperature=-1.0), "temperature"),
@@ -149,6 +151,21 @@ def test_data_a_run_cannot_use_is_one_line(tmp_path, ckpts):
                        f"--data={sft}", *PPO, "--rollout_batch=16"), "9 training prompts, fewer than the 16 of a rollout batch")
     one_line_error(run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", *RM, "--max_len=40"),
                    "--max_len=40 exceeds the model's block_size 24")
+    # text the built-in task's 63-token vocabulary cannot encode: the checkpoint that fixed it is named
+    hh = os.path.join(HERE, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    one_line_error(run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--data={hh}", *RM),
+                   "outside the 63-token vocab of", f"{ckpts}/sft.pt")
+    # a ranking read as pairs is said; a pair whose two responses are the same is dropped, and said
+    rankings, same = tmp_path / "rankings.jsonl", tmp_path / "same.jsonl"
+    rankings.write_text("".join(json.dumps(dict(prompt=f"count 3 from {i}:", responses=[f" {i} {i + 1} {i + 2}", f" {i}", " 9 9"]))
+                                + "\n" for i in range(10)))
+    same.write_text(json.dumps(dict(prompt="count 3 from 1:", chosen=" 1", rejected=" 1")) + "\n" + pairs.read_text())
+    r = run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--data={rankings}", *RM, "--batch_size=64")
+    one_line_error(r, "27 training pairs, fewer than --batch_size=64")
+    assert "holds rankings, read as pairs" in r.stdout, r.stdout
+    r = run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--data={same}", *RM, "--batch_size=16")
+    one_line_error(r, "9 training pairs, fewer than --batch_size=16")
+    assert "rm train: 2 responses dropped, each the same as a better-ranked one" in r.stdout, r.stdout
 
 
 def test_sample_cli_fits_the_model_context(ckpts):
@@ -269,13 +286,17 @@ def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, ckpts, stage):
 
 
 def test_resume_past_a_smaller_max_iters_is_one_line(tmp_path, ckpts):
-    """A checkpoint at step 4 resumed with --max_iters=2 has nothing to do: saying "saved" would be false."""
+    """A checkpoint at step 4 resumed with --max_iters=2 has nothing to do: saying "saved" would be false.
+    Resumed with other settings, the run says which differ from the saved run's."""
     for name in ("sft_last.pt", "reward_last.pt"):
         shutil.copy(f"{ckpts}/{name}", tmp_path / name)
     one_line_error(run("sft.py", f"--out_dir={tmp_path}", *SFT, "--max_iters=2", "--resume"),
                    "sft_last.pt is at step 4: nothing to resume with --max_iters=2")
     one_line_error(run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", *RM, "--max_iters=2", "--resume"),
                    "reward_last.pt is at step 4: nothing to resume with --max_iters=2")
+    r = run("sft.py", f"--out_dir={tmp_path}", *SFT, "--max_iters=5", "--seed=3", "--resume")
+    assert r.returncode == 0 and "at step 4; settings changed:" in r.stdout, r.stdout + r.stderr
+    assert "--max_iters=5 (was 4)" in r.stdout and "--seed=3 (was 0)" in r.stdout and "--resume" not in r.stdout, r.stdout
 
 
 def test_sigkill_leaves_a_loadable_checkpoint_and_resumes(tmp_path):

@@ -201,3 +201,28 @@ def test_readme_tensorboard_snippet_runs(tmp_path, monkeypatch):
     assert [json.loads(l) for l in open(tmp_path / "out" / "ppo_metrics.jsonl")] == logged
     assert ("train/score", 0.5, 0) in scalars and ("eval/score", 0.7, 1) in scalars, scalars
 
+
+
+def test_rollout_scores_with_the_module_the_update_runs(builtin_run, monkeypatch, tmp_path):
+    """--compile: the update runs the compiled policy and critic; the rollout's scoring forwards (the policy's
+    log-probs under bf16 or a low-precision sampler, the critic's values) must run the same modules, or the
+    first PPO ratio is not 1 (eager and compiled kernels round differently: up to 7e-4 per token seen)."""
+    import rollout as R
+    seen = {}
+    real_rollout, real_update = R.rollout, ppo.ppo_update
+    def spy_rollout(policy, ref, rm, critic, *a, **k):
+        seen["rollout"] = (policy, critic)  # the last one before the update is the training rollout (evaluate's come first)
+        return real_rollout(policy, ref, rm, critic, *a, **k)
+    def spy_update(policy, critic, *a, **k):
+        seen.setdefault("update", (getattr(policy, "module", policy), getattr(critic, "module", critic), seen["rollout"]))
+        return real_update(policy, critic, *a, **k)
+    monkeypatch.setattr(R, "rollout", spy_rollout)
+    monkeypatch.setattr(ppo, "ppo_update", spy_update)
+    monkeypatch.setattr(ppo, "compile_for_lengths", lambda m, on=True, mode="default": torch.compile(m, backend="eager") if on else m)
+    out = builtin_run
+    ppo.train(ppo.Config(sft_ckpt=f"{out}/sft.pt", reward_ckpt=f"{out}/reward.pt", out_dir=str(tmp_path), iters=1,
+                         rollout_batch=4, minibatch=4, ppo_epochs=1, max_new_tokens=4, eval_interval=100, eval_prompts=2,
+                         eval_samples=1, compile=True, dtype="bfloat16", device="cpu"), log=lambda m: None)
+    policy, critic, (scored_by, valued_by) = seen["update"]
+    assert scored_by is policy, "the rollout scored with another module than the update's policy"
+    assert valued_by is critic, "the rollout's values came from another module than the update's critic"

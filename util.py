@@ -135,6 +135,17 @@ def parse_config(cls, argv):
     return cls(**overrides)
 
 
+def resume_at(path, it, cfg, saved, iters="max_iters", unit="step"):
+    """A run resumed from `path`, written at `it`, goes on to cfg.<iters>: a UserError if it is already past
+    that, else a line saying so and naming each setting that differs from `saved` (the run's asdict(cfg)
+    in the checkpoint): a changed --seed, --data or --lr continues another run than the one saved."""
+    if it > getattr(cfg, iters):
+        raise UserError(f"{path} is at {unit} {it}: nothing to resume with --{iters}={getattr(cfg, iters)}")
+    changed = [f"--{k}={v} (was {saved[k]})" for k, v in dataclasses.asdict(cfg).items()
+               if k != "resume" and k in saved and repr(saved[k]) != repr(v)]  # repr: nan is nan
+    print(f"resumed from {path} at {unit} {it}" + (f"; settings changed: {', '.join(changed)}" if changed else ""))
+
+
 def atomic_write(path, write):
     """Call write(f) on a temp file beside `path`, fsync it, then rename it over `path`: a reader
     (or a run killed at any moment, SIGKILL included) sees the old file or the new one, never half."""
