@@ -204,6 +204,8 @@ def hh_batches(path, bc):
     ex = data.encode_examples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs], bc.sft_len,
                               bc.sft_len // 2, "bench hh")
     ex = [p + r for p, r in ex][:bc.sft_batch * (8 if bc.device == "cpu" else 64)]
+    if len(ex) < 2 * bc.sft_batch:  # one batch warms up, at least one more is timed
+        raise UserError(f"--hh={path}: {len(ex)} examples, fewer than two batches of --sft_batch={bc.sft_batch}")
     return [ex[i:i + bc.sft_batch] for i in range(0, len(ex) - bc.sft_batch + 1, bc.sft_batch)]
 
 
@@ -272,7 +274,7 @@ def bench_ppo(cfg, bc, device, ctx, results):
 
 def settings(argv):
     """The Config of a command line: --preset=gpu sets its values over the defaults, not over flags given."""
-    bc, given = parse_config(Config, argv), {a.lstrip("-").partition("=")[0] for a in argv}
+    bc, given = parse_config(Config, argv), {a.lstrip("-").partition("=")[0].replace("-", "_") for a in argv}
     if bc.preset == "gpu":
         bc = Config(**{**asdict(bc), **{k: v for k, v in GPU_PRESET.items() if k not in given}})
     return bc

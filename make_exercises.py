@@ -169,6 +169,8 @@ def make_skeleton(repo, out_dir, exercises=EXERCISES):
     repo, out_dir = os.path.abspath(repo), os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ExerciseError(f"{out_dir} exists and is not empty: remove it or pick another directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExerciseError(f"{out_dir} is a file: the skeleton needs a new or empty directory")
     if out_dir == repo or out_dir.startswith(repo + os.sep):
         raise ExerciseError(f"{out_dir} is inside the repo: the skeleton goes beside it (its tests read ../shared)")
     texts = {}
@@ -179,6 +181,10 @@ def make_skeleton(repo, out_dir, exercises=EXERCISES):
                 raise ExerciseError(f"{file}: no such file: update EXERCISES in make_exercises.py")
             texts[file] = open(path, newline="").read()
         texts[file] = stub(texts[file], file, name)
+    try:  # after the stubs: a table that does not fit the code leaves nothing behind
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ExerciseError(f"{out_dir}: cannot create it ({e.strerror})") from None
     for rel in repo_files(repo):
         if rel in NOT_IN_SKELETON:
             continue

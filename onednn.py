@@ -42,6 +42,9 @@ class _LinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         dy2, x2 = dy.reshape(-1, dy.size(-1)), x.reshape(-1, x.size(-1))
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops (oneDNN's have no autograd: grad 0)
+            return (dy @ w if ctx.needs_input_grad[0] else None, dy2.t() @ x2 if ctx.needs_input_grad[1] else None,
+                    dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None)
         dx = linear(dy, w.t()) if ctx.needs_input_grad[0] else None
         dw = linear(dy2.t(), x2.t()) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -52,6 +55,11 @@ class Linear(nn.Linear):
     """nn.Linear whose fp32 work on the CPU runs through oneDNN, reading the live weight: with grad
     through _LinearFn, without through oneDNN's linear, or, inside `packed()`, on the packed copy made
     when the scope began (a decode step's few rows read it about twice as fast)."""
+
+    def __getstate__(self):  # deepcopy / pickle inside packed(): the opaque packed copy stays behind
+        state = super().__getstate__().copy()
+        state.pop("_packed", None)
+        return state
 
     def forward(self, x):
         if not (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32

@@ -31,6 +31,8 @@ def read_metrics(run_dir):
                     rows.append(json.loads(line))
                 except ValueError:
                     raise UserError(f"{path}:{n}: not a JSON line") from None
+    rows = {(r.get("kind"), r.get("iter")): r for r in rows if isinstance(r, dict)}  # a resumed run's repeats: the last wins
+    rows = sorted(rows.values(), key=lambda r: r.get("iter") if isinstance(r.get("iter"), (int, float)) else -1)
     return [r for r in rows if r.get("kind") == "train"], [r for r in rows if r.get("kind") == "eval"]
 
 
@@ -66,7 +68,7 @@ def plot_training(runs, out, plt):
 def plot_overopt(runs, out, plt):
     fig, ax = plt.subplots(figsize=(7, 5))
     for run_dir, (_, evals) in runs.items():
-        ev = [r for r in evals if "gold" in r]
+        ev = [r for r in evals if all(k in r for k in ("gold", "score", "kl_seq"))]
         if not ev:
             raise UserError(f"{run_dir}: no gold scores in its evaluations (the built-in task has the gold labeler)")
         d = [math.sqrt(max(r["kl_seq"], 0.0)) for r in ev]

@@ -4,9 +4,9 @@ Face GPT-2 directory.
 
     python sample.py --ckpt=out/ppo.pt --prompt=$'\n\nHuman: How do I bake bread?\n\nAssistant:' --n=3
 
---ckpt=PATH (required), --prompt (default a newline), --n=3 samples, --max_new_tokens=0 (0: as many as
-the model's context leaves after the prompt, at most 64), --temperature=1.0, --top_k=0 (0: off),
---top_p=1.0 (1: off), --seed=0.
+--ckpt=PATH (required), --prompt (default none: the samples start from <|endoftext|>), --n=3 samples,
+--max_new_tokens=0 (0: as many as the model's context leaves after the prompt, at most 64),
+--temperature=1.0, --top_k=0 (0: off), --top_p=1.0 (1: off), --seed=0.
 """
 import os
 
@@ -20,7 +20,7 @@ from util import UserError, main_guard
 
 def main(argv):
     # max_new_tokens=0: as many as the model's context leaves after the prompt, at most 64
-    opts = dict(ckpt="", prompt="\n", n=3, max_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    opts = dict(ckpt="", prompt="", n=3, max_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0, seed=0)
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")
         if k not in opts:
@@ -38,9 +38,7 @@ def main(argv):
     ck = load_checkpoint(opts["ckpt"]) if opts["ckpt"].endswith(".pt") else None
     model = model_from_checkpoint(ck, opts["ckpt"]) if ck else load_hf(opts["ckpt"])
     tok = Tokenizer(ck.get("vocab") if ck else None, opts["ckpt"])
-    ids, T = tok.encode(opts["prompt"]), model.config.block_size
-    if not ids:
-        raise UserError("--prompt: empty; it needs at least one token")
+    ids, T = tok.encode(opts["prompt"]) or [tok.eot], model.config.block_size  # no prompt: GPT-2's unconditional start
     new = opts["max_new_tokens"] or min(64, max(1, T - len(ids)))
     if not 0 < new < T:
         raise UserError(f"--max_new_tokens={new}: must be in 1..{T - 1} (the model's block_size is {T})")

@@ -85,6 +85,36 @@ def test_download_file_url(tmp_path):
         hf.download("gpt2-xl", cache_dir=str(tmp_path / "cache"), url=url)
 
 
+def test_download_cut_mid_chunk_is_one_line(tmp_path):
+    """A chunked body cut short raises http.client.IncompleteRead, which is no OSError: one line, no file."""
+    import http.server
+    import socket
+    import threading
+    import util
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match="download .* failed"):
+            util.fetch(f"http://127.0.0.1:{server.server_address[1]}/f", str(tmp_path / "f"))
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "f").exists()
+
+
 def test_gpt_py_copied_alone_loads_and_generates_as_the_repo(tmp_path):
     """gpt.py needs torch alone: copied into an empty directory and imported with none of the repo's
     files on the path, it loads a checkpoint converted by hf.py and samples the tokens the repo's own

@@ -83,3 +83,28 @@ def test_fast_path_never_serves_stale_weights(write):
         assert torch.allclose(model(ids), want, atol=1e-5), "no-grad forward on stale weights"
         with onednn.packed(model):
             assert torch.allclose(model(ids), want, atol=1e-5), "packed forward on stale weights"
+
+
+@pytest.mark.skipif(not onednn.ONEDNN, reason="the oneDNN paths are for x86 CPUs")
+def test_onednn_double_backward_and_deepcopy_while_packed():
+    """create_graph=True (a gradient penalty): the backward runs differentiable ops, else the second
+    derivative comes out 0. A deep copy inside packed() leaves the opaque packed weight behind and
+    computes with its own weights."""
+    lin = torch.nn.Linear(8, 5)
+    ref = copy.deepcopy(lin)
+    onednn.enable(lin)
+    for m in (lin, ref):
+        x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        g, = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+        g.pow(2).sum().backward()
+    assert ref.weight.grad.abs().max() > 0.1 and torch.allclose(lin.weight.grad, ref.weight.grad, atol=1e-5)
+    model, ids = tiny(), torch.randint(0, 97, (2, 5))
+    onednn.enable(model)
+    with torch.no_grad(), onednn.packed(model):
+        snap = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in snap.parameters():
+            p.add_(0.1)
+        plain = tiny()
+        plain.load_state_dict(snap.state_dict())
+        assert torch.allclose(snap(ids), plain(ids), atol=1e-5)

@@ -18,6 +18,7 @@ from gpt import TOKEN_ROWS
 from hf import load_checkpoint
 from util import UserError, get_device, parse_config, resolve_dtype
 from ppo import Config as PPOConfig, check_config
+from sft import Config as SFTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SFT = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--batch_size=8", "--warmup_iters=2", "--eval_batches=1", "--log_interval=1"]
@@ -58,6 +59,9 @@ def test_bad_jsonl_is_one_line_naming_file_and_line(tmp_path):
 def test_settings_errors_list_valid_keys(tmp_path):
     one_line_error(run("sft.py", "--lr_max=1"), "unknown setting --lr_max", "--max_iters")
     one_line_error(run("sft.py", "--lr=fast"), "--lr=fast", "float")
+    for argv in (["--out_dir"], ["--lr", "0.1"]):  # a text or number setting alone is not a flag (out_dir "True")
+        with pytest.raises(UserError, match=f"{argv[0]} needs a value"):
+            parse_config(SFTConfig, argv)
     one_line_error(run("ppo.py", "--rollout_batch=10", "--minibatch=4"), "--minibatch=4 must divide --rollout_batch=10")
     for bad, rule in (("--max_prompt_len=0", "must be in 1..max_len-1"), ("--lr=-1", "must be positive")):  # as sft.py's
         one_line_error(run("reward.py", bad), bad, rule)
@@ -87,8 +91,8 @@ def test_impossible_bench_settings(kw, needle):
         bench.check_config(bench.Config(**kw))
     assert bench.check_config(bench.Config(model="tiny", only="generate,ppo", prompt_len=8, new_tokens=8,
                                            ppo_prompt_len=16, ppo_new_tokens=8)) == (["generate", "ppo"], [1, 8])
-    bc = bench.settings(["--preset=gpu", "--reps=5", "--sft_len=512"])  # the preset under the flags given
-    assert (bc.reps, bc.sft_len, bc.sft_batch, bc.device) == (5, 512, 16, "cuda")
+    bc = bench.settings(["--preset=gpu", "--reps=5", "--sft_len=512", "--sft-batch=2"])  # the preset under the flags given
+    assert (bc.reps, bc.sft_len, bc.sft_batch, bc.device) == (5, 512, 2, "cuda")
 
 
 def test_missing_and_wrong_checkpoints(tmp_path, ckpts):
@@ -173,6 +177,8 @@ def test_sample_cli_fits_the_model_context(ckpts):
     task's model has 24 positions. Asking for more than it has is one line."""
     r = run("sample.py", f"--ckpt={ckpts}/sft.pt", "--prompt=count 3 from 5:", "--n=2")
     assert r.returncode == 0 and r.stdout.count("count 3 from 5:") == 2, r.stderr
+    r = run("sample.py", f"--ckpt={ckpts}/sft.pt", "--n=1")  # no prompt: from <|endoftext|> (a newline is not in its vocab)
+    assert r.returncode == 0 and r.stdout.count("-" * 40) == 1, r.stderr
     one_line_error(run("sample.py", f"--ckpt={ckpts}/sft.pt", "--prompt=count 3 from 5:", "--max_new_tokens=24"),
                    "--max_new_tokens=24: must be in 1..23")
     for bad, rule in (("--top_p=0", "in (0, 1]"), ("--temperature=-1", ">= 0"), ("--n=0", ">= 1")):
@@ -333,3 +339,28 @@ def test_resume_of_a_checkpoint_from_before_the_vocab_padding_is_one_line(tmp_pa
                    "sft_last.pt", "cannot be resumed")
     one_line_error(run("ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}/reward.pt",
                        *PPO, "--iters=2", "--resume"), "ppo.pt", "cannot be resumed")
+
+
+def test_files_written_get_the_umask_mode_and_a_skeleton_path_that_is_a_file_is_one_line(tmp_path):
+    """tempfile.mkstemp makes 0600: a checkpoint or metrics file renamed from it would be unreadable to the
+    group (a shared run folder). make_exercises.py into a file: one line, not NotADirectoryError."""
+    import util
+    old = os.umask(0o022)
+    try:
+        util.write_json({}, str(tmp_path / "a.json"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o644
+    (tmp_path / "f").write_text("")
+    one_line_error(run("make_exercises.py", str(tmp_path / "f")), "is a file")
+
+
+def test_bench_hh_with_fewer_than_two_batches_is_one_line(tmp_path):
+    """One batch warms up; with none left to time, the row would read 0 tok/s (or a KeyError)."""
+    import gzip
+    path = tmp_path / "hh.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(3):
+            f.write(json.dumps({"chosen": f"\n\nHuman: hi {i}\n\nAssistant: hello", "rejected": f"\n\nHuman: hi {i}\n\nAssistant: no"}) + "\n")
+    with pytest.raises(UserError, match="fewer than two batches of --sft_batch=4"):
+        bench.hh_batches(str(path), bench.Config(device="cpu", sft_batch=4, sft_len=64))

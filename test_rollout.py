@@ -155,23 +155,25 @@ def test_ppo_update_stops_before_a_nonfinite_step():
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "a nan step reached the weights"
 
 
-@pytest.mark.parametrize("dtype,rollout_dtype,tol", [("float32", "auto", 1e-6), ("bfloat16", "auto", 1e-4),
-                                                     ("bfloat16", "float32", 1e-4)])
-def test_iteration_zero_kl_is_zero_and_ratio_is_one(dtype, rollout_dtype, tol):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("dtype,rollout_dtype,tol", [("float32", "auto", 1e-6), ("bfloat16", "auto", 0.0),
+                                                     ("bfloat16", "float32", 0.0)])  # fp32: decode step vs a full forward
+def test_iteration_zero_kl_is_zero_and_ratio_is_one(dtype, rollout_dtype, tol, device):
     """With the policy equal to the reference, the rollout's KL is 0 per token and the update's first
     ratio is 1, in fp32 and under bf16 autocast (where ppo.py samples with a bf16 copy and takes the
-    log-probs from a scoring forward over fp32 logits, the update's computation). Full vocabulary."""
+    log-probs from a scoring forward over fp32 logits, the update's computation), for a minibatch of
+    another size than the rollout's (on a GPU, kernels may be chosen by shape). Full vocabulary."""
     torch.manual_seed(0)
-    policy = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
+    policy = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).to(device)
     ref, rm = copy.deepcopy(policy).eval(), RewardModel(copy.deepcopy(policy)).eval()
-    ctx = autocast("cpu", dtype)
-    sampler = make_sampler(policy, ppo.Config(dtype=dtype, rollout_dtype=rollout_dtype), "cpu")
+    ctx = autocast(device, dtype)
+    sampler = make_sampler(policy, ppo.Config(dtype=dtype, rollout_dtype=rollout_dtype), device)
     assert (sampler is None) == (dtype == "float32" or rollout_dtype == "float32")
     prompts = torch.randint(0, 50256, (8, 6)).tolist()
-    b = rollout(policy, ref, rm, rm, prompts, 50256, 10, 0.7, ctx, torch.Generator().manual_seed(0), sampler)
+    b = rollout(policy, ref, rm, rm, prompts, 50256, 10, 0.7, ctx, seeded(0, device=device), sampler, static=device == "cuda")
     k1, k3, _ = kl_stats(b)
     assert abs(k1) <= tol and abs(k3) <= tol, f"{dtype}: KL per token at iteration 0 is k1 {k1:.2e}, k3 {k3:.2e}, not 0"
-    mb, P = torch.tensor([5, 2, 7]), b["tokens"].size(1) - b["mask"].size(1)
+    mb, P = torch.tensor([5, 2, 7], device=device), b["tokens"].size(1) - b["mask"].size(1)
     with ctx:
         lp, _ = policy_logprobs(policy, b["tokens"][mb], b["attn"][mb], 0.7, P - 1)
     ratio = torch.exp(lp - b["logprobs"][mb])[b["mask"][mb].bool()]

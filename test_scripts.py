@@ -129,6 +129,11 @@ def test_plot_draws_runs_or_says_what_it_needs(tmp_path):
         assert r.returncode == 2 and r.stderr.strip() == "error: plot.py needs matplotlib: pip install matplotlib"
     r = run("plot.py", str(tmp_path), ok=False)
     assert r.returncode == 2 and "ppo_metrics.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+    import plot  # a run resumed from its last checkpoint logs iterations 3..5 again: the last of each is kept
+    rows = [dict(kind="train", iter=i, score=0.0) for i in range(6)] + [dict(kind="train", iter=i, score=1.0) for i in range(3, 8)]
+    (run_dir / "ppo_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, _ = plot.read_metrics(str(run_dir))
+    assert [r["iter"] for r in train] == list(range(8)) and [r["score"] for r in train] == [0.0] * 3 + [1.0] * 5
 
 
 def test_bench_runs_every_workload_and_profiles(tmp_path):

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import http.client
 import inspect
 import json
 import math
@@ -130,6 +131,8 @@ def parse_config(cls, argv):
         if key not in fields:
             raise UserError(f"unknown setting --{key}; valid: {', '.join('--' + k for k in fields)}")
         if not eq:
+            if fields[key].type not in (bool, "bool"):
+                raise UserError(f"--{key} needs a value: --{key}=VALUE (settings are --key=value, no space)")
             text = "True"
         overrides[key] = _parse_value(text, fields[key].type, key)
     return cls(**overrides)
@@ -153,6 +156,9 @@ def atomic_write(path, write):
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-" + os.path.basename(path))
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600: give the file the mode open() would
     except OSError as e:  # a folder on the way is a file, or read-only
         raise UserError(f"{path}: cannot write there ({e.strerror})") from None
     try:
@@ -192,7 +198,7 @@ def fetch(url, path):
                 raise UserError(f"download {url}: sha256 differs from the hub's; run again to retry")
     try:
         atomic_write(path, write)
-    except OSError as e:  # URLError, HTTPError, a timeout, a full disk
+    except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, a timeout, a full disk, a cut chunked body
         raise UserError(f"download {url} failed: {e}") from None
 
 
