@@ -42,8 +42,9 @@ def assert_close(what, got, want, tol=TOL, mistakes=(), hint="", labels=None, so
         raise AssertionError(f"{what}: shape {tuple(g.shape)}, want {tuple(w.shape)}")
     agree = [((f64(wrong) - w).abs() <= tol).all() for _, wrong in mistakes]
     if any(agree) and not some_agree:
-        raise AssertionError(f"{what}: the test's inputs cannot tell the mistake '{mistakes[agree.index(True)][0]}' "
-                             "from the right answer")
+        raise AssertionError(f"{what}: the right answer and '{mistakes[agree.index(True)][0]}' agree on these inputs, so "
+                             "the test cannot tell them apart: where it computes the answer with another of the exercises "
+                             "(ppo_loss with ppo_policy_loss), make that one's tests pass first")
     mistakes = [m for m, same in zip(mistakes, agree) if not same]
     err = (g - w).abs().nan_to_num(float("inf"))
     if (err <= tol).all():

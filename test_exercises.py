@@ -310,8 +310,12 @@ def test_make_exercises_stale_table_is_an_error(tmp_path):
     bad = mx.EXERCISES + [("ppo.py", "no_such_function", (), "", "x")]
     with pytest.raises(mx.ExerciseError, match=r"ppo.py: no function 'no_such_function': update EXERCISES"):
         mx.make_skeleton(ROOT, tmp_path / "a", bad)
+    assert not (tmp_path / "a").exists()  # a table that does not fit the code leaves no directory behind
     with pytest.raises(mx.ExerciseError, match=r"needs gae, which is not an exercise listed before it"):
         mx.make_skeleton(ROOT, tmp_path / "b", [("ppo.py", "whiten", ("gae",), "", "x")])
+    (tmp_path / "f").write_text("")
+    with pytest.raises(mx.ExerciseError, match="is a file: the skeleton needs a new or empty directory"):
+        mx.make_skeleton(ROOT, tmp_path / "f")
     text = f'def f():\n    """Spec.\n    {mx.ANSWER} f = 1"""\n    return 1\n'
     with pytest.raises(mx.ExerciseError, match="must be a line of its own"):
         mx.stub(text, "x.py", "f")
