@@ -85,34 +85,55 @@ def test_download_file_url(tmp_path):
         hf.download("gpt2-xl", cache_dir=str(tmp_path / "cache"), url=url)
 
 
-def test_download_cut_mid_chunk_is_one_line(tmp_path):
-    """A chunked body cut short raises http.client.IncompleteRead, which is no OSError: one line, no file."""
+def test_download_cut_or_corrupt_is_one_line(tmp_path):
+    """A chunked body cut short raises http.client.IncompleteRead, which is no OSError: one line, no file.
+    The hub sends a file's sha256 (X-Linked-Etag) with its 302 to the CDN, not with the CDN's response:
+    a body that does not match it is one line too, and a body that does is written."""
+    import hashlib
     import http.server
     import socket
     import threading
     import util
+    body = b"weights" * 100
 
-    class Cut(http.server.BaseHTTPRequestHandler):
+    class Hub(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *a):
             pass
 
         def do_GET(self):
-            self.send_response(200)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self.wfile.write(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+            if self.path == "/cut":
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+            elif self.path.startswith("/resolve/"):  # the hub: a redirect carrying the sha256
+                self.send_response(302)
+                self.send_header("Location", "/cdn")
+                self.send_header("X-Linked-Etag", f'"{hashlib.sha256(self.path.encode() if "bad" in self.path else body).hexdigest()}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:  # the CDN: the bytes, no X-Linked-Etag
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         with pytest.raises(UserError, match="download .* failed"):
-            util.fetch(f"http://127.0.0.1:{server.server_address[1]}/f", str(tmp_path / "f"))
+            util.fetch(f"{url}/cut", str(tmp_path / "f"))
+        with pytest.raises(UserError, match="sha256 differs from the hub's"):
+            util.fetch(f"{url}/resolve/bad", str(tmp_path / "f"))
+        assert not (tmp_path / "f").exists()
+        util.fetch(f"{url}/resolve/good", str(tmp_path / "f"))
     finally:
         server.shutdown()
-    assert not (tmp_path / "f").exists()
+    assert (tmp_path / "f").read_bytes() == body
 
 
 def test_gpt_py_copied_alone_loads_and_generates_as_the_repo(tmp_path):

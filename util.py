@@ -178,14 +178,25 @@ def atomic_write(path, write):
         os.close(dfd)
 
 
+class _KeepEtag(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, keeping the X-Linked-Etag of a hop: the hub sends it with the 302 to its CDN,
+    whose response does not repeat it."""
+    etag = ""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.etag = self.etag or headers.get("X-Linked-Etag", "")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def fetch(url, path):
     """Download url to path with a progress line. The file appears only when complete (atomic_write),
-    its size matching Content-Length and its sha256 the hub's X-Linked-Etag when one is sent, so an
-    interrupted download is retried, never half-read."""
+    its size matching Content-Length and its sha256 the hub's X-Linked-Etag when one is sent (by the
+    response or a redirect before it), so an interrupted download is retried, never half-read."""
     def write(f):
-        with urllib.request.urlopen(url, timeout=60) as r:
+        hops = _KeepEtag()
+        with urllib.request.build_opener(hops).open(url, timeout=60) as r:
             total, done, sha = int(r.headers.get("Content-Length") or 0), 0, hashlib.sha256()
-            etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
+            etag = (r.headers.get("X-Linked-Etag") or hops.etag).strip('"')
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 sha.update(chunk)
