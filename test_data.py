@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pathlib
+import types
 import urllib.request
 
 import pytest
@@ -245,7 +246,8 @@ def test_download_hh_errors(tmp_path):
 def test_download_hh_short_body_error(tmp_path, monkeypatch):
     class ShortResponse(io.BytesIO):  # a connection that drops after 5 of 10 bytes
         headers = {"Content-Length": "10"}
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: ShortResponse(b"12345"))
+    opener = types.SimpleNamespace(open=lambda url, timeout: ShortResponse(b"12345"))
+    monkeypatch.setattr(urllib.request, "build_opener", lambda *handlers: opener)
     with pytest.raises(UserError, match="got 5 of 10 bytes"):
         download_hh("helpful-base", "train", cache_dir=str(tmp_path))
     assert os.listdir(tmp_path / "hh-rlhf" / "helpful-base") == []  # nothing half-written kept
