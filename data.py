@@ -111,6 +111,9 @@ def load_records(data, kind, seed=0):
     if len(records) < 2:
         raise UserError(f"{data}: {len(records)} record(s); need 2 or more, for train and val")
     n_val = max(1, len(records) // 20)
+    if have == "rankings" and kind == "pairs":  # the file's kind is known here: no second read to say so
+        print(f"data: {data} holds rankings, read as pairs, each scored apart: --kind=rankings scores each "
+              "response once and batches a ranking's pairs together (InstructGPT)")
     return convert(records[:-n_val], have, kind, data), convert(records[-n_val:], have, kind, data)
 
 

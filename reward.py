@@ -118,8 +118,9 @@ def encode_groups(groups, tok, cfg, name):
         if len(keep) >= 2:
             enc.append([g[k] for k in keep])
             kept.append((p, [rs[k] for k in keep]))
-    if len(ex) > sum(map(len, enc)):
-        print(f"data: {name}: {len(ex) - sum(map(len, enc))} responses dropped, each the same as a better-ranked one "
+    dropped = len(ex) - sum(map(len, enc))
+    if dropped:
+        print(f"data: {name}: {dropped} responses dropped, each the same as a better-ranked one "
               f"once cut to --max_len={cfg.max_len}, and {len(groups) - len(enc)} of {len(groups)} records with them")
     if not enc:
         raise UserError(f"--data={cfg.data}: {name}: every record's responses are the same once cut to --max_len={cfg.max_len}")
@@ -224,9 +225,6 @@ def main(argv):
         rm = RewardModel(model_from_checkpoint(policy_ck, cfg.sft_ckpt))
     tok = data.Tokenizer(policy_ck.get("vocab"), last_path if cfg.resume else cfg.sft_ckpt)
     train_rec, val_rec = rank0_first(data.load_records, cfg.data, cfg.kind, cfg.seed)
-    if cfg.kind == "pairs" and data.is_data_file(cfg.data) and data.file_kind(cfg.data) == "rankings":
-        print(f"data: {cfg.data} holds rankings, read as pairs, each scored apart: --kind=rankings scores each "
-              "response once and batches a ranking's pairs together (InstructGPT)")
     train_groups, val_groups = rank_groups(train_rec, cfg.kind), rank_groups(val_rec, cfg.kind)
     (train, _), (val, val_groups) = encode_groups(train_groups, tok, cfg, "rm train"), encode_groups(val_groups, tok, cfg, "rm val")
     val_gold = [[data.gold_score(p, r) for r in rs] for p, rs in val_groups] if cfg.data == "builtin" else None
