@@ -73,6 +73,7 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(gpt.config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(gpt.config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
+        self.head.to(gpt.lm_head.weight.device)  # on the trunk's device, drawn on the CPU: a seed gives one head anywhere
 
     @property
     def config(self):

@@ -76,6 +76,14 @@ def test_reward_model_score_same_left_or_right_padded():
         "the reward must be read at each row's last real token, with positions restarted after left padding"
 
 
+def test_reward_model_head_follows_its_trunk():
+    """RewardModel(gpt) puts its head on the trunk's device (a head left on the CPU beside a GPU trunk
+    stopped the first score on a GPU). The meta device stands in for a GPU."""
+    on_meta = RewardModel(GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=16)).to("meta"))
+    assert on_meta.head.weight.device.type == "meta" and on_meta.head.bias.device.type == "meta", \
+        "the head stayed on the CPU: create it, then move it to the trunk's device"
+
+
 def test_centring_prompts_count_every_prompt_alike():
     """The reward model is centred on the SFT policy's samples over the prompts PPO trains on: a
     prefix of the prompt file cycled to n samples would count some prompts (the built-in task's file
