@@ -21,8 +21,8 @@ from ppo import Config as PPOConfig, ppo_update
 from rollout import add_advantages, make_sampler, rollout
 from reward import RewardModel
 from sft import sft_loss
-from util import (UserError, autocast, compile_for_lengths, get_device, main_guard, make_optimizer, parse_config, sync,
-                  timed, write_json)
+from util import (UserError, autocast, compile_for_lengths, get_device, main_guard, make_optimizer, parse_config, resolve_dtype,
+                  sync, timed, write_json)
 
 
 @dataclass
@@ -106,18 +106,26 @@ def peak_mem(device, reset=False):
     return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
+DATASHEET = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12)}  # dense bf16, fp32 (SXM)
+
+
 def peak_flops(device, dtype):
-    """The device's peak: H100 dense bf16 from its datasheet; on CPU, measured with a large matmul in
-    the run's precision (bf16 with --dtype=bfloat16, else fp32), by MKL or oneDNN, whichever is faster."""
+    """The device's peak in the run's precision (bf16, or fp32 without TF32, as torch's default): the
+    datasheet's dense figure for the GPUs in DATASHEET; on another GPU or the CPU, measured with a large
+    matmul (on the CPU by MKL or oneDNN, whichever is faster), which puts MFU against what it reaches."""
+    bf16 = resolve_dtype(device, dtype) == "bfloat16"
     if device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        return 989e12 if "H100" in name or "H200" in name else 312e12  # else assume an A100
-    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+        name = torch.cuda.get_device_name(device)
+        sheet = next((v for k, v in DATASHEET.items() if k in name), None)
+        if sheet:
+            return sheet[0 if bf16 else 1]
+    dt = torch.bfloat16 if bf16 else torch.float32
+    n = 8192 if device.startswith("cuda") else 2048
+    a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
     s = timed(lambda: a @ b, 5, device)
-    if onednn.ONEDNN and dt == torch.float32:  # the faster of the two libraries our Linear can call
+    if onednn.ONEDNN and dt == torch.float32 and device == "cpu":  # the faster of the two libraries our Linear can call
         s = min(s, timed(lambda: onednn.linear(a, b), 5, device))
-    return 2 * 2048 ** 3 / s
+    return 2 * n ** 3 / s
 
 
 def flops_per_token(cfg, T):

@@ -1,7 +1,8 @@
 """
 The CPU fast path: nn.Linear through oneDNN on x86 CPUs in fp32. The same math (fp32 in, fp32
 accumulation, fp32 out, summed in another order), faster kernels than the BLAS (MKL) PyTorch calls
-for fp32 on the CPU. Switched on per model, by the script that wants it, in one visible line:
+for fp32 on the CPU; and bf16 weights prepacked for sampling (a bf16 sampler), the same bits as
+F.linear. Switched on per model, by the script that wants it, in one visible line:
 
     onednn.enable(model)            # its nn.Linear layers run oneDNN, with and without grad
     with onednn.packed(policy):     # a scope in which the weights do not change (a rollout):
@@ -12,6 +13,7 @@ autocast, torch.compile: plain nn.Linear. oneDNN's linear is a private PyTorch o
 it against F.linear first and leaves the model alone if it is missing or disagrees.
 """
 import contextlib
+import functools
 import platform
 
 import torch
@@ -62,12 +64,15 @@ class Linear(nn.Linear):
         return state
 
     def forward(self, x):
-        if not (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        if not (x.device.type == "cpu" and x.dtype == self.weight.dtype and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):
             return super().forward(x)
+        fp32 = x.dtype == torch.float32
         if torch.is_grad_enabled():
-            return _LinearFn.apply(x, self.weight, self.bias)
-        return linear(x, self.__dict__.get("_packed", self.weight), self.bias)
+            return _LinearFn.apply(x, self.weight, self.bias) if fp32 else super().forward(x)
+        if "_packed" in self.__dict__:  # fp32, or bf16 where it gives F.linear's bits (packed() checks)
+            return linear(x, self._packed, self.bias)
+        return linear(x, self.weight, self.bias) if fp32 else super().forward(x)
 
 
 def _works():
@@ -78,6 +83,23 @@ def _works():
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
         return all(torch.allclose(y, F.linear(x, w, b), atol=1e-5) for y in (linear(x, w, b), linear(x, packed, b)))
+    except (RuntimeError, TypeError):
+        return False
+
+
+@functools.cache
+def bf16_exact():
+    """oneDNN on a prepacked bf16 weight gives F.linear's bf16 result bit for bit on this machine, at
+    decode and prefill row counts (F.linear calls oneDNN for bf16 too, on the unpacked weight; another
+    CPU or version might take another kernel). Checked once per process, with a generator of its own."""
+    if not _works():
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 200, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        return all(torch.equal(linear(x, packed, b), F.linear(x, w, b))
+                   for x in (torch.randn(m, 200, generator=g).bfloat16() for m in (1, 8, 61)))
     except (RuntimeError, TypeError):
         return False
 
@@ -97,11 +119,13 @@ def enable(*models):
 @contextlib.contextmanager
 def packed(*models):
     """A scope in which the models' weights do not change (no optimizer step, no load): the oneDNN
-    Linears' fp32 CPU weights are packed once on entry, used by every no-grad forward inside, and
-    dropped on exit. Only fp32 CPU weights are packed; on other models it does nothing. Scopes nest:
-    layers an outer scope packed stay as they are (a frozen model can be packed once for a whole run)."""
-    layers = [m for model in models for m in model.modules() if isinstance(m, Linear) and "_packed" not in m.__dict__
-              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]  # an outer scope's stay packed
+    Linears' CPU weights are packed once on entry, used by every no-grad forward inside, and dropped
+    on exit. fp32 weights are packed, and bf16 ones where bf16_exact() (a bf16 sampler: decode steps
+    ~1.3x faster); on other models it does nothing. Scopes nest: layers an outer scope packed stay as
+    they are (a frozen model can be packed once for a whole run)."""
+    layers = [m for model in models for m in model.modules()  # layers an outer scope packed stay as they are
+              if isinstance(m, Linear) and "_packed" not in m.__dict__ and m.weight.device.type == "cpu"
+              and (m.weight.dtype == torch.float32 or m.weight.dtype == torch.bfloat16 and bf16_exact())]
     try:
         for m in layers:
             m._packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 8)  # tuned for 8 rows

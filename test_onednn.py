@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import onednn
-from gpt import GPT
+from gpt import GPT, generate
 from test_gpt import tiny
 from util import make_optimizer
 
@@ -108,3 +108,31 @@ def test_onednn_double_backward_and_deepcopy_while_packed():
         plain = tiny()
         plain.load_state_dict(snap.state_dict())
         assert torch.allclose(snap(ids), plain(ids), atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn.ONEDNN, reason="the oneDNN paths are for x86 CPUs")
+def test_bf16_sampler_packed_samples_the_same_bits(monkeypatch):
+    """A bf16 copy of the policy (rollout.make_sampler) inside packed(): its Linears run oneDNN on
+    prepacked bf16 weights, and generate() gives the very tokens and log-probs it gives unpacked
+    (F.linear's bits). Where oneDNN's packed bf16 product differs from F.linear's (bf16_exact() False),
+    packed() leaves bf16 weights alone."""
+    if not onednn.bf16_exact():
+        pytest.skip("oneDNN's packed bf16 linear differs from F.linear's bits on this CPU: bf16 stays unpacked")
+    model = tiny(vocab_size=300, n_embd=64)
+    onednn.enable(model)
+    sampler = copy.deepcopy(model).to(torch.bfloat16)
+    prompt, mask = torch.randint(0, 300, (3, 5)), torch.ones(3, 5, dtype=torch.long)
+    mask[0, :2] = 0
+
+    def sample():
+        return generate(sampler, prompt, mask, 12, generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    plain = sample()
+    with onednn.packed(sampler):
+        assert all("_packed" in m.__dict__ for m in sampler.modules() if isinstance(m, onednn.Linear)), \
+            "bf16 weights were not packed"
+        fast = sample()
+    for a, b in zip(plain, fast):
+        assert torch.equal(a, b), "packed bf16 sampling changed the bits"
+    monkeypatch.setattr(onednn, "bf16_exact", lambda: False)
+    with onednn.packed(sampler):
+        assert not any("_packed" in m.__dict__ for m in sampler.modules()), "bf16 packed where it is not exact"

@@ -164,6 +164,16 @@ def test_bench_profile_kinds_of_kernel_names():
         assert kind_of(name) == kind, f"{name}: {kind_of(name)}, want {kind}"
 
 
+def test_bench_mfu_peak_is_the_runs_precision(monkeypatch):
+    """MFU on a known GPU is against its datasheet peak in the run's precision: an fp32 step on an H200
+    against 67 TFLOP/s, not bf16's 989 (an fp32 run would read 15x too low)."""
+    from bench import peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert peak_flops("cuda", "bfloat16") == 989e12 and peak_flops("cuda", "float32") == 67e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    assert peak_flops("cuda", "bfloat16") == 312e12 and peak_flops("cuda", "float32") == 19.5e12
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_training_compiles_once_for_every_length():
     """sft.py --compile (and reward.py's, ppo.py's): batches padded to their longest row change length
