@@ -85,7 +85,10 @@ def all_sum(x):
 @collective
 def any_rank(flag, device):
     """True on every rank if flag is true on any: Ctrl-C reaches each rank at a slightly different
-    moment, but all of them must stop before the same step."""
+    moment, but all of them must stop before the same step. One process: no tensor, so no wait for the
+    GPU at every step (a tensor made from a Python number, then read back, waits for all queued work)."""
+    if WORLD == 1:
+        return bool(flag)
     return bool(all_sum(torch.tensor(float(flag), device=device)))
 
 

@@ -303,8 +303,10 @@ class DecodeGraph:
             # Under autocast, fp32 weights are cast once per autocast region and the cast cached; a graph
             # would keep reading the cached copy after the region has freed it. Without the cache, the
             # casts are in the graph (ppo.py samples with a bf16 copy of the policy: no casts at all).
+            # On the buffers' GPU, which need not be the current one: a new stream sits on the current GPU,
+            # and a capture there records none of this GPU's kernels.
             on, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-            with torch.autocast("cuda", dtype, enabled=on, cache_enabled=False):
+            with torch.autocast("cuda", dtype, enabled=on, cache_enabled=False), torch.cuda.device(self.index.device):
                 self.capture(model)
         self.graph.replay()
         return self.logits
@@ -317,7 +319,7 @@ class DecodeGraph:
                 model.decode_step(self.token, self.mask, self.cache)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):  # not its default stream, made once on the GPU current then
             self.logits = model.decode_step(self.token, self.mask, self.cache)
 
 

@@ -117,6 +117,20 @@ def test_device_this_machine_lacks_is_one_line(monkeypatch, device, gpus, needle
     assert get_device("auto") == ("cuda" if gpus else "cpu")
 
 
+def test_a_named_gpu_becomes_the_current_device(monkeypatch):
+    """--device=cuda:1 in one process: CUDA streams, torch.cuda.graph's capture stream, synchronize() and
+    the memory statistics take the current GPU when given none, so the named one is made current (ddp_init
+    does it under torchrun only): else gpt.DecodeGraph captured on cuda:0 while its kernels ran on cuda:1."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    assert get_device("cuda:1") == "cuda:1" and calls == [1], calls
+    get_device("cuda")  # no index: the current GPU stays as it is
+    assert calls == [1], calls
+
+
 def test_precision_a_machine_cannot_train_in(monkeypatch):
     """float16 needs loss scaling (left out); bf16 by default only on GPUs that compute in it (Ampere on):
     on a T4 (compute capability 7.5) auto is fp32, as on the CPU."""

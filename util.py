@@ -274,6 +274,8 @@ def get_device(device="auto", dtype="auto"):
         raise UserError(f"--device={name}: no CUDA GPU on this machine{built}; use --device=cpu")
     if kind == "cuda" and index is not None and index >= n:
         raise UserError(f"--device={name}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    if kind == "cuda" and index is not None:  # CUDA streams, graph capture, synchronize() and memory statistics
+        torch.cuda.set_device(index)  # take the current GPU when given none: make it the one named
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device={name}: no Apple GPU (MPS) on this machine; use --device=cpu")
     resolve_dtype(device, dtype)
