@@ -301,7 +301,7 @@ def test_skeleton_keeps_no_answer_and_names_only_its_files(tmp_path):
         for line in "".join(answer).splitlines():
             assert len(line.strip()) < 12 or line.strip() not in skel_doc, f"{file}:{name}: the answer leaks: {line}"
     readme = open(skel / "README.md").read()
-    for f in sorted(set(re.findall(r"\b[\w/.-]+\.(?:py|md)\b", readme))):
+    for f in sorted(set(re.findall(r"\.?\b[\w/.-]+\.(?:py|md)\b", readme))):  # .ci/x.py too
         assert (skel / f).exists(), f"the skeleton's README.md names {f}, which the skeleton lacks"
     assert "EXERCISES.md" in readme
 
