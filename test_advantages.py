@@ -15,8 +15,9 @@ MASK = torch.tensor([[0., 1., 1., 1., 0.], [1., 1., 1., 1., 1.]])
 def test_token_logprobs_matches_hand_computed():
     logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0]]])  # (1, 2, 2)
     got = call("token_logprobs", token_logprobs, logits, torch.tensor([[1, 1]]))
-    assert got.shape == (1, 2), f"token_logprobs: shape {tuple(got.shape)}, want (1, 2): squeeze(-1) only the " \
-                                f"gathered dimension (squeeze() drops every dimension of size 1)"
+    assert got.shape == (1, 2), f"token_logprobs: shape {tuple(got.shape)}, want (1, 2): " + (
+        "squeeze(-1) only the gathered dimension (squeeze() drops every dimension of size 1)" if got.dim() < 2 else
+        "a reduction over the vocabulary without keepdim=True, broadcast against the logits?")
     over_positions = torch.tensor([[math.log(3 / 4), math.log(1 / 4)]])
     assert_close("token_logprobs", got, torch.tensor([[math.log(3 / 4), math.log(1 / 5)]]), 1e-6,
                  [("log-softmax over positions (dim 1), not the vocabulary", over_positions)],
@@ -148,6 +149,9 @@ def test_gae_padded_row_in_the_middle_float64():
                  [("bootstrapped past a row's end: V = 0 after its last valid token",
                    naive_gae(rewards, values, mask, 0.9, 0.8, True)[0] * mask)], "0 on padding, before and after a row")
     assert_close("gae returns, float64, middle row padded on both sides", ret, want_ret, 1e-12)
+    _, ret = gae(rewards.float(), values, mask, 0.9, 0.8)
+    assert_close("gae returns of float32 rewards, float64 values", ret, want_ret, 1e-5,
+                 hint="returns = A + V in A + V's dtype (float64 here), not in rewards' dtype")
     adv, _ = gae(rewards, values.float(), mask, 0.9, 0.8)
     assert_close("gae advantages of float64 rewards, float32 values", adv, want_adv, 1e-5, hint="of rewards' dtype")
 
@@ -264,3 +268,10 @@ def test_grpo_advantages_matches_naive_loop_and_constant_groups():
                   ("centred on the batch's mean, not the group's", (R.view(3, 3) - R.mean()).view(-1) / (
                       R.view(3, 3).std(1).repeat_interleave(3) + 1e-4))],
                  "A_i = (R_i - mean of its group) / (std of its group + eps); a group of equal returns gives 0")
+
+
+def test_grpo_advantages_reads_eps():
+    R = GROUP_RETURNS.view(3, 3)
+    want = ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 0.5)).view(-1)
+    assert_close("grpo_advantages with eps=0.5", call("grpo_advantages", grpo_advantages, GROUP_RETURNS, 3, eps=0.5), want, 1e-12,
+                 [("eps fixed at 1e-4: the eps argument is ignored", naive_group_advantages(GROUP_RETURNS, 3, grpo=True))])

@@ -187,8 +187,10 @@ def test_kvcache_update_returns_views_of_the_cache():
     c = KVCache(n_layer=2, B=2, n_head=2, T_max=6, head_size=2, device="cpu", dtype=torch.float32)
     c.pos = 2  # B, nh > 1: a slice of the time axis is not contiguous, so .contiguous() would copy it
     k, v = c.update(1, torch.ones(2, 2, 3, 2), torch.ones(2, 2, 3, 2))
-    for name, got, buf in (("keys", k, c.k), ("values", v, c.v)):
-        assert got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), \
+    for name, got, buf, other in (("keys", k, c.k, c.v), ("values", v, c.v, c.k)):
+        where = got.untyped_storage().data_ptr()
+        assert where != other.untyped_storage().data_ptr(), f"KVCache.update returned {name} from the other cache"
+        assert where == buf.untyped_storage().data_ptr(), \
             f"KVCache.update returned {name} in new memory: return a slice of the cache (a view), not a copy or a torch.cat"
 
 

@@ -330,6 +330,11 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
     assert_close("grads.ppo_policy_loss_grad", got, want, mistakes=mistakes, labels=labels, hint=DERIVE)
     autograd = autograd_grads(lambda lp: ppo_policy_loss(lp, old, adv, mask, CLIP), logprobs)[0]
     assert_close("grads.ppo_policy_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12, labels=labels)
+    grad_at = lambda eps: autograd_grads(lambda lp: ref_policy_loss(lp, old, adv, mask, eps), logprobs)[0]
+    assert_close("grads.ppo_policy_loss_grad at clip_eps 0.3 (the ratios 1.21 and 0.81 inside the clip)",
+                 closed_form(grads.ppo_policy_loss_grad, logprobs, old, adv, mask, 0.3), grad_at(0.3), 1e-12,
+                 [("the clip fixed at 0.2: it is 1 +- clip_eps", grad_at(0.2))], labels=labels)
+
 
 def test_ppo_policy_loss_grad_zero_where_masked_whatever_the_logprobs_hold():
     """Past a response's end: a -5 / -120 pair (exp(115) = inf), -inf / -inf, nan. The gradient is 0

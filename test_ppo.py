@@ -40,6 +40,15 @@ def test_ppo_policy_loss_matches_hand_computed_each_branch():
                      some_agree=True)  # inside the clip, the clip's mistakes give the right answer
 
 
+def test_ppo_policy_loss_reads_clip_eps():
+    """Ratio 1.25, A = +1: clipped at eps = 0.2, inside the clip at eps = 0.3."""
+    one, old = torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), -1.7, dtype=torch.float64)
+    got = call("ppo_policy_loss", ppo_policy_loss, old + math.log(1.25), old, one, one, 0.3)
+    assert_close("ppo_policy_loss at ratio 1.25, advantage +1, clip_eps 0.3 (inside the clip)", got,
+                 torch.tensor(-1.25, dtype=torch.float64), 1e-12,
+                 [("the clip fixed at [0.8, 1.2]: it is [1 - clip_eps, 1 + clip_eps]", -1.2)])
+
+
 def test_ppo_policy_loss_masked_mean():
     logp = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.0, 0.1, -0.1, 0.05, 0.0]]) - 2.0
     adv = torch.tensor([[5.0, 1.0, -1.0, 2.0, 7.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
@@ -157,6 +166,14 @@ def test_value_loss_matches_hand_computed_both_regimes():
                      1e-6, hint="clip V around V_old, take the max")
 
 
+def test_value_loss_reads_clip_eps():
+    """V = 1.25, V_old = 1, R = 2: inside the clip at eps = 0.3, clipped (to 1.2, the larger error) at 0.2."""
+    one = torch.ones(1, 1, dtype=torch.float64)
+    got = call("value_loss", value_loss, 1.25 * one, one, 2 * one, one, 0.3)
+    assert_close("value_loss at V = 1.25, V_old = 1, R = 2, clip_eps 0.3", got, torch.tensor(0.5 * 0.75 ** 2, dtype=torch.float64),
+                 1e-12, [("the clip fixed at V_old +- 0.2: it is V_old +- clip_eps", 0.5 * 0.8 ** 2)])
+
+
 def test_entropy_is_one_mean_over_valid_tokens():
     """Each position its own entropy, rows of 3 and 5 valid tokens: the masked mean over all valid
     tokens, which a mean of per-row means or a mean over padding misses."""
@@ -197,6 +214,12 @@ def test_entropy_stable_for_large_logits():
     logits = torch.tensor([[[1000.0, 0.0, -1000.0], [0.0, 0.0, 1000.0]]])  # nearly one-hot: p log p -> 0
     assert_close("entropy at logits +-1000", entropy(logits, torch.ones(1, 2)), torch.tensor(0.0), 1e-6,
                  hint="p log p with log p from log_softmax (softmax(...).log() gives 0 * -inf = nan)")
+    logits.requires_grad_(True)
+    entropy(logits, torch.ones(1, 2)).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() < 1e-6, \
+        f"entropy: d/d logits at logits +-1000 is {logits.grad.tolist()}, want 0: a probability that underflows to 0 " \
+        f"gives p log p a nan gradient even where the value is patched (xlogy, special.entr, nan_to_num): take log p " \
+        f"from log_softmax and p = exp(log p)"
 
 
 def test_ppo_loss_combines_its_terms():
@@ -216,6 +239,10 @@ def test_ppo_loss_combines_its_terms():
                    pg + 0.5 * value_loss(v, old_v, ret, MASK, 0.2) - 0.01 * h),
                   ("the ratio clip from vf_clip: ppo_policy_loss takes clip_eps",
                    ppo_policy_loss(logp, old, adv, MASK, 0.3) + 0.5 * vf - 0.01 * h)],
+                 "policy + vf_coef * value - ent_coef * entropy")
+    got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.7, 0.01)
+    assert_close("ppo_loss with vf_coef 0.7", got, pg + 0.7 * vf - 0.01 * h, 1e-6,
+                 [("the value loss weighed by 0.5 whatever vf_coef (value_loss has its own 0.5)", pg + 0.5 * vf - 0.01 * h)],
                  "policy + vf_coef * value - ent_coef * entropy")
     got = ppo_loss(logp, old, adv, v, old_v, ret, logits, MASK, 0.2, 0.3, 0.5, 0.01, None, 0.25)
     assert_close("ppo_loss with ptx_coef 0.25 and ptx_loss None", got, pg + 0.5 * vf - 0.01 * h, 1e-6,
