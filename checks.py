@@ -50,10 +50,10 @@ def assert_close(what, got, want, tol=TOL, mistakes=(), hint="", labels=None, so
     if (err <= tol).all():
         return
     if not torch.isfinite(g).all():
-        first = "nan or inf: " + (f"{hint.rstrip('. ')}? Else " if hint else "") + "an exp() that overflows, or the log of an " \
-                "underflowed 0? (log_softmax, logsigmoid " \
-                "and logsumexp subtract the max first) Or a softmax over a row whose every entry is masked, or " \
-                "padding that holds inf or nan multiplied by a 0 mask (torch.where drops it)"
+        first = "nan or inf: " + (f"{hint.rstrip('. ')}? Else " if hint else "") + "an exp() that overflows, " \
+                "or the log of an underflowed 0? (log_softmax, logsigmoid and logsumexp subtract the max first) Or a " \
+                "softmax over a row whose every entry is masked, or padding that holds inf or nan multiplied by a 0 " \
+                "mask (torch.where drops it)"
     else:
         named = [n for n, wrong in mistakes if ((g - f64(wrong)).abs() <= tol).all()]
         if not named and tol < 1e-9 and (err <= 1e-6 * w.abs().clamp(min=1)).all():

@@ -70,8 +70,9 @@ class Linear(nn.Linear):
         fp32 = x.dtype == torch.float32
         if torch.is_grad_enabled():
             return _LinearFn.apply(x, self.weight, self.bias) if fp32 else super().forward(x)
-        if "_packed" in self.__dict__:  # fp32, or bf16 where it gives F.linear's bits (packed() checks)
-            return linear(x, self._packed, self.bias)
+        packed = self.__dict__.get("_packed")  # fp32, or bf16 where it gives F.linear's bits (packed() checks)
+        if packed is not None and packed.dtype == x.dtype:  # (not a model cast to bf16 inside the scope)
+            return linear(x, packed, self.bias)
         return linear(x, self.weight, self.bias) if fp32 else super().forward(x)
 
 

@@ -133,6 +133,9 @@ def test_bf16_sampler_packed_samples_the_same_bits(monkeypatch):
         fast = sample()
     for a, b in zip(plain, fast):
         assert torch.equal(a, b), "packed bf16 sampling changed the bits"
+    with torch.no_grad(), onednn.packed(model):  # packed in fp32, then cast to bf16 inside the scope
+        model.to(torch.bfloat16)
+        assert torch.equal(model(prompt), sampler(prompt)), "a bf16 input met the fp32 packed weight"
     monkeypatch.setattr(onednn, "bf16_exact", lambda: False)
     with onednn.packed(sampler):
         assert not any("_packed" in m.__dict__ for m in sampler.modules()), "bf16 packed where it is not exact"
