@@ -137,7 +137,7 @@ def flops_per_token(cfg, T):
 def bench_sft(model, cfg, bc, device, ctx, batches=None):
     """SFT steps on sft_batch x sft_len random tokens; with `batches` (lists of token lists, real
     data), on those instead, each padded to its longest row rounded up to 64 (sft.py's --bucket)."""
-    loss_fn = lambda x: sft_loss(model(x), x, torch.ones_like(x))  # every token a response token, as HF's causal-LM loss
+    loss_fn = lambda x: sft_loss(model(x, padded=True), x, torch.ones_like(x))  # every token a response token, as HF's causal-LM loss
     loss_fn = compiled(loss_fn, bc)  # the model and the loss: the LM head's softmax fused
     opt = make_optimizer(model.parameters(), 1e-4, 0.1)
     fixed = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)

@@ -224,15 +224,21 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, tokens, attention_mask=None, cache=None, first=0):
+    def forward(self, tokens, attention_mask=None, cache=None, first=0, padded=False):
         """Logits (B, T - first, V) at positions first..T-1 (all by default); see hidden() for the
-        other arguments. PPO asks for the response positions only: the LM head is 30% of GPT-2
-        small's FLOPs per token, and its (B, T, 50257) output the largest tensor of a step."""
-        return self.head(self.hidden(tokens, attention_mask, cache, first))
+        other arguments, head() for padded. PPO asks for the response positions only: the LM head is
+        30% of GPT-2 small's FLOPs per token, and its (B, T, 50257) output the largest tensor of a step."""
+        return self.head(self.hidden(tokens, attention_mask, cache, first), padded)
 
-    def head(self, h):
-        """Hidden states (..., C) -> logits (..., V) over the real vocabulary (not the padding rows)."""
-        return self.lm_head(h)[..., :self.config.vocab_size]
+    def head(self, h, padded=False):
+        """Hidden states (..., C) -> logits (..., V) over the real vocabulary (not the padding rows), or
+        with padded=True (..., n_rows), the padding columns -inf: for a loss, whose softmax is then the
+        same, and the backward has no slice to undo (a copy of the whole gradient: 4% of a GPU SFT step)."""
+        z = self.lm_head(h)
+        if not padded:
+            return z[..., :self.config.vocab_size]
+        z[..., self.config.vocab_size:] = float("-inf")  # in place: the matmul's backward never reads z
+        return z
 
     def decode_step(self, token, attention_mask, cache):
         """One token per row through a StaticKVCache, with the same shapes at every step: token (B, 1)

@@ -69,7 +69,11 @@ class Linear(nn.Linear):
             return super().forward(x)
         fp32 = x.dtype == torch.float32
         if torch.is_grad_enabled():
-            return _LinearFn.apply(x, self.weight, self.bias) if fp32 else super().forward(x)
+            if not fp32:
+                return super().forward(x)
+            # in 2D, so that the Function's output is not a view, and a view of it may be written in place (GPT.head)
+            y = _LinearFn.apply(x.reshape(-1, x.size(-1)), self.weight, self.bias)
+            return y.view(*x.shape[:-1], y.size(-1))
         packed = self.__dict__.get("_packed")  # fp32, or bf16 where it gives F.linear's bits (packed() checks)
         if packed is not None and packed.dtype == x.dtype:  # (not a model cast to bf16 inside the scope)
             return linear(x, packed, self.bias)

@@ -86,10 +86,14 @@ def policy_logprobs(model, tokens, attn, temperature, start=0):
     the tokens were drawn from), and the tempered logits (B, T-1-start, V) they came from. With
     start = P - 1 (P prompt columns) that is the response tokens only, and the LM head skips the prompt.
     Both come out in float32 (or float64) whatever the model's precision (the log-softmax of bf16 logits is off
-    by up to ~0.05), so that the rollout, the reference and the update compute them alike."""
-    logits = model(tokens, attn, first=start)[:, :-1]
+    by up to ~0.05), so that the rollout, the reference and the update compute them alike. The log-softmax
+    runs over the head's padded columns (gpt.GPT.head), each row 16-byte aligned: over 50257 columns an
+    H200 gave a row other bits at another place in the batch (a GPU reads a row in vectors from its first
+    aligned address), and the first PPO ratio came out 1 ulp off 1."""
+    logits = model(tokens, attn, first=start, padded=True)[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
-    return token_logprobs(logits, tokens[:, start + 1:]), logits
+    V = getattr(model, "module", model).config.vocab_size  # DDP's model is its .module
+    return token_logprobs(logits, tokens[:, start + 1:]), logits[..., :V]
 
 
 def kl_per_response(b):

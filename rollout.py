@@ -177,7 +177,7 @@ def demo_loss(policy, demos, n, pad_id, g):
     p = data.pad_right([demos[j] for j in torch.randint(len(demos), (n,), generator=g)[RANK::WORLD].tolist()], pad_id)
     x, m = p["tokens"].to(device), p["loss_mask"].to(device)
     k = m[:, 1:].sum()  # the tokens sft_loss averages over
-    return sft_loss(policy(x), x, m) * (k * WORLD / all_sum(k.clone()))
+    return sft_loss(policy(x, padded=True), x, m) * (k * WORLD / all_sum(k.clone()))
 
 
 def kl_stats(b):

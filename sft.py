@@ -164,7 +164,7 @@ def main(argv):
         resume_at(last_path, start, cfg, ck.get("cfg", {}))
     ctx = autocast(device, cfg.dtype)
     tmodel = ddp_wrap(model, device)  # for training; rank 0 evaluates and samples with model alone
-    train_loss = lambda x, m: sft_loss(tmodel(x), x, m)
+    train_loss = lambda x, m: sft_loss(tmodel(x, padded=True), x, m)  # padded: no slice in the backward (gpt.GPT.head)
     train_loss = compile_for_lengths(train_loss, cfg.compile)  # the model and the loss: the LM head's softmax fused in
     bucket = cfg.bucket or (64 if device.startswith("cuda") else 1)
     n_params = sum(p.numel() for p in model.parameters())

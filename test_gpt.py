@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gpt
 from gpt import GPT, GPTConfig, KVCache, generate, sample_token
@@ -240,6 +241,26 @@ def test_position_ids_restart_after_left_padding():
     assert gpt.position_ids(mask).tolist() == [[0, 0, 0, 0, 1, 2, 3, 4, 5]]
     with torch.no_grad():
         assert torch.allclose(model(padded, mask)[:, 3:], model(ids), atol=1e-5)
+
+
+def test_padded_logits_are_the_same_softmax_and_gradients():
+    """model(x, padded=True), SFT's logits: the head's padding columns (97 -> 128) at -inf, so a
+    cross-entropy over them is the one over the real vocabulary, to the gradient, with no nan; the
+    padding rows of the tied head get no gradient."""
+    x = torch.randint(0, 97, (2, 9))
+    losses, grads = [], []
+    for padded in (False, True):
+        model = tiny().double().train()
+        z = model(x, padded=padded)
+        loss = F.cross_entropy(z[:, :-1].reshape(-1, z.size(-1)), x[:, 1:].reshape(-1))
+        loss.backward()
+        losses.append(loss)
+        grads.append([p.grad for p in model.parameters()])
+    assert z.shape == (2, 9, 128) and torch.isneginf(z[..., 97:]).all() and z[..., :97].isfinite().all()
+    assert torch.allclose(losses[0], losses[1], rtol=1e-12, atol=0), f"{losses}"
+    for g0, g1 in zip(*grads):
+        assert g1.isfinite().all() and torch.allclose(g0, g1, rtol=1e-10, atol=1e-14)
+    assert (grads[1][0][97:] == 0).all(), "the padding rows of the tied head got a gradient"
 
 
 def test_generate_cached_equals_uncached():

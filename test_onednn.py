@@ -15,8 +15,8 @@ from util import make_optimizer
 def test_onednn_paths_equal_float64():
     """onednn.enable(model): fp32 on the CPU its Linears run oneDNN, through an autograd Function with
     grad, without grad on the live weight or, inside onednn.packed(), on a copy packed on entry.
-    Logits and every gradient agree with the float64 model (which takes nn.Linear's path); the
-    model still deep-copies."""
+    Logits and every gradient agree with the float64 model (which takes nn.Linear's path), the padded
+    head's logits written in place too; the model still deep-copies."""
     model = tiny()
     assert onednn.enable(model) and isinstance(model.transformer.h[0].attn.c_attn, onednn.Linear)
     ids = torch.randint(0, 97, (3, 9))
@@ -36,7 +36,7 @@ def test_onednn_paths_equal_float64():
     assert torch.allclose(fast, want, atol=1e-5) and torch.allclose(packed, want, atol=1e-5)
     slow = copy.deepcopy(model).double()
     w = torch.randn(3, 9, 97)
-    (model(ids).logsumexp(-1) * w[..., 0]).sum().backward()
+    (model(ids, padded=True).logsumexp(-1) * w[..., 0]).sum().backward()  # SFT's logits: written in place
     (slow(ids).logsumexp(-1) * w[..., 0].double()).sum().backward()
     for (name, p), q in zip(model.named_parameters(), slow.parameters()):
         assert p.grad.abs().max() > 0 and torch.allclose(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6 * q.grad.abs().max()), name

@@ -162,7 +162,8 @@ def test_iteration_zero_kl_is_zero_and_ratio_is_one(dtype, rollout_dtype, tol, d
     """With the policy equal to the reference, the rollout's KL is 0 per token and the update's first
     ratio is 1, in fp32 and under bf16 autocast (where ppo.py samples with a bf16 copy and takes the
     log-probs from a scoring forward over fp32 logits, the update's computation), for a minibatch of
-    another size than the rollout's (on a GPU, kernels may be chosen by shape). Full vocabulary."""
+    another size than the rollout's, its rows at other places (on a GPU, kernels may be chosen by shape,
+    and a row's sum ordered by its address: policy_logprobs). Full vocabulary, an odd width."""
     torch.manual_seed(0)
     policy = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).to(device)
     ref, rm = copy.deepcopy(policy).eval(), RewardModel(copy.deepcopy(policy)).eval()
