@@ -1,7 +1,7 @@
 """
 Where the compiled SFT step's time goes on a GPU, and what some changes to it would buy: bench.py's
 SFT step (GPT-2 small, 16 x 1024 random tokens, bf16 autocast, fused AdamW, torch.compile specialised
-to the shape) timed as it is and as variants, none of which is in the code:
+to the shape) timed as it is (`head`), as it was (`ce`) and as variants that are not in the code:
     ce        sft.sft_loss (cross_entropy) on model(x)'s logits, sliced to the real vocabulary (until 2026-11-28)
     head      the step as sft.py and bench.py run it: sft_loss on model(x, padded=True) (padding columns -inf)
     where     a loss whose backward is pointwise: logsumexp minus the target's logit picked by a where
