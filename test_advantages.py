@@ -213,8 +213,10 @@ def test_whiten_near_constant_and_constant_inputs_float64():
                  [("divided by std + 1e-8: it is sqrt(var + 1e-8), which differs when var is near 0",
                    (x - mean) / (var.sqrt() + 1e-8) * m),
                   ("no eps: it is sqrt(var + 1e-8), which differs when var is near 0", (x - mean) / var.sqrt() * m),
-                  ("eps 1e-5: it is sqrt(var + 1e-8)", (x - mean) / torch.sqrt(var + 1e-5) * m)],
-                 "in x's dtype: float32 keeps only 7 digits of x = 3.00001")
+                  ("eps 1e-5: it is sqrt(var + 1e-8)", (x - mean) / torch.sqrt(var + 1e-5) * m),
+                  ("var clamped at 1e-8 (max(var, 1e-8)): it is var + 1e-8", (x - mean) / torch.sqrt(var.clamp(min=1e-8)) * m)],
+                 "in x's dtype (float32 keeps only 7 digits of x = 3.00001), with var = masked_mean((x - mean)^2): "
+                 "mean(x^2) - mean^2 cancels when the mean is large against the spread")
     const = torch.full((2, 5), 4.0, dtype=torch.float64)
     assert_close("whiten of a constant x", whiten(const, m), torch.zeros_like(const), 1e-12,
                  hint="var = 0: the 1e-8 inside the sqrt keeps (x - mean) / sqrt(var + 1e-8) at 0")

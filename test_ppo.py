@@ -110,7 +110,9 @@ def test_ppo_policy_loss_gradient_flows_through_the_ratio():
     assert_close("ppo_policy_loss: d/d logprobs", logp.grad, want, 1e-6,
                  [("a sum over tokens, not the mean: each token's term divided by the number of valid tokens", 2 * want),
                   ("d/d logprobs of -A * rho taken as -A: the derivative of rho = exp(logprobs - old) is rho",
-                   torch.tensor([[-1.0, 2.0]]) / 2)],
+                   torch.tensor([[-1.0, 2.0]]) / 2),
+                  ("half the gradient inside the clip: the clipped term detached? There clip(rho) = rho, the two terms "
+                   "tie, and torch.max gives each half: both must stay in the graph", want / 2)],
                  hint="d(-A * rho)/d logprobs = -A * rho / N on the unclipped tokens: rho must stay in the graph")
 
 

@@ -38,7 +38,8 @@ def test_sft_loss_matches_hand_computed():
     shift = "position t-1 predicts token t, weighted by loss_mask[:, t]"
     mistakes = [(f"the logits/labels shift is missing: {shift}", (-math.log(1 / 3) - math.log(1 / 2)) / 2),
                 (f"the labels are not shifted (the mask is): {shift}", (-math.log(1 / 4) - math.log(1 / 3)) / 2),
-                (f"the mask is not shifted with the labels: {shift}", -math.log(2 / 3)),
+                (f"the mask is not shifted with the labels, or after torch.roll the wrapped column was zeroed at 0, not "
+                 f"at the end (m[:, -1] = 0; m[:, 0] weighs token 1): {shift}", -math.log(2 / 3)),
                 ("a mean over every position: the last one predicts nothing",
                  (-math.log(3 / 4) - math.log(2 / 3) - math.log(1 / 2)) / 3)]
     assert_close("sft_loss", sft_loss(logits, tokens, mask), torch.tensor(want), 1e-6, mistakes,
@@ -51,10 +52,14 @@ def test_sft_loss_matches_naive_loop():
     per_row = sum(naive_sft_loss(logits[b:b + 1], tokens[b:b + 1], mask[b:b + 1]) for b in range(2)) / 2
     assert abs(want - per_row) > 1e-3  # the example tells a mean of row means from the token mean
     unshifted_mask = torch.cat([mask[:, 1:], mask[:, :1] * 0], 1)  # loss_mask[:, t-1] weighing token t
+    no_token_1 = mask.clone()
+    no_token_1[:, 1] = 0  # row 1's token 1 is a response token
     mistakes = [("averaged per row, then over rows: the mean is over all valid tokens", per_row),
                 ("the mask is not shifted with the labels: token t counts where loss_mask[:, t] = 1",
                  naive_sft_loss(logits, tokens, unshifted_mask)),
-                ("averaged over prompt and padding tokens too", naive_sft_loss(logits, tokens, torch.ones_like(mask)))]
+                ("averaged over prompt and padding tokens too", naive_sft_loss(logits, tokens, torch.ones_like(mask))),
+                ("token 1 dropped: after torch.roll the wrapped column is the last (m[:, -1] = 0), m[:, 0] weighs token 1",
+                 naive_sft_loss(logits, tokens, no_token_1))]
     assert_close("sft_loss on float64 logits", sft_loss(logits, tokens, mask), torch.tensor(want, dtype=torch.float64),
                  1e-12, mistakes, "the mean over t >= 1 with loss_mask[:, t] = 1 of "
                  "-log softmax(logits[:, t-1])[tokens[:, t]]")
