@@ -47,6 +47,26 @@ def test_policy_logprobs_use_the_sampling_temperature():
     assert torch.allclose(got, want, atol=1e-6), "log-probs must be taken at the sampling temperature"
 
 
+def test_policy_logprobs_softmax_rows_start_aligned(monkeypatch):
+    """The log-softmax of policy_logprobs runs over rows 16-byte aligned (the padded head: 50257 -> 50304
+    columns): a GPU's softmax orders a row's sum by its address (PyTorch's SoftMax.cu), and over 50257
+    columns an H200 gave the first PPO ratio 1 ulp off 1. The logits it returns are the real vocabulary's."""
+    seen = []
+
+    def spy(z, t):  # not the exercise's token_logprobs: this test needs only its input
+        seen.append(z)
+        return torch.zeros(t.shape)
+    monkeypatch.setattr(ppo, "token_logprobs", spy)
+    model = GPT(GPTConfig(block_size=8, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)).eval()
+    tokens = torch.randint(0, 50257, (3, 6))
+    with torch.no_grad():
+        _, logits = policy_logprobs(model, tokens, torch.ones_like(tokens), 0.7, 2)
+    z = seen[0]
+    assert z.is_contiguous() and z.stride(-2) * z.element_size() % 16 == 0, \
+        f"log-softmax rows of {z.size(-1)} {z.dtype} entries: not all 16-byte aligned"
+    assert logits.size(-1) == 50257 and torch.isneginf(z[..., 50257:]).all()
+
+
 def test_adaptive_kl_controller_matches_ziegler():
     c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     c.update(9.0, 64)  # error 0.5 clipped to 0.2
