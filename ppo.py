@@ -229,9 +229,9 @@ def ppo_update(policy, critic, opts, b, cfg, ctx, g, ptx=None, it=0, hint=""):
     stats, B = [], b["tokens"].size(0)
     P = b["tokens"].size(1) - b["mask"].size(1)  # prompt columns; the response columns follow
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=g)  # g is seeded alike on every rank: the same minibatches
+        perm = torch.randperm(B, generator=g).to(b["tokens"].device)  # g is seeded alike on every rank: the same minibatches
         for i in range(0, B, cfg.minibatch):
-            mb = perm[i:i + cfg.minibatch][RANK::WORLD].to(b["tokens"].device)
+            mb = perm[i:i + cfg.minibatch][RANK::WORLD]
             m = b["mask"][mb]
             # DDP averages gradients over ranks; weighting each rank's masked means by its share of the
             # minibatch's tokens (times WORLD) makes that average the masked mean over the whole minibatch

@@ -99,23 +99,26 @@ def check_config(cfg):
         raise UserError(f"--batch_size={cfg.batch_size}: fewer sequences than the {WORLD} processes")
 
 
-def global_loss(loss, cfg):
-    """The logged loss: the last micro-batch's sft_loss over the whole global batch (the training
-    loss below, unscaled and summed over ranks). A float; every rank must call it."""
-    return all_sum(loss.detach() * cfg.grad_accum / WORLD).item()
+def global_loss(step_loss):
+    """The logged loss: the step's mean token loss over its whole global batch, every micro-batch and
+    rank (step_loss: this rank's training losses below, summed over its micro-batches). A float; every
+    rank must call it."""
+    return all_sum(step_loss / WORLD).item()
 
 
 @torch.no_grad()
 def evaluate(model, val, cfg, tok, ctx, device):
     model.eval()
-    losses = []
+    total, n = 0.0, 0  # a mean over tokens, as training's: a short last batch weighs by its tokens
     for idx in data.eval_indices(len(val), cfg.batch_size, cfg.eval_batches, cfg.seed + 1):
         b = data.pad_right([val[j] for j in idx], tok.eot)
         with ctx:
             logits = model(b["tokens"].to(device))
-        losses.append(sft_loss(logits, b["tokens"].to(device), b["loss_mask"].to(device)).item())
+        k = int(b["loss_mask"][:, 1:].sum())
+        total += sft_loss(logits, b["tokens"].to(device), b["loss_mask"].to(device)).item() * k
+        n += k
     model.train()
-    return sum(losses) / len(losses)
+    return total / n
 
 
 @torch.no_grad()
@@ -193,32 +196,36 @@ def main(argv):
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
+        micros = []  # this rank's share of the step's grad_accum micro-batches
         for micro in range(cfg.grad_accum):
             idx = data.batch_indices(len(train), it * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)[RANK::WORLD]
             b = data.pad_right([train[j] for j in idx], tok.eot, bucket, cfg.max_len)
-            x, m = b["tokens"].to(device), b["loss_mask"].to(device)
-            n = m[:, 1:].sum()  # this rank's response tokens: the ones sft_loss averages over
-            n_all = all_sum(n.clone())  # ... and the whole global batch's
+            micros.append((b["tokens"].to(device), b["loss_mask"].to(device)))
+            tokens_seen += int(b["attn_mask"].sum())
+        # the response tokens sft_loss averages over, in the whole step: every micro-batch of every rank
+        n_all = all_sum(sum(m[:, 1:].sum() for _, m in micros))
+        step_loss = 0.0
+        for micro, (x, m) in enumerate(micros):
             with no_sync(tmodel, micro < cfg.grad_accum - 1):
                 with ctx:
-                    # The loss of the global batch is (sum of all its token losses) / n_all. This rank's
-                    # share is sft_loss * n / n_all, times WORLD because DDP averages (not sums) the
-                    # gradients over ranks: the update is then the single-process one on the same global
-                    # batch (without torchrun n = n_all, WORLD = 1: a factor 1). Dividing by grad_accum
-                    # makes the summed gradient the mean over micro-batches.
-                    loss = train_loss(x, m) * (n * WORLD / n_all) / cfg.grad_accum
+                    # The step's loss is (sum of all its token losses) / n_all. A micro-batch's share is
+                    # sft_loss * n / n_all, with n its tokens (not 1 / grad_accum: a micro-batch of
+                    # short responses would weigh its tokens more), times WORLD because DDP averages (not
+                    # sums) the gradients over ranks: the update is then the single-process one on the
+                    # step's whole batch (without torchrun, WORLD = 1).
+                    loss = train_loss(x, m) * (m[:, 1:].sum() * WORLD / n_all)
                 loss.backward()
-            tokens_seen += int(b["attn_mask"].sum())
+            step_loss = step_loss + loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):  # one host sync per step: a NaN must never reach the weights
             # the norm is of the all-reduced gradient, so every rank raises here (and all_sums) alike
-            raise UserError(f"sft step {it}: non-finite gradient norm (loss {global_loss(loss, cfg):.4g}); "
+            raise UserError(f"sft step {it}: non-finite gradient norm (loss {global_loss(step_loss):.4g}); "
                             f"the last good checkpoint is {last_path}; try a lower --lr")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if it % cfg.log_interval == 0:
             dt = time.time() - t0
-            loss_all, tokens_all = global_loss(loss, cfg), all_sum(torch.tensor(tokens_seen, device=device)).item()
+            loss_all, tokens_all = global_loss(step_loss), all_sum(torch.tensor(tokens_seen, device=device)).item()
             if RANK == 0:
                 append_jsonl(dict(iter=it, loss=loss_all, lr=opt.param_groups[0]["lr"]), metrics)
             print(f"sft {it}/{cfg.max_iters} | loss {loss_all:.4f} | lr {opt.param_groups[0]['lr']:.2e} "

@@ -31,16 +31,16 @@ def losses(path):
     return {m["iter"]: m["loss"] for m in map(json.loads, open(path))}
 
 
-def assert_same_run(one, two, metrics, ckpt, keys, skip=()):
+def assert_same_run(one, two, metrics, ckpt, keys, skip=(), what="(1 process vs 2)"):
     la, lb = losses(f"{one}/{metrics}"), losses(f"{two}/{metrics}")
     assert la.keys() == lb.keys() and len(la) == 4
     for it in la:
-        assert abs(la[it] - lb[it]) < 1e-5, f"step {it}: loss {la[it]} single-process vs {lb[it]} on 2 processes"
+        assert abs(la[it] - lb[it]) < 1e-5, f"step {it}: loss {la[it]} vs {lb[it]} {what}"
     a, b = torch.load(f"{one}/{ckpt}", weights_only=True), torch.load(f"{two}/{ckpt}", weights_only=True)
     for key in keys:
         for name in (n for n in a[key] if f"{key}.{n}" not in skip):
             err = (a[key][name] - b[key][name]).abs().max().item()
-            assert err < 1e-5, f"{ckpt} {key}.{name}: differs by {err:.2e} between 1 and 2 processes"
+            assert err < 1e-5, f"{ckpt} {key}.{name}: differs by {err:.2e} {what}"
     assert a["iter"] == b["iter"] == 4
 
 
@@ -55,6 +55,16 @@ def sft_runs(tmp_path_factory):
 
 def test_ddp_sft_matches_single_process(sft_runs):
     assert_same_run(*sft_runs, "sft_metrics.jsonl", "sft_last.pt", ["model"])
+
+
+def test_grad_accum_matches_one_big_batch(sft_runs, tmp_path):
+    """--batch_size=8 --grad_accum=2 makes the updates of --batch_size=16, one process, on the same 16
+    sequences a step: each micro-batch weighs by its response tokens (a mean over the step's tokens),
+    not by 1 / grad_accum, which weighs the tokens of a micro-batch of short responses more."""
+    big = [a for a in SFT if not a.startswith(("--batch_size", "--grad_accum"))] + ["--batch_size=16", "--grad_accum=1"]
+    r = run("sft.py", *big, f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_same_run(sft_runs[0], str(tmp_path), "sft_metrics.jsonl", "sft_last.pt", ["model"], what="(2 micro-batches of 8 vs one of 16)")
 
 
 @pytest.fixture(scope="module")

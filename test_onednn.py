@@ -139,3 +139,15 @@ def test_bf16_sampler_packed_samples_the_same_bits(monkeypatch):
     monkeypatch.setattr(onednn, "bf16_exact", lambda: False)
     with onednn.packed(sampler):
         assert not any("_packed" in m.__dict__ for m in sampler.modules()), "bf16 packed where it is not exact"
+
+
+def test_enable_and_packed_leave_the_global_random_stream_alone():
+    """A script seeds, then switches the fast path on: what it draws next must not depend on whether
+    oneDNN is there (enable() and packed() check oneDNN with generators of their own)."""
+    model = tiny()
+    torch.manual_seed(0)
+    want = torch.get_rng_state()
+    onednn.enable(model)
+    with onednn.packed(copy.deepcopy(model).to(torch.bfloat16)):
+        pass
+    assert torch.equal(torch.get_rng_state(), want), "enabling oneDNN drew from torch's global generator"

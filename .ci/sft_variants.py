@@ -12,6 +12,8 @@ to the shape) timed as it is (`head`), as it was (`ce`) and as variants that are
     flex      `padded`, attention by flex_attention (Triton kernels compiled for the causal block mask)
     tuned     `padded`, with inductor's coordinate-descent tuning of its Triton kernels (as gpt-fast)
     chunked   the LM head and the loss fused: its gradients computed in the forward, 4 chunks of rows
+    best      `head` with flex_attention and coordinate-descent tuning: the two gains measured apart, together
+    best_graphs  `best` compiled with mode="reduce-overhead" (CUDA graphs)
 Run from the repo root on a GPU machine (`bash .ci/gpu.sh variants`): python3 .ci/sft_variants.py [names].
 One JSON line per variant (ms a step over 10 steps after 3 warm-ups, MFU of bench.py, peak GiB, and
 for the profiled ones the GPU time by kind), and torch.profiler's table in $OUT/variant_<name>.txt.
@@ -99,13 +101,16 @@ def flex_sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
 
 SDPA, BLOCK_MASKS = torch.nn.functional.scaled_dot_product_attention, {}
 logits_loss = lambda loss: lambda model, x, ones: loss(model(x), x, ones)  # noqa: E731
-VARIANTS = dict(ce=dict(loss=logits_loss(sft_loss)), head=dict(loss=lambda model, x, ones: sft_loss(model(x, padded=True), x, ones)),
+head_loss = lambda model, x, ones: sft_loss(model(x, padded=True), x, ones)  # noqa: E731
+VARIANTS = dict(ce=dict(loss=logits_loss(sft_loss)), head=dict(loss=head_loss),
                 where=dict(loss=logits_loss(where_loss)),
                 cudnn=dict(loss=logits_loss(where_loss), cudnn=True),
                 graphs=dict(loss=logits_loss(where_loss), mode="reduce-overhead", profile=False),
                 autotune=dict(loss=logits_loss(where_loss), mode="max-autotune-no-cudagraphs"),
                 padded=dict(loss=padded_loss), flex=dict(loss=padded_loss, flex=True),
-                tuned=dict(loss=padded_loss, tuned=True), chunked=dict(loss=chunked_loss))
+                tuned=dict(loss=padded_loss, tuned=True), chunked=dict(loss=chunked_loss),
+                best=dict(loss=head_loss, flex=True, tuned=True),
+                best_graphs=dict(loss=head_loss, flex=True, tuned=True, mode="reduce-overhead", profile=False))
 
 
 def run(name, loss, mode="default", cudnn=False, profile=True, steps=10, flex=False, tuned=False):
