@@ -8,6 +8,7 @@ with TRL's, so both see the same machine). Neither is ever needed.
     python bench.py                                  # CPU defaults, as quoted in the README
     python bench.py --preset=gpu --hh=harmless-base-test.jsonl.gz   # the README's GPU table (+ an SFT row on real lengths)
 """
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -79,6 +80,18 @@ def check_config(bc):
         raise UserError(f"--gen_batches={bc.gen_batches}: batch sizes must be positive")
     if bc.ppo_prompts < 2 or bc.ppo_prompts % 2:
         raise UserError(f"--ppo_prompts={bc.ppo_prompts}: must be even and at least 2 (two minibatches)")
+    for key in ("out", "profile"):  # written after minutes of timing: checked before any
+        path = getattr(bc, key)
+        if not path:
+            continue
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--{key}={path}: cannot write there ({e.strerror})") from None
+        if os.path.isdir(path):
+            raise UserError(f"--{key}={path}: a folder, expected a file name")
+    if bc.hh and not os.path.isfile(bc.hh):
+        raise UserError(f"--hh={bc.hh}: no such file")
     block = GPTConfig(**CONFIGS[bc.model]).block_size
     lengths = dict(sft=("sft_len",), generate=("prompt_len", "new_tokens"), ppo=("ppo_prompt_len", "ppo_new_tokens"))
     for work in only:
@@ -293,6 +306,10 @@ def main(argv):
     only, batches = check_config(bc)
     device = get_device(bc.device)
     bc.device = device
+    try:  # read before any timing: a file it cannot use is one line at once
+        hh = hh_batches(bc.hh, bc) if bc.hh and "sft" in only else None
+    except UserError as e:
+        raise UserError(str(e).replace("--data=", "--hh=")) from None
     cfg = GPTConfig(**CONFIGS[bc.model])
     ctx = autocast(device, bc.dtype)
     torch.manual_seed(0)
@@ -303,8 +320,8 @@ def main(argv):
     res = {}
     if "sft" in only:
         res["sft"] = bench_sft(model, cfg, bc, device, ctx)
-        if bc.hh:
-            res["sft_hh"] = bench_sft(model, cfg, bc, device, ctx, hh_batches(bc.hh, bc))
+        if hh:
+            res["sft_hh"] = bench_sft(model, cfg, bc, device, ctx, hh)
     model.eval()
     if "generate" in only:
         for B in batches:

@@ -23,12 +23,14 @@ import onednn
 from data import batch_indices, last_index
 from ddp import RANK, WORLD, all_gather_rows, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp_wrap, save_and_exit
 from hf import load_checkpoint, load_weights, save_checkpoint
-from util import (GracefulStop, UserError, autocast, check_finite, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, main_guard, make_optimizer, metrics_file, parse_config, resume_at, write_json)
+from util import (GracefulStop, UserError, autocast, check_common, check_finite, check_out_dir, compile_for_lengths,
+                  get_device, load_optimizer, main_guard, make_optimizer, metrics_file, parse_config, resume_at,
+                  write_json)
 
 
 @dataclass
 class Config:
+    NONFINITE = ("truncated_score",)  # the one setting nan may be given to (util.parse_config)
     data: str = "builtin"  # builtin | hh-rlhf | a file (.jsonl, .json, .csv, .tsv; .gz too) whose prompts are used
     sft_ckpt: str = "out/sft.pt"  # policy init and the frozen reference
     reward_ckpt: str = "out/reward.pt"  # the frozen reward model; also the critic's init
@@ -273,8 +275,9 @@ def check_config(cfg):
     """Impossible settings are one-line errors before anything loads."""
     for key in ("iters", "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "eval_interval", "max_prompt_len",
                 "clip_eps", "vf_clip", "temperature", "lr", "vf_lr", "eval_prompts", "eval_samples"):
-        if getattr(cfg, key) <= 0:
+        if not getattr(cfg, key) > 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
+    check_common(cfg)
     for key, allowed in (("rollout_dtype", ("auto", "float32", "bfloat16", "float16")), ("advantage", ("gae", "rloo", "grpo"))):
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)}: expected {', '.join(allowed)}")
@@ -282,7 +285,7 @@ def check_config(cfg):
         raise UserError(f"--minibatch={cfg.minibatch} must divide --rollout_batch={cfg.rollout_batch}"
                         + (f", and the {WORLD} processes must divide it" if WORLD > 1 else ""))
     for key in ("kl_coef", "ent_coef", "ptx_coef", "vf_coef"):
-        if getattr(cfg, key) < 0:
+        if not getattr(cfg, key) >= 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be >= 0")
     if not (0 < cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise UserError(f"--gamma={cfg.gamma}, --lam={cfg.lam}: GAE needs 0 < gamma <= 1 and 0 <= lam <= 1")

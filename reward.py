@@ -23,8 +23,9 @@ from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp
 import onednn
 from gpt import generate
 from hf import load_checkpoint, model_from_checkpoint, save_checkpoint
-from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config, resume_at)
+from util import (GracefulStop, UserError, append_jsonl, autocast, check_common, check_out_dir, compile_for_lengths,
+                  get_device, load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config,
+                  resume_at)
 
 
 @dataclass
@@ -184,7 +185,9 @@ def centring_prompts(prompts, n, seed):
 @torch.no_grad()
 def normalize(rm, policy, prompts, tok, cfg, device):
     """Shift the head's bias so that the SFT policy's own samples score 0 on average over the prompts
-    PPO trains on (InstructGPT §C.2): PPO's rewards then start centred, whatever scale training left."""
+    PPO trains on (InstructGPT §C.2): PPO's rewards then start near 0, whatever offset training left.
+    Near, not at: these samples run to --max_len tokens, scored where they stop, while PPO's stop at its
+    --max_new_tokens and a cut one scores --truncated_score."""
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     picks, scores = centring_prompts(prompts, cfg.norm_samples, cfg.seed), []
     for i in range(0, len(picks), cfg.batch_size):
@@ -203,8 +206,9 @@ def check_config(cfg):
     if cfg.kind not in ("pairs", "rankings"):
         raise UserError(f"--kind={cfg.kind}: expected pairs or rankings")
     for key in ("batch_size", "max_iters", "eval_interval", "eval_batches", "log_interval", "max_len", "lr"):
-        if getattr(cfg, key) <= 0:
+        if not getattr(cfg, key) > 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
+    check_common(cfg)
     if not 0 < cfg.max_prompt_len < cfg.max_len:  # 0 would train on responses alone, which PPO scores with prompts
         raise UserError(f"--max_prompt_len={cfg.max_prompt_len}: must be in 1..max_len-1 ({cfg.max_len - 1})")
     if cfg.batch_size < WORLD:

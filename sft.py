@@ -20,8 +20,9 @@ from ddp import RANK, WORLD, all_sum, any_rank, barrier, ddp_init, ddp_main, ddp
 import onednn
 from gpt import GPT, GPTConfig, generate
 from hf import from_pretrained, load_checkpoint, model_from_checkpoint, save_checkpoint
-from util import (GracefulStop, UserError, append_jsonl, autocast, check_out_dir, compile_for_lengths, get_device,
-                  load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config, resume_at)
+from util import (GracefulStop, UserError, append_jsonl, autocast, check_common, check_out_dir, compile_for_lengths,
+                  get_device, load_optimizer, lr_at, main_guard, make_optimizer, metrics_file, parse_config,
+                  resume_at)
 
 
 @dataclass
@@ -88,13 +89,16 @@ def init_model(cfg, tok):
 
 
 def check_config(cfg):
-    for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_batches", "log_interval", "max_len"):
-        if getattr(cfg, key) <= 0:
+    """Impossible settings are one-line errors before anything loads."""
+    for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_batches", "log_interval", "max_len",
+                "lr", "n_layer", "n_head", "n_embd"):
+        if not getattr(cfg, key) > 0:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be positive")
+    check_common(cfg)
     if not 0 < cfg.max_prompt_len < cfg.max_len:
         raise UserError(f"--max_prompt_len={cfg.max_prompt_len}: must be in 1..max_len-1 ({cfg.max_len - 1})")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr={cfg.lr}: must be positive")
+    if cfg.init == "scratch" and cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd={cfg.n_embd}: must be a multiple of --n_head={cfg.n_head} (heads of equal width)")
     if cfg.batch_size < WORLD:
         raise UserError(f"--batch_size={cfg.batch_size}: fewer sequences than the {WORLD} processes")
 

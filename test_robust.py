@@ -2,6 +2,7 @@
 Ctrl-C, and resumed runs that match uninterrupted ones step for step."""
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -16,7 +17,9 @@ import bench
 import ddp
 from gpt import TOKEN_ROWS
 from hf import load_checkpoint
-from util import UserError, get_device, parse_config, resolve_dtype
+from util import UserError, get_device, load_optimizer, make_optimizer, parse_config, resolve_dtype
+import reward
+import sft
 from ppo import Config as PPOConfig, check_config
 from sft import Config as SFTConfig
 
@@ -81,11 +84,50 @@ def test_impossible_ppo_settings(kw, needle):
         check_config(PPOConfig(**kw))
 
 
+@pytest.mark.parametrize("stage, kw, needle", [
+    (sft, dict(lr=math.nan), "--lr=nan: must be positive"), (reward, dict(lr=math.nan), "--lr=nan"),
+    (sft, dict(n_head=3), "multiple of --n_head=3"), (sft, dict(n_head=0), "--n_head=0"), (sft, dict(n_layer=0), "--n_layer=0"),
+    (sft, dict(warmup_iters=-1), "--warmup_iters=-1"), (reward, dict(weight_decay=math.nan), "--weight_decay=nan"),
+    (sft, dict(grad_clip=-1.0), "--grad_clip=-1.0"), (sft, dict(seed=2 ** 40), "--seed=1099511627776"),
+    (None, dict(temperature=math.nan), "--temperature=nan"), (None, dict(kl_coef=math.nan), "--kl_coef=nan"),
+    (None, dict(seed=-1), "--seed=-1")])
+def test_nan_and_impossible_shared_settings(stage, kw, needle):
+    """nan passes every `x <= 0` check (a comparison with nan is False): refused as any bad value, in
+    each stage's check_config, before a model is built; on the command line at parsing already."""
+    with pytest.raises(UserError, match=re.escape(needle)):
+        (stage.check_config(stage.Config(**kw)) if stage else check_config(PPOConfig(**kw)))
+
+
+def test_nonfinite_numbers_refused_where_not_offered():
+    for cls, arg in ((SFTConfig, "--lr=nan"), (SFTConfig, "--weight_decay=inf"), (PPOConfig, "--ent_coef=-inf")):
+        with pytest.raises(UserError, match=re.escape(f"{arg}: expected a finite number")):
+            parse_config(cls, [arg])
+    assert math.isnan(parse_config(PPOConfig, ["--truncated_score=nan"]).truncated_score)  # its comment offers nan
+
+
+def test_resumed_optimizer_takes_this_runs_lr_and_the_saved_moments():
+    """--resume with a new --lr (PPO's is constant, never set again): the optimizer's moments come from
+    the checkpoint, its learning rate and weight decay from this run's settings."""
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    opt = make_optimizer([w], 1e-4, 0.1)
+    w.sum().backward()
+    opt.step()
+    resumed = make_optimizer([torch.nn.Parameter(w.detach().clone())], 5e-6, 0.0)
+    load_optimizer(resumed, opt.state_dict(), "ppo.pt")
+    assert [(g["lr"], g["weight_decay"]) for g in resumed.param_groups] == [(5e-6, 0.0)] * len(resumed.param_groups), \
+        "the saved learning rate came back: load_state_dict restores the old param groups' settings"
+    saved = next(iter(opt.state.values()))
+    assert torch.equal(next(iter(resumed.state.values()))["exp_avg"], saved["exp_avg"]), "the moments were not resumed"
+
+
 @pytest.mark.parametrize("kw, needle", [(dict(model="gpt3"), "--model=gpt3"), (dict(only="sft,rl"), "--only=sft,rl"),
                                         (dict(gen_batches="1,x"), "--gen_batches=1,x"), (dict(reps=0), "--reps=0"),
                                         (dict(ppo_prompts=3), "--ppo_prompts=3"), (dict(model="tiny", only="sft"), "--sft_len"),
                                         (dict(model="tiny", only="ppo", ppo_prompt_len=40), "--ppo_prompt_len + --ppo_new_tokens"),
-                                        (dict(compile_mode="fast"), "--compile_mode=fast")])
+                                        (dict(compile_mode="fast"), "--compile_mode=fast"),
+                                        (dict(hh="/nonexistent.jsonl"), "--hh=/nonexistent.jsonl: no such file"),
+                                        (dict(out=os.path.join(HERE, "README.md", "b.json")), "cannot write there"),
+                                        (dict(profile=HERE), "a folder, expected a file name")])
 def test_impossible_bench_settings(kw, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         bench.check_config(bench.Config(**kw))
@@ -93,6 +135,12 @@ def test_impossible_bench_settings(kw, needle):
                                            ppo_prompt_len=16, ppo_new_tokens=8)) == (["generate", "ppo"], [1, 8])
     bc = bench.settings(["--preset=gpu", "--reps=5", "--sft_len=512", "--sft-batch=2"])  # the preset under the flags given
     assert (bc.reps, bc.sft_len, bc.sft_batch, bc.device) == (5, 512, 2, "cuda")
+
+
+def test_bench_file_it_cannot_read_is_one_line_before_any_timing(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    one_line_error(run("bench.py", "--model=tiny", "--only=sft", "--sft_len=32", f"--hh={notes}"), f"--hh={notes}: expected")
 
 
 def test_missing_and_wrong_checkpoints(tmp_path, ckpts):

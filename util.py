@@ -135,7 +135,20 @@ def parse_config(cls, argv):
                 raise UserError(f"--{key} needs a value: --{key}=VALUE (settings are --key=value, no space)")
             text = "True"
         overrides[key] = _parse_value(text, fields[key].type, key)
+        v = overrides[key]  # nan slips past every `x <= 0` check: only where a setting's comment offers it
+        if isinstance(v, float) and not math.isfinite(v) and key not in getattr(cls, "NONFINITE", ()):
+            raise UserError(f"--{key}={text}: expected a finite number")
     return cls(**overrides)
+
+
+def check_common(cfg):
+    """The settings the three stages share, where a stage has them: one-line errors (a nan fails
+    every `not x >= 0`)."""
+    for key in ("warmup_iters", "weight_decay", "grad_clip"):
+        if hasattr(cfg, key) and not getattr(cfg, key) >= 0:
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be >= 0")
+    if not 0 <= cfg.seed < 2 ** 32:  # seeds are combined into generator seeds (data.epoch_permutation)
+        raise UserError(f"--seed={cfg.seed}: must be in 0..2**32-1")
 
 
 def resume_at(path, it, cfg, saved, iters="max_iters", unit="step"):
@@ -357,8 +370,13 @@ def make_optimizer(params, lr, weight_decay):
 def load_optimizer(opt, state, where):
     """opt.load_state_dict(state) for --resume, but a moment tensor whose shape does not fit its
     parameter (a checkpoint of another model, or of an older version: the token rows were not yet
-    padded) is one line naming the file, not a crash at the first step."""
+    padded) is one line naming the file, not a crash at the first step. The moments and step counts are
+    the checkpoint's; the settings of each parameter group (lr, weight decay, ...) stay this run's, as
+    resume_at announces them (load_state_dict alone would put the saved --lr back)."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     opt.load_state_dict(state)
+    for group, mine in zip(opt.param_groups, settings):
+        group.update(mine)
     for group in opt.param_groups:
         for p in group["params"]:
             for key, v in opt.state.get(p, {}).items():
