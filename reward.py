@@ -151,6 +151,16 @@ def pair_rewards(rm, b, ci, ri, device):
     return r[ci.to(device)], r[ri.to(device)]
 
 
+def batch_loss(r_chosen, r_rejected, n_all, world=WORLD):
+    """The loss one process trains with: its share of one mean over all n_all pairs of the global
+    batch (every K-way group gives K(K-1)/2 pairs; InstructGPT divides once, by the pair count).
+    r_chosen, r_rejected: (N,) this process's pair rewards; n_all: pairs over all `world` processes.
+    loss = preference_loss(r_chosen, r_rejected) * N * world / n_all, a float32 scalar: times world
+    because DDP averages the gradients over the processes (as in sft.py), so the mean over processes
+    is the mean over all n_all pairs of -log sigmoid(r_chosen - r_rejected)."""
+    return preference_loss(r_chosen.float(), r_rejected.float()) * (len(r_chosen) * world / n_all)
+
+
 @torch.no_grad()
 def evaluate(rm, val, val_gold, cfg, ctx, device, pad_id):
     """Validation loss and accuracy (chosen scored above rejected); with val_gold (the gold score of
@@ -278,9 +288,7 @@ def main(argv):
         n_all = all_sum(torch.tensor(len(ci), device=device))  # pairs in the global batch
         with ctx:
             rc, rr = pair_rewards(trm, b, ci, ri, device)
-            # one mean over all n_all pairs of the global batch: this rank's share is its own mean times
-            # len(ci) / n_all, times WORLD because DDP averages the gradients over ranks (as in sft.py)
-            loss = preference_loss(rc.float(), rr.float()) * (len(ci) * WORLD / n_all)
+            loss = batch_loss(rc, rr, n_all)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):  # the all-reduced gradient's norm: every rank raises (and all_sums) alike

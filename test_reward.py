@@ -7,7 +7,8 @@ import torch
 import data
 from gpt import GPT, GPTConfig
 from data import last_index
-from reward import RewardModel, centring_prompts, encode_groups, group_batch, preference_loss
+from reward import (RewardModel, batch_loss, centring_prompts, encode_groups, group_batch, normalize, pair_rewards,
+                    preference_loss)
 from checks import assert_close, call
 
 
@@ -53,6 +54,82 @@ def test_group_batch_k_way_pairs_and_single_division():
     loss = preference_loss(r[ci], r[ri]).item()
     want = sum(math.log(1 + math.exp(-(r[i] - r[j]).item())) for i, j in zip(ci.tolist(), ri.tolist())) / 7
     assert abs(loss - want) < 1e-6, "the K-way loss is one mean over all K(K-1)/2 pairs (InstructGPT divides once)"
+
+
+def test_batch_loss_one_mean_over_all_k_way_pairs():
+    """The loss reward.py's main trains with (batch_loss): one mean over all K(K-1)/2 pairs of every
+    group of the global batch, whatever the groups' sizes and however the processes share them."""
+    ex = lambda n: ([1, 2], [3] * n + [0])
+    b, ci, ri = group_batch([[ex(1), ex(2), ex(3), ex(4)], [ex(2), ex(1)]], [0, 1], pad_id=0)  # 6 + 1 pairs
+    r = torch.tensor([3.0, 1.0, 0.5, -2.0, 0.2, 0.1])
+    nll = [math.log(1 + math.exp(-(r[i] - r[j]).item())) for i, j in zip(ci.tolist(), ri.tolist())]
+    want = sum(nll) / 7
+    mistakes = [("a second division, by the 2 prompts of the batch", want / 2),
+                ("a second division, by the 7 pairs", want / 7), ("a sum over the pairs, not the mean", want * 7),
+                ("a mean of each group's mean: the K=2 group's one pair weighs as much as the K=4 group's six",
+                 (sum(nll[:6]) / 6 + nll[6]) / 2)]
+    got = batch_loss(r[ci], r[ri], torch.tensor(7), world=1)
+    assert_close("batch_loss, one process", got, torch.tensor(want), 1e-6, mistakes, "the mean over all 7 pairs")
+    # two processes, one group each: DDP averages their gradients, so their losses' mean is what trains
+    two = (batch_loss(r[ci[:6]], r[ri[:6]], torch.tensor(7), world=2) + batch_loss(r[ci[6:]], r[ri[6:]], torch.tensor(7), world=2)) / 2
+    assert_close("batch_loss, the mean over 2 processes of 6 and 1 pairs", two, torch.tensor(want), 1e-6,
+                 mistakes[:1] + mistakes[2:], "each process's mean weighed by its share of the pairs, times world")
+
+
+def test_pair_rewards_read_at_each_rows_eos_under_right_padding():
+    """pair_rewards scores a right-padded batch of responses of different lengths (padded with the
+    eos, as reward.py pads): each row's reward is its value at its own <|endoftext|>, the same as the
+    sequence scored alone, not the last column's (padding after a shorter response)."""
+    torch.manual_seed(0)
+    rm, eos = RewardModel(GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16))).eval(), 10
+    ex = lambda p, r: (p, r + [eos])
+    groups = [[ex([1, 2], [3]), ex([1, 2], [4, 5, 6, 7]), ex([1, 2], [8, 9])], [ex([5], [6, 7, 8, 9, 1, 2]), ex([5], [3])]]
+    b, ci, ri = group_batch(groups, [0, 1], pad_id=eos)
+    seqs = [p + r for g in groups for p, r in g]
+    with torch.no_grad():
+        rc, rr = pair_rewards(rm, b, ci, ri, "cpu")
+        alone = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs])  # (N_seq,) each at its eos, unpadded
+        full = rm(b["tokens"])  # (N_seq, T)
+    last = last_index(b["attn_mask"])
+    assert [seqs[i][-1] for i in range(len(seqs))] == [eos] * 5 and b["tokens"].shape == (5, 8)
+    pick = lambda per_seq: torch.stack([per_seq[ci], per_seq[ri]])  # (2, N_pairs) as (chosen, rejected)
+    mistakes = [("read at the last column, padding after a shorter response, not at each row's <|endoftext|>",
+                 pick(full[:, -1])), ("read one token before each row's <|endoftext|>",
+                                       pick(full.gather(1, (last - 1)[:, None]).squeeze(1)))]
+    assert_close("pair_rewards (chosen; rejected)", torch.stack([rc, rr]), pick(alone), 1e-5, mistakes,
+                 "each row's reward is its value at its last real token, data.last_index(attn_mask)")
+
+
+def test_normalize_centres_the_sft_samples_scores_at_0():
+    """normalize shifts the head's bias so that the samples it drew score 0 on average after it: the
+    batches it scores are recorded and scored again afterwards. It returns the mean it subtracted
+    (main prints it as the shift); the shift moves every score alike."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=16)
+    policy, rm = GPT(config).eval(), RewardModel(GPT(config)).eval()
+    with torch.no_grad():
+        rm.head.bias.fill_(2.0)  # far from centred: a no-op or a wrong sign cannot pass for a shift
+    tok = SimpleNamespace(encode=lambda text: [1 + ord(c) % 9 for c in text], eot=10)
+    cfg = SimpleNamespace(seed=0, norm_samples=8, batch_size=3, max_prompt_len=4, max_len=10)
+    seen = []
+
+    def score(tokens, mask):
+        r = RewardModel.score(rm, tokens, mask)
+        seen.append((tokens, mask, r))
+        return r
+    rm.score = score  # records what normalize scores
+    shift = normalize(rm, policy, ["ab", "cde", "f", "ghij", "kl"], tok, cfg, "cpu")
+    with torch.no_grad():
+        before = torch.cat([r for _, _, r in seen])  # (N,)
+        after = torch.cat([RewardModel.score(rm, t, m) for t, m, _ in seen])  # (N,)
+    assert len(before) == 10, f"8 samples of 5 prompts: two passes, 10 samples; scored {len(before)}"
+    assert before.mean() > 1, f"the samples' mean score before, {before.mean():.4f}, is too close to 0 to test a shift"
+    assert_close("the mean score of normalize's samples after it", after.mean().double(), 0.0, 1e-5,
+                 [("the mean not subtracted from the head's bias", before.mean()),
+                  ("the mean added to the bias, not subtracted", 2 * before.mean())],
+                 "rm.head.bias minus the samples' mean score")
+    assert abs(shift - before.mean().item()) < 1e-5, f"normalize returned {shift}, not the mean it subtracted {before.mean():.6f}"
+    assert torch.allclose(after, before - before.mean(), atol=1e-5), "only the bias moves: every score by the same amount"
 
 
 def test_last_index_left_and_right_padding():

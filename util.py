@@ -386,7 +386,10 @@ def load_optimizer(opt, state, where):
 
 
 def lr_at(it, lr, warmup, total, min_lr_frac=0.1):
-    """Linear warmup over `warmup` steps, then cosine decay to min_lr_frac * lr at `total`."""
+    """The learning rate of step `it` (0-based): a linear warmup over `warmup` steps, then a cosine decay
+    to a floor. With m = min_lr_frac and p = min(1, (it - warmup) / max(1, total - warmup)):
+    lr * (it + 1) / warmup while it < warmup (never 0, the peak at it = warmup - 1), then
+    lr * (m + (1 - m) * (1 + cos(pi * p)) / 2): lr at it = warmup, (1 + m) / 2 * lr halfway, m * lr from `total` on."""
     if it < warmup:
         return lr * (it + 1) / warmup
     frac = min(1.0, (it - warmup) / max(1, total - warmup))
