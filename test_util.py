@@ -1,16 +1,22 @@
-"""util.py: a checkpoint write that fails halfway leaves the previous checkpoint whole, and the
-learning-rate schedule (warmup, then cosine decay to a floor) at known steps."""
+"""util.py: a checkpoint write that fails halfway leaves the previous checkpoint whole; the
+learning-rate schedule (warmup, then cosine decay to a floor) at known steps; the settings all three
+stages share (nan included); a resumed optimizer."""
 import io
 import math
 import os
+import re
 
 import pytest
 import torch
 
+import reward
+import sft
 from checks import assert_close
 from gpt import GPT, GPTConfig
 from hf import load_checkpoint, save_checkpoint
-from util import UserError, lr_at
+from ppo import Config as PPOConfig, check_config
+from sft import Config as SFTConfig
+from util import UserError, load_optimizer, lr_at, make_optimizer, parse_config
 
 
 def test_save_checkpoint_failing_halfway_keeps_the_old_file(tmp_path, monkeypatch):
@@ -82,3 +88,39 @@ def test_lr_at_warmup_then_cosine_known_values():
     assert_close("lr_at(step, 3e-4, warmup=10, total=110)", got, torch.tensor(want, dtype=torch.float64), 1e-12,
                  mistakes, "linear warmup lr * (it + 1) / warmup, then a cosine from lr down to min_lr_frac * lr",
                  labels={(i,): f"step {it}" for i, it in enumerate(steps)})
+
+
+@pytest.mark.parametrize("stage, kw, needle", [
+    (sft, dict(lr=math.nan), "--lr=nan: must be positive"), (reward, dict(lr=math.nan), "--lr=nan"),
+    (sft, dict(n_head=3), "multiple of --n_head=3"), (sft, dict(n_head=0), "--n_head=0"), (sft, dict(n_layer=0), "--n_layer=0"),
+    (sft, dict(warmup_iters=-1), "--warmup_iters=-1"), (reward, dict(weight_decay=math.nan), "--weight_decay=nan"),
+    (sft, dict(grad_clip=-1.0), "--grad_clip=-1.0"), (sft, dict(seed=2 ** 40), "--seed=1099511627776"),
+    (None, dict(temperature=math.nan), "--temperature=nan"), (None, dict(kl_coef=math.nan), "--kl_coef=nan"),
+    (None, dict(seed=-1), "--seed=-1")])
+def test_nan_and_impossible_shared_settings(stage, kw, needle):
+    """nan passes every `x <= 0` check (a comparison with nan is False): refused as any bad value, in
+    each stage's check_config, before a model is built; on the command line at parsing already."""
+    with pytest.raises(UserError, match=re.escape(needle)):
+        (stage.check_config(stage.Config(**kw)) if stage else check_config(PPOConfig(**kw)))
+
+
+def test_nonfinite_numbers_refused_where_not_offered():
+    for cls, arg in ((SFTConfig, "--lr=nan"), (SFTConfig, "--weight_decay=inf"), (PPOConfig, "--ent_coef=-inf")):
+        with pytest.raises(UserError, match=re.escape(f"{arg}: expected a finite number")):
+            parse_config(cls, [arg])
+    assert math.isnan(parse_config(PPOConfig, ["--truncated_score=nan"]).truncated_score)  # its comment offers nan
+
+
+def test_resumed_optimizer_takes_this_runs_lr_and_the_saved_moments():
+    """--resume with a new --lr (PPO's is constant, never set again): the optimizer's moments come from
+    the checkpoint, its learning rate and weight decay from this run's settings."""
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    opt = make_optimizer([w], 1e-4, 0.1)
+    w.sum().backward()
+    opt.step()
+    resumed = make_optimizer([torch.nn.Parameter(w.detach().clone())], 5e-6, 0.0)
+    load_optimizer(resumed, opt.state_dict(), "ppo.pt")
+    assert [(g["lr"], g["weight_decay"]) for g in resumed.param_groups] == [(5e-6, 0.0)] * len(resumed.param_groups), \
+        "the saved learning rate came back: load_state_dict restores the old param groups' settings"
+    saved = next(iter(opt.state.values()))
+    assert torch.equal(next(iter(resumed.state.values()))["exp_avg"], saved["exp_avg"]), "the moments were not resumed"
