@@ -314,7 +314,7 @@ def train(cfg, log=None):
     torch.manual_seed(cfg.seed)
     policy, ref, rm, critic, tok = load_models(cfg, device)
     onednn.enable(*(m for m in (policy, ref, rm, critic) if m is not None))  # the CPU fast path: fp32 matmuls via oneDNN
-    sampler = make_sampler(policy, cfg, device)
+    sampler, ref_sampler = make_sampler(policy, cfg, device), make_sampler(ref, cfg, device)  # ref's: for evaluations
     train_prompts, train_ids, eval_prompts, eval_ids, demos = load_prompts(cfg, tok)
     opts = [make_optimizer(m.parameters(), lr, 0.0) for m, lr in ((policy, cfg.lr), (critic, cfg.vf_lr)) if m is not None]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
@@ -351,19 +351,19 @@ def train(cfg, log=None):
         for it in range(start, cfg.iters + 1):
             if any_rank(stop.requested, device):
                 save_and_exit(lambda: save(it), f"ppo: stopped before iteration {it}; saved {path}; continue with --resume")
+            if sampler is not None:
+                sampler.load_state_dict(policy.state_dict())  # copy_ casts to the sampler's dtype
             due = (it % cfg.eval_interval == 0 or it == cfg.iters) and not (it == start and ev is not None)
             if due and RANK == 0:  # the others wait at the barrier
                 ev = evaluate(policy, ref, rm, eval_ids, eval_prompts, tok, samples=cfg.eval_samples, batch=cfg.rollout_batch,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, ctx=ctx,
-                              builtin=builtin, static=static)
+                              builtin=builtin, static=static, samplers=(sampler, ref_sampler))
                 log(dict(kind="eval", iter=it, iters=cfg.iters, **ev))
                 save(it, eval=ev)
             barrier()
             if it == cfg.iters:
                 break
             t0 = time.time()
-            if sampler is not None:
-                sampler.load_state_dict(policy.state_dict())  # copy_ casts to the sampler's dtype
             k = cfg.samples_per_prompt  # each rank rolls out whole groups: k adjacent copies of a prompt
             idx = batch_indices(len(train_ids), it, cfg.rollout_batch // k, cfg.seed)
             mine = [j for j in idx[RANK::WORLD] for _ in range(k)]

@@ -223,17 +223,18 @@ def responses(batch, tok):
 
 @torch.no_grad()
 def evaluate(policy, ref, rm, prompt_ids, prompts, tok, *, samples, batch, max_new_tokens, temperature, seed, ctx,
-             builtin, static=False):
+             builtin, static=False, samplers=(None, None)):
     """Held-out prompts, `samples` responses each, `batch` prompts at a time: reward-model score and
     KL (per token and per response) of the policy; win rate against the SFT policy `ref` (ties count
-    half) by the reward model, and on the built-in task by the gold labeler."""
+    half) by the reward model, and on the built-in task by the gold labeler. samplers: the copies of
+    policy and ref that sample (make_sampler), as in training, or None: the model samples itself."""
     device, rows = next(policy.parameters()).device, []
     prompt_ids, prompts = prompt_ids * samples, prompts * samples
     for i in range(0, len(prompt_ids), batch):
         # both sides draw with the same seed: at iteration 0 they sample the same responses (win rate 0.5)
         pol, sft = (rollout(m, r, rm, None, prompt_ids[i:i + batch], tok.eot, max_new_tokens, temperature, ctx,
-                            torch.Generator(device=device).manual_seed(seed + i), static=static)
-                    for m, r in ((policy, ref), (ref, None)))
+                            torch.Generator(device=device).manual_seed(seed + i), s, static=static)
+                    for m, r, s in ((policy, ref, samplers[0]), (ref, None, samplers[1])))
         cols = [pol["scores"], sft["scores"], *kl_per_response(pol), pol["mask"].sum(1)]
         if builtin:
             cols += [torch.tensor([data.gold_score(p, r) for p, r in zip(prompts[i:i + batch], responses(b, tok))])
