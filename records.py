@@ -42,7 +42,8 @@ def _lines(path):
     try:
         text = raw.decode(codec)
     except UnicodeDecodeError as e:
-        line = len(NEWLINE.split(raw[:e.start].decode("latin-1")))
+        # the prefix in the file's own codec: as latin-1, UTF-16's "\r\x00\n\x00" would be two line breaks
+        line = len(NEWLINE.split(raw[:e.start].decode(codec, errors="replace")))
         raise UserError(f"{path}:{line}: not {codec.upper().replace('-SIG', '')} text (byte 0x{raw[e.start]:02x}); "
                         "save it as UTF-8") from None
     return NEWLINE.split(text)  # not str.splitlines: a JSON string may hold a raw U+2028

@@ -153,6 +153,11 @@ def test_read_jsonl_files_as_tools_write_them(tmp_path, name, raw):
     ("cells.csv", b'prompt,response\r\na,b\r\na,b,c\r\n', 3, "3 cells, the header has 2"),
     ("empty.csv", b'prompt,response\r\na,\r\n', 2, "'response' must be a non-empty string"),
     ("odd.jsonl", codecs.BOM_UTF16_LE + b"\xfa\x00bad", 1, "not UTF-16 text"),  # an odd number of UTF-16 bytes
+    # a lone surrogate on line 3 of a CRLF UTF-16 file: counted as latin-1, each "\r\x00\n\x00" is two line breaks (line 5)
+    ("surrogate_le.jsonl", codecs.BOM_UTF16_LE + (JSONL.decode().replace("\n", "\r\n") + '{"prompt": "a').encode("utf-16-le")
+     + b"\x00\xd8" + '", "response": "b"}\r\n'.encode("utf-16-le"), 3, "not UTF-16 text"),
+    ("surrogate_be.jsonl", codecs.BOM_UTF16_BE + (JSONL.decode().replace("\n", "\r\n") + '{"prompt": "a').encode("utf-16-be")
+     + b"\xd8\x00" + '", "response": "b"}\r\n'.encode("utf-16-be"), 3, "not UTF-16 text"),
 ])
 def test_read_jsonl_bad_file_of_another_format_names_the_line(tmp_path, name, raw, where, expect):
     (tmp_path / name).write_bytes(raw)
