@@ -1,6 +1,7 @@
 """The PPO loss, ppo.py's math: the clipped policy loss, the masked mean, the clipped value loss,
 the entropy and their sum, each against hand-computed values. The advantages they take:
-test_advantages.py; the rollout and the update: test_rollout.py."""
+test_advantages.py; the rollout and the update's guards: test_rollout.py; the update against a
+naive one: test_ppo_update.py."""
 import math
 
 import torch

@@ -1,5 +1,7 @@
 """rollout.py and ppo_update: the experience PPO learns from (sampling, scoring, the KL to the
-reference, advantages), the bf16 identity at iteration 0, and the update's guards."""
+reference, which responses ended, advantages, the running score moments), the bf16 identity at
+iteration 0, the update's guards, and what evaluate and explained_variance report, by hand. The
+update against a naive one: test_ppo_update.py."""
 import contextlib
 import copy
 import math
@@ -9,11 +11,13 @@ import pytest
 import torch
 
 import ppo
+from checks import assert_close
 from gpt import GPT, GPTConfig
 from ppo import policy_logprobs
 from reward import RewardModel
 from test_gpt import CUDA
-from rollout import AdaptiveKLController, RunningMoments, add_advantages, kl_stats, make_sampler, rollout, seeded
+from rollout import (AdaptiveKLController, RunningMoments, add_advantages, evaluate, explained_variance, kl_stats, make_sampler,
+                     rollout, seeded)
 from util import UserError, autocast, make_optimizer
 
 # two rows of different lengths: row 0 is left-padded and ends early, row 1 runs to the end
@@ -233,3 +237,101 @@ def test_ppo_update_without_a_critic_runs_on_the_policys_device(device):
     stats = ppo.ppo_update(policy.train(), None, [make_optimizer(policy.parameters(), 1e-3, 0.0)], b, cfg,
                            contextlib.nullcontext(), seeded(0))
     assert stats["grad_norm"] > 0 and not {"vf_grad_norm", "value_loss"} & stats.keys(), stats
+
+
+def test_rollout_ended_marks_responses_that_emitted_the_eos():
+    """ended (a cut response scores truncated_score) is True for a row that emitted the eos, before its last
+    allowed token or as it, and False for a row cut at max_new_tokens, whether its prompt was left-padded (with
+    the eos) or not: read here off each row's generated tokens. Seeded: the batch holds each kind (checked)."""
+    policy, _, rm = tiny_models(5)
+    prompts, N, eos = [[1, 2, 3], [4], [5, 6], [7, 8, 9], [2], [3, 4], [6], [8, 9]], 4, 10
+    b = rollout(policy, None, rm, None, prompts, eos, N, 1.0, torch.no_grad(), torch.Generator().manual_seed(0))
+    kinds = []
+    for i, prompt in enumerate(prompts):
+        resp = b["tokens"][i, -b["mask"].size(1):][b["mask"][i].bool()].tolist()  # row i's generated tokens
+        emitted = resp[-1] == eos
+        assert eos not in resp[:-1] and (emitted or len(resp) == N), f"row {i}: generated {resp}"
+        kinds.append(("eos early" if len(resp) < N else "eos last") if emitted else
+                     "cut, prompt left-padded" if len(prompt) < 3 else "cut")
+        assert bool(b["ended"][i]) == emitted, f"row {i} ({kinds[-1]}: generated {resp}): ended {bool(b['ended'][i])}: " + (
+            "a response that emits the eos as its last allowed token ended too (not: length < max_new_tokens)" if emitted
+            else "ended means an eos among the row's generated tokens (mask = 1): not True everywhere, nor an eos anywhere "
+                 "in the row (a left-padded prompt holds the eos as padding)")
+    assert {"eos early", "eos last", "cut, prompt left-padded"} <= set(kinds), kinds
+
+
+def test_running_moments_match_the_concatenation():
+    """Updates of 1, 5, 2 and 9 scores around different means, as score_norm sees batch after batch: after
+    each, the running mean and std are torch's mean and std (n - 1) of all the scores seen so far (Chan et
+    al.: each update's own sum of squares plus delta^2 * n_a * n_b / n between the means)."""
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, generator=g, dtype=torch.float64) * s + mu
+              for n, s, mu in ((1, 1.0, 4.0), (5, 0.5, -3.0), (2, 2.0, 10.0), (9, 1.0, 0.0))]
+    moments = RunningMoments()
+    for k, x in enumerate(chunks):
+        moments.update(x)
+        if k == 0:
+            continue  # one score: no std (the property says 1.0)
+        seen, mean = torch.cat(chunks[:k + 1]), torch.cat(chunks[:k + 1]).mean()
+        within = sum(((c - c.mean()) ** 2).sum() for c in chunks[:k + 1])  # each update's own sum of squares
+        between = sum(c.numel() * (c.mean() - mean) ** 2 for c in chunks[:k + 1])  # the spread of their means
+        n = seen.numel()
+        assert_close(f"RunningMoments (mean, std) after updates of {[c.numel() for c in chunks[:k + 1]]} scores",
+                     torch.tensor([moments.mean, moments.std], dtype=torch.float64), torch.stack([mean, seen.std()]), 1e-9,
+                     [("each update's own sum of squares (m2) not added to the total: m2 += m2_batch + delta^2 n_a n_b / n",
+                       torch.stack([mean, (between / (n - 1)).sqrt()])),
+                      ("the spread between the updates' means (delta^2 * n_a * n_b / n) not added to m2",
+                       torch.stack([mean, (within / (n - 1)).sqrt()])),
+                      ("std over n: the unbiased std divides by n - 1", torch.stack([mean, seen.std(correction=0)])),
+                      ("the last update's statistics alone", torch.stack([x.mean(), x.std()]))],
+                     "Chan et al.'s parallel update of (n, mean, m2)")
+
+
+def test_explained_variance_known_values():
+    """1 - Var(R - V) / Var(R) over the valid tokens, by hand: R = 1, 2, 3, 4 (Var 1.25), R - V = 0, -1, 0, -1
+    (Var 0.25): 0.8. Padding holds other numbers. A perfect critic gives 1, a constant one 0."""
+    mask = torch.tensor([[0., 1., 1.], [1., 1., 0.]])
+    returns, values = torch.tensor([[9., 1., 2.], [3., 4., -7.]]), torch.tensor([[-5., 1., 3.], [3., 5., 8.]])
+    d, every = returns - values, lambda x: ((x - x.mean()) ** 2).mean()
+    assert_close("explained_variance", explained_variance(values, returns, mask), 0.8, 1e-6,
+                 [("Var(R - V) / Var(R): explained variance is 1 minus that", 0.2),
+                  ("Var(R - V) as mean((R - V)^2), not centred", 1 - 0.5 / 1.25),
+                  ("means over padding too: masked_mean over valid tokens", 1 - every(d) / every(returns))],
+                 "1 - Var(R - V) / Var(R), both masked means over valid tokens")
+    assert abs(explained_variance(returns, returns, mask) - 1) < 1e-6, "a critic with V = R explains all: 1"
+    assert abs(explained_variance(torch.full_like(returns, 5.0), returns, mask)) < 1e-6, "a constant critic: 0"
+
+
+def test_evaluate_win_rate_counts_ties_half_and_kl_is_k1(monkeypatch):
+    """evaluate on 5 held-out prompts, 3 at a time, rollout() replaced by hand batches: the policy's scores
+    1, 2, 3, 0, 5 against the SFT policy's 1, 1, 4, 0, 2 win twice, lose once and tie twice: win rate
+    (2 + 2 / 2) / 5 = 0.6. kl is k1 per token, sum(log p - log q) / valid tokens = 1.8 / 9, k3 Schulman's
+    (r - 1) - log r per token, kl_seq k1 per response 1.8 / 5."""
+    import rollout as R
+    d = [[0.5, -0.2, 0.0], [1.0, 0.3, -0.4], [0.2, 0.0, 0.0], [-0.3, 0.6, 0.0], [0.1, 0.0, 0.0]]  # log p - log q
+    n, scores = [2, 3, 1, 2, 1], dict(policy=[1., 2., 3., 0., 5.], sft=[1., 1., 4., 0., 2.])
+
+    def stub(model, ref, rm, critic, prompt_ids, *a, **k):  # prompt i is [i]
+        rows = [p[0] for p in prompt_ids]
+        mask = torch.tensor([[float(t < n[r]) for t in range(3)] for r in rows])
+        ref_lp = -1.5 * mask
+        return dict(scores=torch.tensor([scores["sft" if ref is None else "policy"][r] for r in rows]), mask=mask,
+                    logprobs=ref_lp + torch.tensor([d[r] for r in rows]) * mask, ref_logprobs=ref_lp)
+    monkeypatch.setattr(R, "rollout", stub)
+    res = evaluate(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, [[i] for i in range(5)], ["p"] * 5,
+                   SimpleNamespace(eot=10), samples=1, batch=3, max_new_tokens=3, temperature=1.0, seed=0,
+                   ctx=contextlib.nullcontext(), builtin=False)
+    assert_close("evaluate: win_rate", res["win_rate"], 0.6, 1e-6,
+                 [("ties counted as wins: a tie counts half", 0.8), ("ties counted as losses: a tie counts half", 0.4),
+                  ("ties left out of the count: a tie counts half, and every sample counts", 2 / 3)],
+                 "mean over samples of 1 (policy's score higher), 0.5 (equal), 0 (lower)")
+    valid = [x for row, k in zip(d, n) for x in row[:k]]
+    k1, k3 = sum(valid) / 9, sum(math.exp(-x) - 1 + x for x in valid) / 9
+    assert_close("evaluate: (kl, k3, kl_seq)", torch.tensor([res["kl"], res["k3"], res["kl_seq"]]),
+                 torch.tensor([k1, k3, sum(valid) / 5]), 1e-6,
+                 [("k3 reported as kl: kl is k1 = log p - log q, k3 its own key", [k3, k3, sum(valid) / 5]),
+                  ("kl and k3 swapped", [k3, k1, sum(valid) / 5]),
+                  ("kl per response, not per token: summed over tokens / the number of valid tokens",
+                   [sum(valid) / 5, k3, sum(valid) / 5])], "k1 and k3 summed over valid tokens / their number")
+    want = dict(score=11 / 5, sft_score=8 / 5, length=9 / 5, n=5)
+    assert all(abs(res[k] - v) < 1e-6 for k, v in want.items()), f"evaluate: {res}, want {want} among them"
