@@ -56,8 +56,10 @@ class KVCache:
         `layer` (into self.k and self.v, in place), and return all keys and values so far: two
         views of the cache of shape (B, nh, pos+T, hs), the cache's dtype and device.
         pos itself is left alone: every layer writes at the same positions, and GPT.hidden
-        advances pos once, after the last layer."""
+        advances pos once, after the last layer. pos+T past T_max is a ValueError naming both."""
         end = self.pos + k.size(2)
+        if end > self.k.size(3):  # the slice assignment's own error names neither
+            raise ValueError(f"KVCache.update: pos+T = {end} exceeds the cache's length T_max={self.k.size(3)}")
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -68,8 +70,8 @@ class StaticKVCache(KVCache):
     replay them: the prefill writes as KVCache does; then GPT.decode_step writes one column, at
     `index` (a (1,) tensor), and attends over all T_max columns, the unwritten ones masked."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.index = None  # None during the prefill
 
     def update(self, layer, k, v):
@@ -208,11 +210,11 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
-        if attention_mask is None:
-            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=tokens.device)
-            mask = None if cache is None else attention_mask_4d(attention_mask, T)
-        else:
-            mask = attention_mask_4d(attention_mask, T)
+        given = attention_mask is not None
+        if given and attention_mask.shape != (B, start + T):  # a (B, 1) mask would broadcast: wrong logits, no error
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)}: expected (B, cache.pos + T) = {(B, start + T)}")
+        attention_mask = attention_mask if given else torch.ones(B, start + T, dtype=torch.long, device=tokens.device)
+        mask = attention_mask_4d(attention_mask, T) if given or cache is not None else None
         pos = position_ids(attention_mask)[:, -T:]  # (B, T)
         x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, T, C)
         with sdpa_kernel(ATTENTION_BACKENDS):
@@ -259,9 +261,8 @@ class GPT(nn.Module):
         ppo.py and `python hf.py convert` write them). Token rows stored unpadded (V rows) are padded."""
         ck = torch.load(path, map_location=map_location, weights_only=True)  # never unpickles code
         model = cls(GPTConfig(**ck["config"]))
-        state = {k: pad_rows(v, model.n_rows) if k in TOKEN_ROWS and v.size(0) == model.config.vocab_size else v
-                 for k, v in ck["model"].items()}
-        model.load_state_dict(state)
+        model.load_state_dict({k: pad_rows(v, model.n_rows) if k in TOKEN_ROWS and v.size(0) == model.config.vocab_size
+                               else v for k, v in ck["model"].items()})
         return model
 
 # -----------------------------------------------------------------------------
@@ -271,6 +272,9 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Draw one token per row from logits (B, V) -> (B,). temperature 0 means greedy (argmax).
     Otherwise p = softmax(logits / temperature), restricted to the top_k most likely tokens
     (0 = all) and then to the smallest set whose probability reaches top_p (1.0 = all)."""
+    for name, value in (("temperature", temperature), ("top_k", top_k)):
+        if value < 0:  # a temperature < 0 would sample the inverted distribution, a top_k < 0 mean all
+            raise ValueError(f"sample_token: {name}={value}: must be >= 0")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -356,31 +360,27 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
     (before top_k / top_p; 0 when greedy), 0 elsewhere. static=True decodes with GPT.decode_step, the same shapes
     at every step; on CUDA that step is a CUDA graph (DecodeGraph), replayed at every token."""
     B, P = prompt.shape
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k)):
+        if value < 0:  # checked before the prefill's cost (sample_token checks the last two again)
+            raise ValueError(f"generate: {name}={value}: must be >= 0")
     if P + max_new_tokens - 1 > model.config.block_size:  # the last token is sampled, never fed back
         raise ValueError(f"{P} prompt + {max_new_tokens} new tokens exceed block_size={model.config.block_size} + 1")
-    device = prompt.device
-    pad = 0 if eos_id is None else eos_id
-    T = P + max_new_tokens
-    cfg = model.config
-    dtype = next(model.parameters()).dtype
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
+    device, cfg, T, pad = prompt.device, model.config, P + max_new_tokens, 0 if eos_id is None else eos_id
+    dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+             else next(model.parameters()).dtype)
     graph = None
     if static and device.type == "cuda":
         graph = decode_graph(model, B, -(-T // 64) * 64, dtype, device)  # a few cache widths, a few graphs
         cache, mask = graph.cache, graph.mask
         cache.pos, cache.index = 0, None  # the prefill writes as a KVCache
         mask.zero_()
-    elif static or use_cache:
-        cache = (StaticKVCache if static else KVCache)(cfg.n_layer, B, cfg.n_head, T, cfg.n_embd // cfg.n_head, device, dtype)
-        mask = torch.zeros(B, T, dtype=torch.long, device=device)
     else:
-        cache, mask = None, torch.zeros(B, T, dtype=torch.long, device=device)
+        kind = StaticKVCache if static else KVCache if use_cache else None
+        cache = kind(cfg.n_layer, B, cfg.n_head, T, cfg.n_embd // cfg.n_head, device, dtype) if kind else None
+        mask = torch.zeros(B, T, dtype=torch.long, device=device)
     tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
-    tokens[:, :P] = prompt
-    mask[:, :P] = prompt_mask
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    logprobs = torch.zeros(B, T, device=device)
+    tokens[:, :P], mask[:, :P] = prompt, prompt_mask
+    done, logprobs = torch.zeros(B, dtype=torch.bool, device=device), torch.zeros(B, T, device=device)
     sync_every = 1 if device.type == "cpu" else 8  # `done.all()` waits for the GPU: not at every token there
     for t in range(P, T):
         if t == P or cache is None:  # the prefill (and every step without a cache)
@@ -396,14 +396,14 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
             logits = model.head(model.hidden(tokens[:, t - 1:t], mask[:, :t], cache)[:, -1])
         nxt = sample_token(logits.float(), temperature, top_k, top_p, generator)
         if return_logprobs and temperature > 0:  # greedy: log 1 = 0
-            logprobs[:, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1) * ~done
+            lp = torch.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1)  # (B,)
+            logprobs[:, t] = torch.where(done, 0.0, lp)  # not lp * ~done: a -inf times 0 is nan
         tokens[:, t] = torch.where(done, pad, nxt)
         mask[:, t] = (~done).long()
         if eos_id is not None:
             done |= nxt == eos_id
             if (t - P) % sync_every == sync_every - 1 and done.all():  # it saves the rest of the steps
                 break
-    gen_mask = mask[:, :T].clone()
-    gen_mask[:, :P] = 0
+    gen_mask = torch.cat([torch.zeros_like(mask[:, :P]), mask[:, P:T]], 1)  # (B, T): the prompt's columns 0
     t = int(gen_mask.any(0).nonzero().max()) + 1 if gen_mask.any() else P  # after the last generated token
     return (tokens[:, :t], gen_mask[:, :t]) + ((logprobs[:, :t],) if return_logprobs else ())

@@ -2,6 +2,7 @@
 uncached decoding, and each prompt decoded alone."""
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gpt
-from gpt import GPT, GPTConfig, KVCache, generate, sample_token
+from gpt import GPT, GPTConfig, KVCache, generate
 from checks import assert_close
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
@@ -233,6 +234,25 @@ def test_kvcache_update_leaves_pos_alone():
                            f"every layer writes at the same positions, and GPT.hidden advances pos once after the last"
 
 
+def test_kvcache_update_past_its_length_is_a_clear_error():
+    """pos+T past T_max is a ValueError naming both (a slice assignment's own error names neither), in a
+    KVCache and in a StaticKVCache's prefill; pos+T = T_max still fits."""
+    for cls in (KVCache, gpt.StaticKVCache):
+        c = cls(n_layer=1, B=2, n_head=1, T_max=6, head_size=2, device="cpu", dtype=torch.float32)
+        c.pos = 4
+        with pytest.raises(ValueError, match=re.escape("pos+T = 7 exceeds the cache's length T_max=6")):
+            c.update(0, torch.ones(2, 1, 3, 2), torch.ones(2, 1, 3, 2))
+        assert c.update(0, torch.ones(2, 1, 2, 2), torch.ones(2, 1, 2, 2))[0].shape == (2, 1, 6, 2), cls.__name__
+
+
+def test_static_kvcache_takes_kvcache_keywords_and_writes_at_index():
+    c = gpt.StaticKVCache(n_layer=2, B=1, n_head=1, T_max=4, head_size=2, device="cpu", dtype=torch.float32)
+    c.index = torch.tensor([2])  # a decode step: one column, all T_max columns returned
+    k, v = c.update(1, torch.ones(1, 1, 1, 2), -torch.ones(1, 1, 1, 2))
+    assert k.shape == v.shape == (1, 1, 4, 2) and k[0, 0, :, 0].tolist() == [0, 0, 1, 0] and v[0, 0, 2, 0] == -1
+    assert c.k[0].abs().sum() == 0, "update(1, ...) changed layer 0"
+
+
 def test_position_ids_restart_after_left_padding():
     model = tiny()
     ids = torch.randint(0, 97, (1, 6))
@@ -284,30 +304,20 @@ def test_generate_cached_equals_uncached():
         f"(KVCache.update, pos) or attention over its keys (queries are the last T of S positions)"
 
 
-def test_forward_first_and_generate_logprobs():
-    """forward(first=k) is forward()[:, k:] (the last block skips positions < k), with or without a
-    mask, and so are its gradients; generate's log-probs are those of the uncached forward at the
-    sampling temperature, on generated tokens only (0 on the prompt and after eos)."""
-    model = tiny()
-    prompt = torch.randint(0, 96, (3, 5))
-    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
-    tokens, gen_mask, logprobs = generate(model, prompt, mask, 8, temperature=0.7, eos_id=96, return_logprobs=True,
-                                          generator=torch.Generator().manual_seed(0))
-    attn = mask.new_ones(tokens.shape)
-    attn[:, :5] = mask
+def test_hidden_attention_mask_of_another_shape_is_a_clear_error():
+    """The mask covers every position so far, (B, cache.pos + T): a (B, 1) mask (the new token's alone,
+    in cached decoding) or one row for the batch would broadcast and give other logits, silently."""
+    model, ids, ones = tiny(), torch.randint(0, 97, (3, 6)), lambda *shape: torch.ones(*shape, dtype=torch.long)
+    cache = KVCache(2, 3, 4, 6, 8, "cpu", torch.float32)
     with torch.no_grad():
-        full = model(tokens, attn)
-        assert torch.allclose(model(tokens, attn, first=4), full[:, 4:], atol=1e-6)
-        assert torch.allclose(model(tokens, first=9), model(tokens)[:, 9:], atol=1e-6)
-        want = torch.log_softmax(full[:, :-1] / 0.7, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    m = gen_mask[:, 1:].bool()
-    assert torch.allclose(logprobs[:, 1:][m], want[m], atol=1e-5) and (logprobs[:, 1:][~m] == 0).all()
-    grads = []
-    for first in (0, 4):
-        model.zero_grad()
-        model(tokens, attn, first=first)[:, 4 - first:].logsumexp(-1).sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    assert all(torch.allclose(g0, g4, atol=1e-6) for g0, g4 in zip(*grads))
+        model(ids[:, :5], ones(3, 5), cache)
+        for bad in ((3, 1), (1, 6), (3, 5)):
+            with pytest.raises(ValueError, match=re.escape(f"attention_mask {bad}: expected (B, cache.pos + T) = (3, 6)")):
+                model(ids[:, 5:], ones(*bad), cache)
+        with pytest.raises(ValueError, match=re.escape("attention_mask (3, 5): expected (B, cache.pos + T) = (3, 6)")):
+            model(ids, ones(3, 5))  # no cache: (B, T)
+        err = (model(ids[:, 5:], ones(3, 6), cache) - model(ids)[:, 5:]).abs().max()
+    assert cache.pos == 6 and err <= 1e-5, f"after the refused calls, the decode step differs from a full forward by {err:.3g}"
 
 
 def test_generate_left_padded_batch_equals_each_alone():
@@ -347,19 +357,6 @@ def test_generate_reproducible_with_generator():
             for s in (0, 0, 1)]
     assert torch.equal(runs[0], runs[1]), "the same generator seed sampled different tokens"
     assert not torch.equal(runs[0], runs[2]), "two generator seeds sampled the same tokens"
-
-
-def test_sample_token_top_k_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
-    g = torch.Generator().manual_seed(0)
-    assert set(sample_token(logits, top_k=2, generator=g).tolist()) == {0, 1}
-    assert set(sample_token(logits, top_p=0.7, generator=g).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
-    assert set(sample_token(logits, top_p=0.85, generator=g).tolist()) == {0, 1, 2}
-    freq = torch.bincount(sample_token(logits, temperature=1.0, generator=g), minlength=4) / 4000
-    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
-    assert sample_token(logits[:1], temperature=0).item() == 0
-    for p in (0.0, -1.0, 0.3):  # top_p below the top token's 0.5: that token alone, not every token dropped
-        assert set(sample_token(logits, top_p=p, generator=g).tolist()) == {0}, f"top_p={p}"
 
 
 def test_generate_past_block_size_is_a_clear_error():

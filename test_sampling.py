@@ -1,0 +1,76 @@
+"""Sampling in gpt.py (sample_token, generate) against what it promises: token frequencies against
+softmax(logits / temperature) cut by top_k and top_p, log-probs against an uncached forward, rows that
+stop at eos, and a clear error for each argument out of range."""
+import re
+
+import pytest
+import torch
+
+from gpt import generate, sample_token
+from test_gpt import tiny
+
+
+def test_sample_token_temperature_top_k_top_p():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.log(p).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_token(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(sample_token(logits, top_p=0.7, generator=g).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(sample_token(logits, top_p=0.85, generator=g).tolist()) == {0, 1, 2}
+    # p^(1/T), renormalised over the top_k: at these T, p itself (the temperature ignored) is >= 0.1 off
+    for temperature, top_k in ((1.0, 0), (0.5, 0), (2.0, 0), (0.5, 2)):
+        want = p ** (1 / temperature) * (torch.arange(4) < (top_k or 4))
+        want = want / want.sum()
+        freq = torch.bincount(sample_token(logits, temperature, top_k, generator=g), minlength=4) / 4000
+        assert torch.allclose(freq, want, atol=0.03), \
+            f"temperature={temperature}, top_k={top_k}: frequencies {freq.tolist()}, want softmax(logits / T) {want.tolist()}"
+    assert sample_token(logits[:1], temperature=0).item() == 0
+    for top_p in (0.0, -1.0, 0.3):  # top_p below the top token's 0.5: that token alone, not every token dropped
+        assert set(sample_token(logits, top_p=top_p, generator=g).tolist()) == {0}, f"top_p={top_p}"
+
+
+def test_sample_token_and_generate_refuse_negative_arguments():
+    """A temperature < 0 would sample the inverted distribution and a top_k < 0 mean all tokens, silently;
+    a max_new_tokens < 0 failed on a tensor's shape. Each is one line naming the argument; 0 stays valid."""
+    model, prompt = tiny(), torch.randint(0, 97, (2, 3))
+    for name, value in (("max_new_tokens", -1), ("temperature", -0.5), ("top_k", -1)):
+        with pytest.raises(ValueError, match=re.escape(f"generate: {name}={value}: must be >= 0")):
+            generate(model, prompt, torch.ones_like(prompt), **{"max_new_tokens": 4, name: value})
+    for name, value in (("temperature", -1.0), ("top_k", -3)):
+        with pytest.raises(ValueError, match=re.escape(f"sample_token: {name}={value}: must be >= 0")):
+            sample_token(torch.zeros(2, 5), **{name: value})
+    assert generate(model, prompt, torch.ones_like(prompt), 0)[0].shape == (2, 3)
+    assert generate(model, prompt, torch.ones_like(prompt), 2, temperature=0, top_k=0)[0].shape == (2, 5)
+
+
+def test_forward_first_and_generate_logprobs():
+    """forward(first=k) is forward()[:, k:] (the last block skips positions < k), with or without a
+    mask, and so are its gradients; generate's log-probs are those of the uncached forward at the
+    sampling temperature, on generated tokens only (0 on the prompt and after eos: row 0 stops early)."""
+    model = tiny()
+    prompt = torch.randint(0, 96, (3, 5))
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+
+    def sample(eos):
+        return generate(model, prompt, mask, 8, temperature=0.7, eos_id=eos, return_logprobs=True,
+                        generator=torch.Generator().manual_seed(0))
+    eos = int(sample(None)[0][0, 7])  # row 0's third token: the same draws make row 0 stop there
+    tokens, gen_mask, logprobs = sample(eos)
+    n = gen_mask.sum(1)
+    assert n[0] <= 3 < n.max() == tokens.size(1) - 5, f"row 0 should stop at eos {eos} while others go on: {n.tolist()}"
+    attn = mask.new_ones(tokens.shape)
+    attn[:, :5] = mask
+    with torch.no_grad():
+        full = model(tokens, attn)
+        assert torch.allclose(model(tokens, attn, first=4), full[:, 4:], atol=1e-6)
+        assert torch.allclose(model(tokens, first=9), model(tokens)[:, 9:], atol=1e-6)
+        want = torch.log_softmax(full[:, :-1] / 0.7, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    m = gen_mask[:, 1:].bool()
+    assert torch.allclose(logprobs[:, 1:][m], want[m], atol=1e-5)
+    assert (logprobs[:, 1:][~m] == 0).all(), f"log-probs after eos or on the prompt: {logprobs[0, 5:].tolist()} (row 0)"
+    grads = []
+    for first in (0, 4):
+        model.zero_grad()
+        model(tokens, attn, first=first)[:, 4 - first:].logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(g0, g4, atol=1e-6) for g0, g4 in zip(*grads))
