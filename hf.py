@@ -9,6 +9,7 @@ store their weights transposed. Also the hub download (util.fetch). Bad files ar
     python hf.py export CKPT DIR        # our .pt -> model.safetensors + config.json for HF
 """
 import json
+import math
 import os
 import re
 import struct
@@ -28,7 +29,9 @@ SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # causal-mask buffers,
 
 def read_safetensors(path):
     """{name: tensor} from a .safetensors file: 8-byte little-endian header size, JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes. A header that does not
+    describe its bytes (dtype unknown, data_offsets missing or reversed, a shape of another size) is
+    a UserError naming the file and the tensor."""
     with open(path, "rb") as f:
         buf = bytearray(f.read())
     n = struct.unpack("<Q", bytes(buf[:8]))[0] if len(buf) >= 8 else len(buf)
@@ -36,17 +39,31 @@ def read_safetensors(path):
         header = json.loads(bytes(buf[8:8 + n]))
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{path}: corrupt or truncated safetensors header") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: the safetensors header is not a JSON object of tensors")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype, (a, b) = ST_DTYPES.get(info["dtype"]), info["data_offsets"]
-        if dtype is None:
-            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise UserError(f"{where}: a JSON {type(info).__name__}, expected an object {{dtype, shape, data_offsets}}")
+        kind, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(kind, str) or kind not in ST_DTYPES:
+            raise UserError(f"{where} has unsupported dtype {kind!r}; known: {', '.join(ST_DTYPES)}")
+        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+            raise UserError(f"{where}: shape {shape!r}, expected a list of sizes >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise UserError(f"{where}: data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end")
+        (a, b), dtype = offsets, ST_DTYPES[kind]
+        if b - a != math.prod(shape) * dtype.itemsize:  # else frombuffer reads a neighbour's bytes, or view fails
+            raise UserError(f"{where}: shape {shape} of {kind} is {math.prod(shape) * dtype.itemsize} bytes, "
+                            f"data_offsets {offsets} hold {b - a}")
         if 8 + n + b > len(buf):
             raise UserError(f"{path}: truncated at tensor {name!r} (file has {len(buf)} bytes, needs {8 + n + b})")
         t = torch.frombuffer(buf, dtype=dtype, count=(b - a) // dtype.itemsize, offset=8 + n + a)
-        out[name] = t.view(info["shape"])
+        out[name] = t.view(shape)
     return out
 
 

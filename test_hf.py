@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import hf
-from gpt import generate
+from data import Tokenizer
+from gpt import GPT, generate
 from hf import load_hf
 from test_gpt import tiny
 from util import UserError
@@ -233,12 +235,46 @@ def test_load_hf_bad_files_name_the_key(tmp_path):
             load_hf(str(d))
 
 
+def test_read_safetensors_malformed_header_is_one_line(tmp_path):
+    """A header that does not describe its bytes is a UserError naming the file and the tensor: a shape
+    of another size than data_offsets, offsets reversed or missing, an unknown or missing dtype."""
+    def write(info):  # the layout write_safetensors writes: 8-byte size, header padded to 8, the data
+        h = json.dumps({"__metadata__": {"format": "pt"}, "h.0.w": info}).encode()
+        h += b" " * (-len(h) % 8)
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(struct.pack("<Q", len(h)) + h + struct.pack("<2f", 1.0, 2.0))
+        return str(path)
+    good = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    assert hf.read_safetensors(write(good))["h.0.w"].tolist() == [1.0, 2.0]  # the bad files differ in one field
+    for info, why in (({**good, "shape": [3]}, "shape [3] of F32 is 12 bytes, data_offsets [0, 8] hold 8"),
+                      ({**good, "shape": [1]}, "shape [1] of F32 is 4 bytes, data_offsets [0, 8] hold 8"),
+                      ({**good, "data_offsets": [8, 0]}, "data_offsets [8, 0], expected [begin, end]"),
+                      ({"dtype": "F32", "shape": [2]}, "data_offsets None, expected [begin, end]"),
+                      ({**good, "dtype": "F8"}, "has unsupported dtype 'F8'"),
+                      ({"shape": [2], "data_offsets": [0, 8]}, "has unsupported dtype None"),
+                      ({**good, "shape": "2"}, "shape '2', expected a list of sizes"),
+                      ([0, 8], "a JSON list, expected an object")):
+        with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'bad.safetensors'}: tensor 'h.0.w'") + ".*" +
+                           re.escape(why)) as e:
+            hf.read_safetensors(write(info))
+        assert "\n" not in str(e.value)
+
+
 def test_sample_cli_on_converted_fixture(tmp_path):
+    """sample.py prints each prompt followed by what gpt.generate samples after it with the same seed and
+    settings (GPT-2's BPE, stopping at <|endoftext|>), not the prompt alone."""
     dst = str(tmp_path / "tiny.pt")
     subprocess.run([sys.executable, "hf.py", "convert", TINY, dst], check=True, capture_output=True)
-    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={dst}", "--prompt=Hello", "--n=2",
-                        "--max_new_tokens=8"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={dst}", "--prompt=Hello", "--n=2", "--max_new_tokens=8",
+                        "--seed=3"], capture_output=True, text=True, encoding="utf-8",
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Hello") == 2
+    tok = Tokenizer()
+    ids = torch.tensor([tok.encode("Hello")] * 2)
+    out, gen = generate(GPT.from_checkpoint(dst).eval(), ids, torch.ones_like(ids), 8, eos_id=tok.eot,
+                        generator=torch.Generator().manual_seed(3))
+    texts = ["Hello" + tok.decode(row[m.bool() & (row != tok.eot)].tolist()) for row, m in zip(out, gen)]
+    assert all(len(t) > len("Hello") for t in texts), texts  # the test can fail: text follows the prompt
+    assert r.stdout == "".join(t + "\n" + "-" * 40 + "\n" for t in texts), f"sample.py printed {r.stdout!r}, want {texts}"
     r = subprocess.run([sys.executable, "sample.py", "--ckpt=missing.pt"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: missing.pt: no such checkpoint"
