@@ -44,6 +44,28 @@ def test_onednn_paths_equal_float64():
         assert torch.allclose(copy.deepcopy(model)(ids), fast, atol=1e-5)
 
 
+@pytest.mark.skipif(not onednn.ONEDNN, reason="the oneDNN paths are for x86 CPUs")
+def test_onednn_linear_runs_on_every_path(monkeypatch):
+    """The same numbers are not enough (a Linear that fell back to nn.Linear has them): oneDNN's linear
+    runs with grad (_LinearFn: once forward, twice backward for dx and dW), without grad on the live
+    weight, and inside packed() on the packed copy."""
+    lin = torch.nn.Linear(8, 5)
+    assert onednn.enable(lin)
+    calls, real = [], onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda x, w, b=None: calls.append(w) or real(x, w, b))
+    x = torch.randn(3, 8, requires_grad=True)
+    y = lin(x)
+    assert len(calls) == 1 and calls[0] is lin.weight, f"with grad: {len(calls)} oneDNN calls, want 1 on the weight"
+    y.pow(2).sum().backward()
+    assert len(calls) == 3 and x.grad.abs().max() > 0, f"backward: {len(calls) - 1} oneDNN calls, want 2 (dx, dW)"
+    with torch.no_grad():
+        lin(x)
+        assert len(calls) == 4 and calls[3] is lin.weight, "without grad: oneDNN on the live weight"
+        with onednn.packed(lin):
+            lin(x)
+            assert len(calls) == 5 and calls[4] is lin._packed, "inside packed(): oneDNN on the packed weight"
+
+
 def plain_twin(model):
     """The same weights in a model of plain nn.Linear layers (a fresh GPT, never enabled)."""
     twin = GPT(model.config).eval()
