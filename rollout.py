@@ -233,7 +233,7 @@ def evaluate(policy, ref, rm, prompt_ids, prompts, tok, *, samples, batch, max_n
     for i in range(0, len(prompt_ids), batch):
         # both sides draw with the same seed: at iteration 0 they sample the same responses (win rate 0.5)
         pol, sft = (rollout(m, r, rm, None, prompt_ids[i:i + batch], tok.eot, max_new_tokens, temperature, ctx,
-                            torch.Generator(device=device).manual_seed(seed + i), s, static=static)
+                            torch.Generator(device=device).manual_seed(seed + i), sampler=s, static=static)
                     for m, r, s in ((policy, ref, samplers[0]), (ref, None, samplers[1])))
         cols = [pol["scores"], sft["scores"], *kl_per_response(pol), pol["mask"].sum(1)]
         if builtin:

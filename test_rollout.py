@@ -335,3 +335,8 @@ def test_evaluate_win_rate_counts_ties_half_and_kl_is_k1(monkeypatch):
                    [sum(valid) / 5, k3, sum(valid) / 5])], "k1 and k3 summed over valid tokens / their number")
     want = dict(score=11 / 5, sft_score=8 / 5, length=9 / 5, n=5)
     assert all(abs(res[k] - v) < 1e-6 for k, v in want.items()), f"evaluate: {res}, want {want} among them"
+    seen = []  # --rollout_dtype: each side samples with its copy (make_sampler), as training's rollouts
+    monkeypatch.setattr(R, "rollout", lambda m, r, *a, **k: seen.append((r is None, k.get("sampler"))) or stub(m, r, *a, **k))
+    evaluate(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, [[0]], ["p"], SimpleNamespace(eot=10), samples=1, batch=3,
+             max_new_tokens=3, temperature=1.0, seed=0, ctx=contextlib.nullcontext(), builtin=False, samplers=("pol", "sft"))
+    assert seen == [(False, "pol"), (True, "sft")], f"evaluate's rollouts got samplers {seen}: policy's, then ref's"

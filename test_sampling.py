@@ -74,3 +74,18 @@ def test_forward_first_and_generate_logprobs():
         model(tokens, attn, first=first)[:, 4 - first:].logsumexp(-1).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(g0, g4, atol=1e-6) for g0, g4 in zip(*grads))
+
+
+
+def test_decode_graphs_kept_are_the_last_used(monkeypatch):
+    """Each rollout shape (batch, cache width) has its DecodeGraph, and each holds a full KV cache: a
+    run whose prompt widths vary would keep one per width. gpt.decode_graph keeps the MAX_GRAPHS last
+    used (the buffers are made on the CPU here; only __call__ captures, on CUDA)."""
+    import gpt
+    monkeypatch.setattr(gpt, "MAX_GRAPHS", 3)
+    model = tiny()
+    made = {w: gpt.decode_graph(model, 2, w, torch.float32, torch.device("cpu")) for w in (64, 128, 192)}
+    assert gpt.decode_graph(model, 2, 64, torch.float32, torch.device("cpu")) is made[64], "a shape seen: its graph again"
+    gpt.decode_graph(model, 2, 256, torch.float32, torch.device("cpu"))  # a fourth: the least recently used (128) goes
+    kept = gpt._graphs[model][1]
+    assert [k[1] for k in kept] == [192, 64, 256], f"graphs kept for widths {[k[1] for k in kept]}, want the 3 last used"
