@@ -135,7 +135,7 @@ def parse_config(cls, argv):
                 raise UserError(f"--{key} needs a value: --{key}=VALUE (settings are --key=value, no space)")
             text = "True"
         overrides[key] = _parse_value(text, fields[key].type, key)
-        v = overrides[key]  # nan slips past every `x <= 0` check: only where a setting's comment offers it
+        v = overrides[key]  # nan slips past every `x <= 0` check: allowed only where cls.NONFINITE names the setting
         if isinstance(v, float) and not math.isfinite(v) and key not in getattr(cls, "NONFINITE", ()):
             raise UserError(f"--{key}={text}: expected a finite number")
     return cls(**overrides)
