@@ -98,15 +98,6 @@ def policy_logprobs(model, tokens, attn, temperature, start=0):
     return token_logprobs(logits, tokens[:, start + 1:]), logits[..., :V]
 
 
-def kl_per_response(b):
-    """KL(policy || reference) on the policy's own samples, summed over each response's tokens:
-    k1 = log p - log q (unbiased, but single samples go negative) and k3 = (r - 1) - log r, r = q / p
-    (never negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html). (B,), (B,).
-    Tokens where mask = 0 count for nothing, whatever their log-probs (d = 0 there gives k1 = k3 = 0)."""
-    d = torch.where(b["mask"].bool(), b["logprobs"] - b["ref_logprobs"], 0)
-    return d.sum(1), (torch.exp(-d) - 1 + d).sum(1)
-
-
 def masked_mean(x, mask):
     """sum(x * mask) / sum(mask) over every entry, mask 0/1. x, mask: same shape. Returns a scalar.
     Entries where mask = 0 are dropped, not multiplied by 0: inf * 0 = nan, and nothing there counts."""
@@ -299,6 +290,8 @@ def check_config(cfg):
     if cfg.rollout_batch % (cfg.samples_per_prompt * WORLD):
         raise UserError(f"--rollout_batch={cfg.rollout_batch}: not whole groups of --samples_per_prompt="
                         f"{cfg.samples_per_prompt} for each of the {WORLD} processes")
+    if math.isinf(cfg.truncated_score):  # nan is offered (the RM's own score); inf would make every advantage nan
+        raise UserError(f"--truncated_score={cfg.truncated_score}: a finite score, or nan (the reward model's)")
     if cfg.missing_eos_penalty and not math.isnan(cfg.truncated_score):
         raise UserError("--missing_eos_penalty applies to a cut response's own score: set --truncated_score=nan with it")
 

@@ -15,8 +15,7 @@ import onednn
 from ddp import RANK, WORLD, all_sum, rank0_first
 from gpt import generate
 from hf import load_checkpoint, model_from_checkpoint
-from ppo import (gae, grpo_advantages, kl_penalized_rewards, kl_per_response, masked_mean, policy_logprobs,
-                 rloo_advantages, whiten)
+from ppo import gae, grpo_advantages, kl_penalized_rewards, masked_mean, policy_logprobs, rloo_advantages, whiten
 from reward import load_reward_model
 from sft import sft_loss
 from util import UserError, append_jsonl, resolve_dtype
@@ -178,6 +177,15 @@ def demo_loss(policy, demos, n, pad_id, g):
     x, m = p["tokens"].to(device), p["loss_mask"].to(device)
     k = m[:, 1:].sum()  # the tokens sft_loss averages over
     return sft_loss(policy(x, padded=True), x, m) * (k * WORLD / all_sum(k.clone()))
+
+
+def kl_per_response(b):
+    """KL(policy || reference) on the policy's own samples, summed over each response's tokens:
+    k1 = log p - log q (unbiased, but single samples go negative) and k3 = (r - 1) - log r, r = q / p
+    (never negative, lower variance; Schulman 2020, http://joschu.net/blog/kl-approx.html). (B,), (B,).
+    Tokens where mask = 0 count for nothing, whatever their log-probs (d = 0 there gives k1 = k3 = 0)."""
+    d = torch.where(b["mask"].bool(), b["logprobs"] - b["ref_logprobs"], 0)
+    return d.sum(1), (torch.exp(-d) - 1 + d).sum(1)
 
 
 def kl_stats(b):

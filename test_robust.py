@@ -71,6 +71,7 @@ def test_settings_errors_list_valid_keys(tmp_path):
                                         (dict(kl_target=6.0), "adaptive_kl"), (dict(adaptive_kl=True), "kl_target"),
                                         (dict(rollout_batch=6, minibatch=4), "must divide"), (dict(kl_coef=-0.1), "kl_coef"),
                                         (dict(missing_eos_penalty=1.0), "--truncated_score=nan"),
+                                        (dict(truncated_score=float("inf")), "--truncated_score=inf: a finite score"),
                                         (dict(eval_samples=0), "eval_samples"), (dict(eval_prompts=0), "eval_prompts"),
                                         (dict(adaptive_kl=True, kl_target=1.0, kl_horizon=0), "kl_horizon"),
                                         (dict(vf_coef=-0.5), "--vf_coef=-0.5"), (dict(gamma=0.0), "--gamma=0.0"),
