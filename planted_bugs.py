@@ -102,6 +102,9 @@ BUGS = [
      "    m = m.reshape(-1).to(nll.dtype)\n    return (nll * m).sum() / m.sum()"),
     ("sft_loss: zeroes the caller's loss_mask[:, 0] in place", "sft.py",
      "    m = torch.roll(loss_mask, -1, dims=1)\n", "    loss_mask[:, 0] = 0\n    m = torch.roll(loss_mask, -1, dims=1)\n"),
+    ("sft_loss: log_softmax times a one-hot (0 * -inf = nan at model(x, padded=True)'s -inf columns)", "sft.py",
+     'F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none")',
+     "-(F.one_hot(targets, V).to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1).reshape(-1)"),
     # reward.py preference_loss
     ("preference_loss: difference reversed", "reward.py",
      "F.logsigmoid(r_chosen - r_rejected)", "F.logsigmoid(r_rejected - r_chosen)"),
@@ -113,6 +116,8 @@ BUGS = [
      "-F.logsigmoid(r_chosen - r_rejected).mean()", "-torch.sigmoid(r_chosen - r_rejected).log().mean()"),
     ("preference_loss: computed in float32", "reward.py",
      "-F.logsigmoid(r_chosen - r_rejected).mean()", "-F.logsigmoid((r_chosen - r_rejected).float()).mean()"),
+    ("preference_loss: an eps inside the log, log(sigmoid(d) + 1e-8)", "reward.py",
+     "-F.logsigmoid(r_chosen - r_rejected).mean()", "-torch.log(torch.sigmoid(r_chosen - r_rejected) + 1e-8).mean()"),
     # ppo.py token_logprobs
     ("token_logprobs: log of softmax (underflows)", "ppo.py", "F.log_softmax(logits, -1), -1,",
      "torch.softmax(logits, -1).log(), -1,"),
@@ -126,6 +131,14 @@ BUGS = [
      "    return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)",
      "    mx = logits.max()\n    return torch.gather(logits - mx - (logits - mx).exp().sum(-1, keepdim=True).log(), -1, "
      "tokens.unsqueeze(-1)).squeeze(-1)"),
+    ("token_logprobs: log_softmax times a one-hot (0 * -inf = nan at the padded head's -inf columns)", "ppo.py",
+     "    return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)",
+     "    return (F.one_hot(tokens, logits.size(-1)).to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1)"),
+    ("token_logprobs: the logits times a one-hot, less their logsumexp (0 * -inf = nan at -inf columns)", "ppo.py",
+     "    return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)",
+     "    return (logits * F.one_hot(tokens, logits.size(-1)).to(logits.dtype)).sum(-1) - logits.logsumexp(-1)"),
+    ("token_logprobs: the log of a softmax clamped at 1e-12 (log 1e-12 = -27.6 where it is -1000)", "ppo.py",
+     "F.log_softmax(logits, -1), -1,", "torch.softmax(logits, -1).clamp_min(1e-12).log(), -1,"),
     # ppo.py kl_penalized_rewards
     ("kl_penalized_rewards: KL sign flipped", "ppo.py",
      "-kl_coef * (logprobs - ref_logprobs), 0)", "kl_coef * (logprobs - ref_logprobs), 0)"),
@@ -220,6 +233,8 @@ BUGS = [
     ("ppo_policy_loss: zeroes the caller's old log-probs on padding, in place", "ppo.py",
      "    logprobs, old_logprobs = (torch.where(mask.bool(), x, 0.0) for x in (logprobs, old_logprobs))",
      "    old_logprobs.masked_fill_(~mask.bool(), 0.0)\n    logprobs = torch.where(mask.bool(), logprobs, 0.0)"),
+    ("ppo_policy_loss: the clip's lower bound eps, not 1 - eps", "ppo.py",
+     "torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)", "torch.clamp(ratio, clip_eps, 1 + clip_eps)"),
     # ppo.py value_loss
     ("value_loss: clipped around the returns, not the old values", "ppo.py",
      "old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)",
@@ -247,6 +262,9 @@ BUGS = [
     ("value_loss: mean over padding", "ppo.py",
      "masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)",
      "torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean()"),
+    ("value_loss: the max of the two means, not the mean of the max per entry", "ppo.py",
+     "0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)",
+     "0.5 * torch.max(masked_mean((values - returns) ** 2, mask), masked_mean((clipped - returns) ** 2, mask))"),
     # ppo.py entropy
     ("entropy: sign flipped", "ppo.py", "-(logp.exp() * logp).sum(-1)", "(logp.exp() * logp).sum(-1)"),
     ("entropy: mean over the vocabulary, not sum", "ppo.py", "-(logp.exp() * logp).sum(-1)",
@@ -322,6 +340,9 @@ BUGS = [
      "torch.sigmoid(r_rejected - r_chosen)"),
     ("preference_loss_grad: sigmoid by hand (overflows)", "grads.py", "torch.sigmoid(r_rejected - r_chosen)",
      "torch.exp(r_rejected - r_chosen) / (1 + torch.exp(r_rejected - r_chosen))"),
+    ("preference_loss_grad: 1 - sigmoid(r_c - r_r), equal on paper, cancels to 0 at a large margin", "grads.py",
+     "torch.sigmoid(r_rejected - r_chosen) / r_chosen.numel()",
+     "(1 - torch.sigmoid(r_chosen - r_rejected)) / r_chosen.numel()"),
     # grads.py ppo_policy_loss_grad
     ("ppo_policy_loss_grad: clip ignored for negative advantages", "grads.py",
      "clipped = ((advantages > 0) & (rho > 1 + clip_eps)) | ((advantages < 0) & (rho < 1 - clip_eps))",
@@ -353,6 +374,10 @@ BUGS = [
      "    r = returns.float().view(-1, k)  # (n_prompts, k)\n"),
     ("rloo: groups read down the columns (a prompt's responses are adjacent rows)", "ppo.py",
      "    r = returns.view(-1, k)  # (n_prompts, k)\n", "    r = returns.view(k, -1).t()  # (n_prompts, k)\n"),
+    ("rloo: view(k, -1), not view(-1, k) (the same only when n_prompts = k)", "ppo.py",
+     "    r = returns.view(-1, k)  # (n_prompts, k)\n", "    r = returns.view(k, -1)  # (n_prompts, k)\n"),
+    ("rloo: the others' sum divided by r.size(0) - 1 (n_prompts - 1), not k - 1", "ppo.py",
+     "- r) / (k - 1)).view(-1)", "- r) / (r.size(0) - 1)).view(-1)"),
     # ppo.py grpo_advantages
     ("grpo: the population std (divided by k), not torch.std's k - 1", "ppo.py",
      "(r.std(1, keepdim=True) + eps)", "(r.std(1, keepdim=True, correction=0) + eps)"),
@@ -365,6 +390,8 @@ BUGS = [
     ("grpo: normalises the caller's returns in place", "ppo.py",
      "    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)",
      "    r -= r.mean(1, keepdim=True)\n    r /= r.std(1, keepdim=True) + eps\n    return returns"),
+    ("grpo: view(k, -1), not view(-1, k) (the same only when n_prompts = k)", "ppo.py",
+     "r = returns.view(-1, k)  # (n_prompts, k): a prompt's", "r = returns.view(k, -1)  # (n_prompts, k): a prompt's"),
     # outside the exercises: the reference's own code, which the suite must guard too
     ("position ids ignore left padding", "gpt.py", "return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
      "return torch.arange(attention_mask.size(1), device=attention_mask.device).expand_as(attention_mask)"),

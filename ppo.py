@@ -79,7 +79,9 @@ class Config:
 def token_logprobs(logits, tokens):
     """log softmax(logits)[..., tokens]: the log-probability of each token under its logits.
     logits: (B, T, V), tokens: (B, T) -> (B, T), of logits' dtype and device, finite for large logits
-    (+-1000). No shift inside: the caller aligns them (logits[:, :-1] with tokens[:, 1:])."""
+    (+-1000) and with -inf columns: policy_logprobs passes gpt.GPT.head's padded=True logits, -inf past
+    the vocabulary, where no token is (a one-hot product would read 0 * -inf = nan in them). No shift
+    inside: the caller aligns them (logits[:, :-1] with tokens[:, 1:])."""
     return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 

@@ -55,7 +55,9 @@ class Config:
 
 def sft_loss(logits, tokens, loss_mask):
     """Response-only next-token cross-entropy.
-    logits: (B, T, V) = model(tokens); tokens: (B, T) long; loss_mask: (B, T), 1 on response tokens.
+    logits: (B, T, V) = model(tokens), or model(tokens, padded=True) as in training: columns past the
+    vocabulary at -inf, where no token is (a one-hot product would read 0 * -inf = nan in them; the loss
+    stays finite); tokens: (B, T) long; loss_mask: (B, T), 1 on response tokens.
     Position t-1 predicts token t, so the loss is the mean, over positions t >= 1 with
     loss_mask[:, t] = 1 (there is at least one), of -log softmax(logits[:, t-1])[tokens[:, t]]. Prompt and padding
     tokens contribute nothing, whatever the logits that predict them hold (nan * 0 would be nan). Returns a

@@ -25,21 +25,29 @@ def test_token_logprobs_matches_hand_computed():
 
 
 def test_token_logprobs_matches_naive_loop_float64():
+    """Columns 6 and 7 at -inf, no token's: the padded head's logits (gpt.GPT.head), which policy_logprobs passes."""
     g = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(3, 4, 6, dtype=torch.float64, generator=g)
     tokens = torch.randint(0, 6, (3, 4), generator=g)
-    lse = [[math.log(sum(math.exp(z) for z in logits[b, t].tolist())) for t in range(4)] for b in range(3)]
+    logits = torch.cat([logits, torch.full((3, 4, 2), -math.inf, dtype=torch.float64)], -1)  # (3, 4, 8)
+    lse = [[math.log(sum(math.exp(z) for z in logits[b, t].tolist())) for t in range(4)] for b in range(3)]  # exp(-inf) = 0
     want = logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.tensor(lse, dtype=torch.float64)
-    assert_close("token_logprobs on float64 logits", token_logprobs(logits, tokens), want, 1e-12,
+    got = call("token_logprobs", token_logprobs, logits, tokens)
+    assert torch.isfinite(got).all(), f"token_logprobs with logits -inf at columns 6, 7 (the padded head's, no token's): " \
+        f"{got.tolist()}: a one-hot times the log-probs (or the logits) reads 0 * -inf = nan there: gather the token's entry"
+    assert_close("token_logprobs on float64 logits, -inf at columns 6, 7", got, want, 1e-12,
                  hint="log p(token) = logit of the token - log sum exp(logits), over the vocabulary")
 
 
 def test_token_logprobs_stable_for_large_logits():
     logits = torch.tensor([[[1000.0, 0.0, -1000.0]], [[-1000.0, 1000.0, 0.0]], [[-1000.0, -1000.0, -1001.0]]])  # (3, 1, 3)
     got = token_logprobs(logits, torch.tensor([[1], [1], [1]]))
+    clamped = [("the log of a clamped softmax (or of softmax + eps): p = exp(-1000) underflows to 0, and the log stops "
+                f"at log(eps) = {math.log(eps):.1f}; log_softmax is exact (logits minus their logsumexp)",
+                torch.softmax(logits, -1).clamp_min(eps).log()[..., 1]) for eps in (1e-6, 1e-8, 1e-10, 1e-12, 1e-20, 1e-30)]
     assert_close("token_logprobs at logits +-1000", got, torch.tensor([[-1000.0], [0.0], [-math.log(2 + math.exp(-1))]]),
-                 1e-3, hint="each row's own max subtracted (log_softmax over the last dim): one max over the whole "
-                            "batch underflows a row whose logits all sit far below it")
+                 1e-3, clamped, hint="each row's own max subtracted (log_softmax over the last dim): one max over the whole "
+                                     "batch underflows a row whose logits all sit far below it")
 
 
 def naive_kl_rewards(scores, logprobs, ref, mask, coef, last=lambda valid: valid[-1], add=True, everywhere=False):
@@ -224,10 +232,12 @@ def test_whiten_near_constant_and_constant_inputs_float64():
 
 def naive_group_advantages(returns, k, grpo=False, groups="rows", loo_divisor=None, ddof=1, eps_inside=False):
     """RLOO's or GRPO's advantage of each response by a loop over its group: adjacent rows (the
-    convention), every n-th row ("columns") or the whole batch ("batch")."""
+    convention), every n-th row ("columns"), n adjacent rows ("chunks of n": view(k, -1), n = B / k) or the
+    whole batch ("batch")."""
     R, n, out = returns.tolist(), returns.numel() // k, []
     for i in range(len(R)):
-        group = [R[j] for j in range(len(R)) if {"rows": j // k == i // k, "columns": j % n == i % n, "batch": True}[groups]]
+        group = [R[j] for j in range(len(R)) if {"rows": j // k == i // k, "columns": j % n == i % n,
+                                                 "chunks of n": j // n == i // n, "batch": True}[groups]]
         mean = sum(group) / len(group)
         if grpo:
             var = sum((x - mean) ** 2 for x in group) / (len(group) - ddof)
@@ -277,3 +287,36 @@ def test_grpo_advantages_reads_eps():
     want = ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 0.5)).view(-1)
     assert_close("grpo_advantages with eps=0.5", call("grpo_advantages", grpo_advantages, GROUP_RETURNS, 3, eps=0.5), want, 1e-12,
                  [("eps fixed at 1e-4: the eps argument is ignored", naive_group_advantages(GROUP_RETURNS, 3, grpo=True))])
+
+
+# n_prompts != k, where view(k, -1) groups otherwise than view(-1, k) and r.size(0) - 1 is not k - 1:
+# 2 prompts x k = 4, then 3 prompts x k = 2 (the last group all equal)
+UNEVEN = [(torch.tensor([1.0, 2.0, 6.0, 4.0, 0.5, -3.0, 2.5, 4.0], dtype=torch.float64), 4),
+          (torch.tensor([1.0, 3.0, -2.0, 0.5, 4.0, 4.0], dtype=torch.float64), 2)]
+VIEW_K = "view(k, -1): a (k, n_prompts) tensor whose rows are not the groups; a prompt's k responses are adjacent " \
+         "rows, so view(-1, k) (n_prompts, k)"
+
+
+def test_rloo_advantages_n_prompts_other_than_k():
+    for R, k in UNEVEN:
+        n, want = R.numel() // k, naive_group_advantages(R, k)
+        by_view_k = naive_group_advantages(R, k, groups="chunks of n", loo_divisor=k - 1)
+        assert (by_view_k - want).abs().max() > 0.1, "test data: view(k, -1) must group these returns otherwise"
+        assert_close(f"rloo_advantages, {n} prompts x k = {k} (float64)", call("rloo_advantages", rloo_advantages, R, k),
+                     want, 1e-12, [(VIEW_K, by_view_k),
+                                   ("groups read down the columns (view(k, -1).t()): view(-1, k)",
+                                    naive_group_advantages(R, k, groups="columns")),
+                                   ("the others' sum divided by r.size(0) - 1 (n_prompts - 1 after view(-1, k)), not k - 1",
+                                    naive_group_advantages(R, k, loo_divisor=n - 1))],
+                     "A_i = R_i - (sum of the group's returns - R_i) / (k - 1), groups of k adjacent rows")
+
+
+def test_grpo_advantages_n_prompts_other_than_k():
+    for R, k in UNEVEN:
+        n, want = R.numel() // k, naive_group_advantages(R, k, grpo=True)
+        by_view_k = naive_group_advantages(R, k, grpo=True, groups="chunks of n")
+        assert (by_view_k - want).abs().max() > 0.1, "test data: view(k, -1) must group these returns otherwise"
+        assert_close(f"grpo_advantages, {n} prompts x k = {k} (float64)", call("grpo_advantages", grpo_advantages, R, k),
+                     want, 1e-12, [(VIEW_K, by_view_k), ("groups read down the columns (view(k, -1).t()): view(-1, k)",
+                                                         naive_group_advantages(R, k, grpo=True, groups="columns"))],
+                     "A_i = (R_i - mean of its group) / (std of its group + eps), groups of k adjacent rows")

@@ -303,6 +303,12 @@ def test_preference_loss_grad_stable_for_large_differences():
     want_c = torch.tensor([0.0, -0.5], dtype=torch.float64)  # ranked right: no push; wrong: the full -1/N
     assert_close("grads.preference_loss_grad d/d r_chosen at differences +-1000", got_c, want_c)
     assert_close("grads.preference_loss_grad d/d r_rejected at differences +-1000", got_r, -want_c)
+    for dtype, d in ((torch.float32, 17.0), (torch.float64, 40.0)):  # ranked right by far: a tiny push, yet not 0
+        got = torch.stack(grads.preference_loss_grad(torch.tensor([d], dtype=dtype), torch.zeros(1, dtype=dtype)))
+        want = torch.tensor([[-1.0], [1.0]], dtype=dtype) / (1 + math.exp(d))  # -+sigmoid(-d) / N, N = 1
+        assert_close(f"grads.preference_loss_grad (d/d r_chosen, d/d r_rejected) at a difference of {d:g} ({dtype}), to "
+                     f"1e-6 relative", got, want, 1e-6 * want[1].item(), [("1 - sigmoid(r_c - r_r): equal on paper, but "
+                     "1 - sigmoid(d) cancels to 0 once sigmoid(d) rounds to 1: use sigmoid(-d)", torch.zeros(2, 1))])
 
 
 def test_ppo_policy_loss_grad_matches_finite_differences():

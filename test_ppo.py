@@ -12,9 +12,10 @@ from ppo import entropy, ppo_loss, ppo_policy_loss, value_loss
 from test_advantages import MASK
 
 
-# the four corners of the clip plus the inside: log ratio, advantage, clipped?  (eps = 0.2)
-CASES = [(math.log(1.1), 1.0, False), (math.log(1.5), 2.0, True), (math.log(0.5), -1.0, True),
-         (math.log(1.5), -1.0, False), (math.log(0.5), 3.0, False)]
+# the four corners of the clip plus the inside: log ratio, advantage, clipped?  (eps = 0.2); and a ratio
+# below eps, A < 0, where a clip to [eps, 1 + eps] or none below is not min instead of max (at 0.5 all three agree)
+CASES = [(math.log(1.1), 1.0, False), (math.log(1.5), 2.0, True), (math.log(0.1), -1.0, True),
+         (math.log(0.5), -1.0, True), (math.log(1.5), -1.0, False), (math.log(0.5), 3.0, False)]
 
 
 def policy_terms(log_r, a, pick=max, eps=0.2):
@@ -28,11 +29,13 @@ def test_ppo_policy_loss_matches_hand_computed_each_branch():
         lp, r = torch.tensor([[old + log_r]], dtype=torch.float64), math.exp(log_r)
         got = call("ppo_policy_loss", ppo_policy_loss, lp, torch.full((1, 1), old, dtype=torch.float64),
                    torch.tensor([[a]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), 0.2)
-        mistakes = [("min instead of max (or the clipped term alone): the loss is the larger, pessimistic term",
+        mistakes = [("the clip's lower bound at eps, not 1 - eps: clip(rho, 1 - eps, 1 + eps)",
+                     max(-a * r, -a * min(max(r, 0.2), 1.2))),
+                    ("the clip on one side only: clip(rho, 1 - eps, 1 + eps)", max(-a * r, -a * min(r, 1.2))),
+                    ("min instead of max (or the clipped term alone): the loss is the larger, pessimistic term",
                      policy_terms(log_r, a, min)),
                     ("ratio inverted: rho = exp(logprobs - old_logprobs)", policy_terms(-log_r, a)),
                     ("old_logprobs left out: rho = exp(logprobs - old_logprobs)", policy_terms(old + log_r, a)),
-                    ("the clip on one side only: clip(rho, 1 - eps, 1 + eps)", max(-a * r, -a * min(r, 1.2))),
                     ("the log-ratio clipped to +-eps: it is rho that is clipped, to [1 - eps, 1 + eps]",
                      max(-a * r, -a * math.exp(min(max(log_r, -0.2), 0.2))))]
         assert_close(f"ppo_policy_loss at ratio {r:.2f}, advantage {a:+} ({'clipped' if clipped else 'unclipped'})",
@@ -137,7 +140,8 @@ def test_value_loss_matches_hand_computed_around_old_values():
                 ("V clipped to [-eps, eps]: the clip is around V_old",
                  naive_value_loss(*args, clip=lambda v, o, r, e: min(max(v, -e), e))),
                 ("no clip, or V clipped around the returns (the same: max((V - R)^2, clip(V - R)^2) = (V - R)^2): the "
-                 "clip is around V_old", naive_value_loss(*args, clip=lambda v, o, r, e: r + min(max(v - r, -e), e))),
+                 "clip is around V_old; or the max of the two masked means, here the unclipped one's: the max is per "
+                 "entry, then one mean", naive_value_loss(*args, clip=lambda v, o, r, e: r + min(max(v - r, -e), e))),
                 ("V clipped to V_old * [1 - eps, 1 + eps]: the value clip is additive, V_old +- eps",
                  naive_value_loss(*args, clip=lambda v, o, r, e: o * min(max(v / o, 1 - e), 1 + e) if o else 0.0)),
                 ("min instead of max: the loss takes the larger (pessimistic) term", naive_value_loss(*args, pick=min)),
@@ -167,6 +171,21 @@ def test_value_loss_matches_hand_computed_both_regimes():
         got = value_loss(torch.tensor([v]), old, ret, torch.ones(1, 3), 0.2)
         assert_close(f"value_loss at V = {v}, V_old = 1, R = {ret[0].tolist()}", got, torch.tensor(0.5 * sum(terms) / 3),
                      1e-6, hint="clip V around V_old, take the max")
+
+
+def test_value_loss_max_per_entry_then_one_mean():
+    """V = 1, V_old = 0, eps = 0.2 (clip(V) = 0.2), two batches of returns: in each, one entry's larger term is
+    the unclipped one and the other's the clipped one; the larger mean is the clipped term's in the first and
+    the unclipped term's in the second, so the max of the two means is neither no clip nor the clipped term alone."""
+    v, old, m = torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2)
+    rets = torch.tensor([[[0.0, 2.0]], [[-1.0, 1.3]]], dtype=torch.float64)  # (2 batches, 1, 2)
+    got = torch.stack([call("value_loss", value_loss, v, old, ret, m, 0.2) for ret in rets])
+    mean = lambda x: 0.5 * x.mean((1, 2))  # (2,): 0.5 * the mean of each batch
+    plain, clipped = (v - rets) ** 2, (0.2 - rets) ** 2  # (2, 1, 2)
+    assert_close("value_loss at V = 1, V_old = 0, R = [0, 2], then R = [-1, 1.3]", got, mean(torch.max(plain, clipped)),
+                 1e-12, [("the max of the two masked means: max((V - R)^2, (V_clipped - R)^2) per entry, then one mean",
+                          torch.max(mean(plain), mean(clipped))), ("no clip: V clipped around V_old", mean(plain)),
+                         ("the clipped term alone: max((V - R)^2, (V_clipped - R)^2)", mean(clipped))])
 
 
 def test_value_loss_reads_clip_eps():

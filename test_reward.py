@@ -12,13 +12,21 @@ from reward import (RewardModel, batch_loss, centring_prompts, encode_groups, gr
 from checks import assert_close, call
 
 
+def log_eps_mistakes(d, eps=(1e-6, 1e-7, 1e-8, 1e-10, 1e-12)):
+    """-log(sigmoid(d) + eps) for the usual eps: off by ~eps / sigmoid(d), and capped at -log(eps) far below 0."""
+    return [(f"an eps in the log (sigmoid(d) + eps, or sigmoid clamped at eps = {e:g}): logsigmoid is exact and needs "
+             f"none; -log sigmoid(d) reaches -d where the eps stops it at -log(eps)", -torch.log(torch.sigmoid(d) + e).mean())
+            for e in eps]
+
+
 def test_preference_loss_matches_hand_computed():
     rc, rr = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.5, 1.0])
     nll = [math.log(1 + math.exp(-d)) for d in (2.0, -0.5, -2.0)]  # -log sigmoid(d) = log(1 + exp(-d))
     mistakes = [("the difference reversed: it is r_chosen - r_rejected",
                  sum(math.log(1 + math.exp(d)) for d in (2, -0.5, -2)) / 3),
                 ("a sum over pairs, not the mean", sum(nll)), ("the minus sign missing: -log sigmoid", -sum(nll) / 3),
-                ("log sigmoid of the mean difference: the mean is over the pairs' losses", math.log(1 + math.exp(1 / 6)))]
+                ("log sigmoid of the mean difference: the mean is over the pairs' losses", math.log(1 + math.exp(1 / 6))),
+                *log_eps_mistakes(rc - rr, (1e-6,))]  # a smaller eps is within the tolerance here
     assert_close("preference_loss", call("preference_loss", preference_loss, rc, rr), torch.tensor(sum(nll) / 3), 1e-6, mistakes,
                  "the mean over pairs of -log sigmoid(r_chosen - r_rejected)")
 
@@ -27,7 +35,7 @@ def test_preference_loss_float64():
     rc, rr = torch.tensor([0.3, -1.2, 2.5], dtype=torch.float64), torch.tensor([0.1, 0.4, -0.5], dtype=torch.float64)
     want = sum(math.log(1 + math.exp(-d)) for d in (0.2, -1.6, 3.0)) / 3
     assert_close("preference_loss on float64 rewards", preference_loss(rc, rr), torch.tensor(want, dtype=torch.float64),
-                 1e-12, hint="computed in the rewards' dtype")
+                 1e-12, log_eps_mistakes(rc - rr), hint="computed in the rewards' dtype")
 
 
 def test_preference_loss_direction():
@@ -41,6 +49,7 @@ def test_preference_loss_direction():
 def test_preference_loss_stable_for_large_differences():
     got = preference_loss(torch.tensor([0.0, 0.0]), torch.tensor([1000.0, -1000.0]))
     assert_close("preference_loss at differences +-1000", got, torch.tensor(500.0), 1e-3,
+                 log_eps_mistakes(torch.tensor([-1000.0, 1000.0])),
                  hint="-log sigmoid(-1000) = 1000: logsigmoid computes it without sigmoid's underflow to 0")
 
 

@@ -47,7 +47,9 @@ def test_sft_loss_matches_hand_computed():
 
 
 def test_sft_loss_matches_naive_loop():
+    """Columns 7 and 8 at -inf, no token's: the logits sft.py trains on, model(x, padded=True) (gpt.GPT.head)."""
     logits, tokens, mask = example()
+    logits = torch.cat([logits, torch.full((2, 5, 2), -math.inf, dtype=torch.float64)], -1)  # (2, 5, 9)
     want = naive_sft_loss(logits, tokens, mask)
     per_row = sum(naive_sft_loss(logits[b:b + 1], tokens[b:b + 1], mask[b:b + 1]) for b in range(2)) / 2
     assert abs(want - per_row) > 1e-3  # the example tells a mean of row means from the token mean
@@ -60,7 +62,10 @@ def test_sft_loss_matches_naive_loop():
                 ("averaged over prompt and padding tokens too", naive_sft_loss(logits, tokens, torch.ones_like(mask))),
                 ("token 1 dropped: after torch.roll the wrapped column is the last (m[:, -1] = 0), m[:, 0] weighs token 1",
                  naive_sft_loss(logits, tokens, no_token_1))]
-    assert_close("sft_loss on float64 logits", sft_loss(logits, tokens, mask), torch.tensor(want, dtype=torch.float64),
+    got = call("sft_loss", sft_loss, logits, tokens, mask)
+    assert torch.isfinite(got), f"sft_loss with logits -inf at columns 7, 8 (model(x, padded=True)'s, no token's): {got}: " \
+        "a one-hot times the log-probs reads 0 * -inf = nan there: F.cross_entropy, or gather each target's entry"
+    assert_close("sft_loss on float64 logits, -inf at columns 7, 8", got, torch.tensor(want, dtype=torch.float64),
                  1e-12, mistakes, "the mean over t >= 1 with loss_mask[:, t] = 1 of "
                  "-log softmax(logits[:, t-1])[tokens[:, t]]")
 
