@@ -21,7 +21,7 @@ def bench_hf(cfg, bc, batches, device, ctx, results):
         print("transformers not installed: no comparison")
         return
     hcfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-                                   n_positions=cfg.block_size)
+                                   n_positions=cfg.block_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # as ours
     hf = transformers.GPT2LMHeadModel(hcfg).to(device)
     x = torch.randint(0, cfg.vocab_size, (bc.sft_batch, bc.sft_len), device=device)
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)

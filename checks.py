@@ -17,8 +17,8 @@ def call(what, fn, *args, **kwargs):
     given = [(names[i], a) for i, a in enumerate(args)] + list(kwargs.items())
     before = [(name, a, a.clone()) for name, a in given if isinstance(a, torch.Tensor)]
     out = fn(*args, **kwargs)
-    for name, a, old in before:
-        if not ((a == old) | ((a != a) & (old != old))).all():  # nan == nan here
+    for name, a, old in before:  # the shape first: an unsqueeze_ or resize_ would broadcast in the comparison
+        if a.shape != old.shape or not ((a == old) | ((a != a) & (old != old))).all():  # nan == nan here
             raise AssertionError(f"{what}: changed its input `{name}` in place, which the caller reads again: compute "
                                  "new tensors (torch.where, x - y), never x[...] = ..., x -= ... or a _ method on an input")
     return out

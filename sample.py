@@ -35,7 +35,7 @@ def main(argv):
                         ("top_k", opts["top_k"] >= 0, ">= 0"), ("top_p", 0 < opts["top_p"] <= 1, "in (0, 1]")):
         if not ok:
             raise UserError(f"--{k}={opts[k]}: must be {rule}")
-    ck = load_checkpoint(opts["ckpt"]) if opts["ckpt"].endswith(".pt") else None
+    ck = load_checkpoint(opts["ckpt"], ("pretrained", "sft", "ppo")) if opts["ckpt"].endswith(".pt") else None  # an LM
     model = model_from_checkpoint(ck, opts["ckpt"]) if ck else load_hf(opts["ckpt"])
     tok = Tokenizer(ck.get("vocab") if ck else None, opts["ckpt"])
     ids, T = tok.encode(opts["prompt"]) or [tok.eot], model.config.block_size  # no prompt: GPT-2's unconditional start

@@ -207,6 +207,7 @@ def test_sample_cli_fits_the_model_context(ckpts):
                    "--max_new_tokens=24: must be in 1..23")
     for bad, rule in (("--top_p=0", "in (0, 1]"), ("--temperature=-1", ">= 0"), ("--n=0", ">= 1")):
         one_line_error(run("sample.py", f"--ckpt={ckpts}/sft.pt", bad), f"{bad}", rule)
+    one_line_error(run("sample.py", f"--ckpt={ckpts}/reward.pt"), "'reward' checkpoint")  # a scalar head: no text
 
 
 def test_ppo_resume_refuses_what_it_cannot_continue(tmp_path, ckpts):

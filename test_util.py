@@ -124,3 +124,14 @@ def test_resumed_optimizer_takes_this_runs_lr_and_the_saved_moments():
         "the saved learning rate came back: load_state_dict restores the old param groups' settings"
     saved = next(iter(opt.state.values()))
     assert torch.equal(next(iter(resumed.state.values()))["exp_avg"], saved["exp_avg"]), "the moments were not resumed"
+
+
+def test_checks_call_fails_on_an_input_changed_in_place():
+    """checks.call, which every exercise's known-value test goes through: a value written, or a shape
+    changed in place (unsqueeze_, resize_: a comparison would broadcast them), fails naming the input;
+    nan left as nan does not."""
+    from checks import call
+    for f in (lambda mask: mask.mul_(0), lambda mask: mask.unsqueeze_(0), lambda mask: mask.resize_(1)):
+        with pytest.raises(AssertionError, match="changed its input `mask` in place"):
+            call("f", f, torch.ones(2, 3))
+    assert call("f", lambda x: x + 1, torch.tensor([math.nan, 1.0]))[1] == 2
