@@ -347,6 +347,10 @@ def test_ppo_policy_loss_grad_zero_where_masked_whatever_the_logprobs_hold():
     there and the valid entries' gradient is unchanged; exp before the mask gives inf * 0 = nan."""
     logprobs, old, adv, mask = policy_example()
     want = grads.ppo_policy_loss_grad(logprobs, old, adv, mask, CLIP)
+    assert (mask == 0).any() and (want[mask == 0] == 0).all(), \
+        "grads.ppo_policy_loss_grad is not 0 where mask = 0: padding gets a gradient (multiply by the mask)"
+    got32 = grads.ppo_policy_loss_grad(logprobs.float(), old.float(), adv.float(), mask.float(), CLIP)
+    assert got32.dtype == torch.float32, f"grads.ppo_policy_loss_grad on float32 inputs: {got32.dtype}, want float32"
     for new_lp, old_lp in ((-5.0, -120.0), (-math.inf, -math.inf), (math.nan, -5.0)):
         lp, o = logprobs.clone(), old.clone()
         lp[1, 2:], o[1, 2:] = new_lp, old_lp  # row 1's padding
