@@ -309,7 +309,8 @@ def train(cfg, log=None):
     torch.manual_seed(cfg.seed)
     policy, ref, rm, critic, tok = load_models(cfg, device)
     onednn.enable(*(m for m in (policy, ref, rm, critic) if m is not None))  # the CPU fast path: fp32 matmuls via oneDNN
-    sampler, ref_sampler = make_sampler(policy, cfg, device), make_sampler(ref, cfg, device)  # ref's: for evaluations
+    sampler = make_sampler(policy, cfg, device)
+    ref_sampler = make_sampler(ref, cfg, device) if RANK == 0 else None  # for evaluations, which rank 0 alone runs
     train_prompts, train_ids, eval_prompts, eval_ids, demos = load_prompts(cfg, tok)
     opts = [make_optimizer(m.parameters(), lr, 0.0) for m, lr in ((policy, cfg.lr), (critic, cfg.vf_lr)) if m is not None]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
