@@ -59,8 +59,8 @@ def ppo_policy_loss_grad(logprobs, old_logprobs, advantages, mask, clip_eps):
     (below 1-eps, inside, above 1+eps), which term of the max is the larger and what its derivative
     is (the clipped term is a constant once rho_t is past the clip); then the mask and the 1/M.
     At rho_t = 1 +- eps exactly the loss has a kink; either one-sided derivative is fine there.
-    Where m_t = 0 the gradient is 0, whatever the log-probs there hold (a -5 / -120 pair past a
-    response's end: exp(115) = inf, and inf * 0 = nan).
+    Where m_t = 0 the gradient is 0, whatever the log-probs and advantages there hold (a -5 / -120
+    pair past a response's end: exp(115) = inf, and inf * 0 = nan; so is a nan advantage times 0).
     Answer (stripped from the skeleton):
     d rho_t / d logprobs_t = rho_t. The max picks the clipped term, a constant, exactly when the
     ratio has moved past the clip in the direction the advantage rewards: A_t > 0 and
@@ -70,6 +70,7 @@ def ppo_policy_loss_grad(logprobs, old_logprobs, advantages, mask, clip_eps):
     (Past the clip on the other side, e.g. A_t > 0 and rho_t < 1 - eps, the loss is not clipped:
     the update may always undo a move that made things worse.)
     """
-    rho = torch.exp(torch.where(mask.bool(), logprobs - old_logprobs, 0))  # (B, T); 1 where masked
+    rho = torch.exp(logprobs - old_logprobs)  # (B, T)
     clipped = ((advantages > 0) & (rho > 1 + clip_eps)) | ((advantages < 0) & (rho < 1 - clip_eps))
-    return -advantages * rho * (~clipped).to(rho.dtype) * mask / mask.sum()
+    grad = -advantages * rho * (~clipped).to(rho.dtype)
+    return torch.where(mask.bool(), grad, 0) / mask.sum()  # a where, not * mask: inf or nan there

@@ -325,7 +325,7 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
                  "does not reward, the loss is not clipped", unclipped * ((rho - 1).abs() <= CLIP)),
                 ("the factor ratio is missing: d ratio / d logprobs = ratio", -adv * mask / mask.sum() * ~clipped),
                 ("divided by every entry, not by sum(mask)", want * mask.sum() / mask.numel()),
-                ("padding entries get a gradient: multiply by the mask", -adv * rho / mask.sum() * ~clipped),
+                ("padding entries get a gradient: 0 where mask = 0 (torch.where)", -adv * rho / mask.sum() * ~clipped),
                 ("sign flipped: the loss is -A * ratio (a loss, minimised)", -want)]
     labels = {(0, i): f"({name})" for i, name in enumerate(POLICY_POINTS)}
     mistakes.append(("the clip for A < 0 ignored: there the max picks the clipped term once rho < 1 - eps",
@@ -342,22 +342,22 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
                  [("the clip fixed at 0.2: it is 1 +- clip_eps", grad_at(0.2))], labels=labels)
 
 
-def test_ppo_policy_loss_grad_zero_where_masked_whatever_the_logprobs_hold():
-    """Past a response's end: a -5 / -120 pair (exp(115) = inf), -inf / -inf, nan. The gradient is 0
-    there and the valid entries' gradient is unchanged; exp before the mask gives inf * 0 = nan."""
+def test_ppo_policy_loss_grad_zero_where_masked_whatever_the_inputs_hold():
+    """Past a response's end: log-probs -5 / -120 (exp(115) = inf), -inf / -inf, nan; advantages nan or
+    inf. The gradient is 0 there and the valid entries' gradient is unchanged: inf or nan times 0 = nan."""
     logprobs, old, adv, mask = policy_example()
     want = grads.ppo_policy_loss_grad(logprobs, old, adv, mask, CLIP)
     assert (mask == 0).any() and (want[mask == 0] == 0).all(), \
-        "grads.ppo_policy_loss_grad is not 0 where mask = 0: padding gets a gradient (multiply by the mask)"
+        "grads.ppo_policy_loss_grad is not 0 where mask = 0: padding gets a gradient (set it to 0 where mask = 0)"
     got32 = grads.ppo_policy_loss_grad(logprobs.float(), old.float(), adv.float(), mask.float(), CLIP)
     assert got32.dtype == torch.float32, f"grads.ppo_policy_loss_grad on float32 inputs: {got32.dtype}, want float32"
-    for new_lp, old_lp in ((-5.0, -120.0), (-math.inf, -math.inf), (math.nan, -5.0)):
-        lp, o = logprobs.clone(), old.clone()
-        lp[1, 2:], o[1, 2:] = new_lp, old_lp  # row 1's padding
-        assert_close(f"grads.ppo_policy_loss_grad with log-probs {new_lp} (new) and {old_lp} (old) where masked",
-                     grads.ppo_policy_loss_grad(lp, o, adv, mask, CLIP), want,
-                     hint="rho = 1 where mask = 0 (torch.where before the exp): multiplying by the mask after it gives "
-                          "inf * 0 = nan")
+    for new_lp, old_lp, a in ((-5.0, -120.0, 1.0), (-math.inf, -math.inf, 1.0), (math.nan, -5.0, 1.0),
+                              (-1.0, -1.0, math.nan), (-1.0, -1.0, math.inf)):
+        lp, o, A = logprobs.clone(), old.clone(), adv.clone()
+        lp[1, 2:], o[1, 2:], A[1, 2:] = new_lp, old_lp, a  # row 1's padding
+        assert_close(f"grads.ppo_policy_loss_grad with log-probs {new_lp} (new) and {old_lp} (old) and advantage {a} "
+                     "where masked", grads.ppo_policy_loss_grad(lp, o, A, mask, CLIP), want,
+                     hint="inf or nan times the mask's 0 is nan: set the masked entries to 0 with torch.where")
 
 
 # -----------------------------------------------------------------------------

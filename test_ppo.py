@@ -89,18 +89,20 @@ def test_masked_mean_drops_nonfinite_masked_entries():
 
 def test_ppo_policy_loss_finite_with_extreme_logprobs_where_masked():
     """Past a response's end the log-probs are whatever a forward gives: a -120 / -5 pair there is a
-    log-ratio of +-115, exp(115) = inf. The loss and its gradient stay those of the valid entries."""
-    mask, adv, old = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, -0.5, 0.0]]), [-1.1, -1.9]
+    log-ratio of +-115, exp(115) = inf; an advantage there may be nan. The loss and its gradient stay
+    those of the valid entries."""
+    mask, old = torch.tensor([[1.0, 1.0, 0.0]]), [-1.1, -1.9]
     want = (-1.0 * math.exp(0.1) + 0.5 * math.exp(-0.1)) / 2  # both ratios inside the clip
     want_grad = [-1.0 * math.exp(0.1) / 2, 0.5 * math.exp(-0.1) / 2, 0.0]
-    for new_lp, old_lp in ((-5.0, -120.0), (-120.0, -5.0), (-math.inf, -math.inf), (math.nan, -5.0)):
-        logp = torch.tensor([[-1.0, -2.0, new_lp]], requires_grad=True)
+    for new_lp, old_lp, a in ((-5.0, -120.0, 0.0), (-120.0, -5.0, 0.0), (-math.inf, -math.inf, 0.0),
+                              (math.nan, -5.0, 0.0), (-3.0, -3.0, math.nan), (-3.0, -3.0, math.inf)):
+        logp, adv = torch.tensor([[-1.0, -2.0, new_lp]], requires_grad=True), torch.tensor([[1.0, -0.5, a]])
         loss = call("ppo_policy_loss", ppo_policy_loss, logp, torch.tensor([old + [old_lp]]), adv, mask, 0.2)
         loss.backward()
         assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all(), \
-            f"masked log-probs {new_lp} (new) and {old_lp} (old) gave loss {loss.item()}, gradient {logp.grad.tolist()}: " \
-            f"rho = exp(logprobs - old_logprobs) must be 1 where mask = 0 (torch.where before the exp); masking after it " \
-            f"gives inf * 0 = nan, and a nan gradient even where the mean drops the entry"
+            f"masked log-probs {new_lp} (new) and {old_lp} (old), advantage {a}, gave loss {loss.item()}, gradient " \
+            f"{logp.grad.tolist()}: rho = exp(logprobs - old_logprobs) must be 1 where mask = 0 (torch.where before the " \
+            f"exp); masking after it gives inf * 0 = nan, and a nan gradient even where the mean drops the entry"
         assert abs(loss.item() - want) < 1e-6 and torch.allclose(logp.grad, torch.tensor([want_grad]), atol=1e-6), \
             f"masked log-probs {new_lp}/{old_lp}: loss {loss.item()} (want {want}), gradient {logp.grad.tolist()} (want {want_grad})"
 
