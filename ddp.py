@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import sys
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -146,17 +147,44 @@ def ddp_main(main):
 @collective
 def all_gather_rows(b):
     """Every rank's rows of the dict of tensors b (all on this rank's device), concatenated in rank
-    order, on every rank. Tensors of the same key may differ in their second dimension between ranks
-    (rollouts of different lengths): they are right-padded with 0 (masks then say "invalid") to the longest first."""
+    order, on every rank. The contract, checked (a ValueError naming the key and shapes, raised alike
+    on every rank for what differs between ranks): each value is a 1-D (B,) or 2-D (B, T) tensor with
+    the same B as the others; every rank passes the same keys in the same order, each with the same
+    dtype and number of dimensions, and the same B. T may differ between ranks (rollouts of different
+    lengths): the 2-D tensors are right-padded with 0 (masks then say "invalid") to the longest first."""
+    if not b:
+        raise ValueError("all_gather_rows: an empty dict (no rows to gather)")
+    k0, v0 = next(iter(b.items()))
+    for k, v in b.items():  # checked with one process too, so a mistake shows before a run under torchrun
+        if not torch.is_tensor(v) or v.dim() not in (1, 2):
+            what = tuple(v.shape) if torch.is_tensor(v) else f"a {type(v).__name__}"
+            raise ValueError(f"all_gather_rows: b[{k!r}] is {what}: each value must be a (B,) or (B, T) tensor "
+                             f"(only dim 1 is padded between ranks)")
+        if v.size(0) != v0.size(0):
+            raise ValueError(f"all_gather_rows: b[{k!r}] is {tuple(v.shape)} but b[{k0!r}] {tuple(v0.shape)}: every "
+                             f"value must hold as many rows")
     if WORLD == 1:
         return b
-    keys = [k for k, v in b.items() if v.dim() > 1]
-    width = dict(zip(keys, all_max([b[k].size(1) for k in keys], next(iter(b.values())).device)))
+    # What the ranks must agree on, compared in one all_max of 4 ints (the ranks agree where max(x) = -max(-x)),
+    # so that every rank raises alike. Unchecked, a mismatch hangs (a key more on one rank),
+    # aborts the process (gloo: "Received data size doesn't match expected size") or gathers garbage
+    # (float32 against int32). A reduce of its own: the widths' all_max below has one int per (B, T) key.
+    layout = [(k, str(v.dtype), v.dim()) for k, v in b.items()]
+    sig = zlib.crc32(repr(layout).encode())  # the same on every rank for the same layout (unlike hash())
+    hi_rows, lo_rows, hi_sig, lo_sig = all_max([v0.size(0), -v0.size(0), sig, -sig], v0.device)
+    if hi_sig != -lo_sig:
+        raise ValueError(f"all_gather_rows: the ranks' dicts differ in their keys, order, dtypes or dims; rank {RANK} "
+                         f"holds {layout} (the other ranks' tracebacks show theirs)")
+    if hi_rows != -lo_rows:
+        raise ValueError(f"all_gather_rows: the ranks hold {-lo_rows} to {hi_rows} rows (rank {RANK}: b[{k0!r}] is "
+                         f"{tuple(v0.shape)}); each must hold as many")
+    keys = [k for k, v in b.items() if v.dim() == 2]
+    width = dict(zip(keys, all_max([b[k].size(1) for k in keys], v0.device)))
     out = {}
     for k, v in b.items():
         dtype = v.dtype
         v = v.int() if dtype == torch.bool else v  # gloo gathers no bools
-        if v.dim() > 1:
+        if v.dim() == 2:
             v = F.pad(v, (0, width[k] - v.size(1)))
         parts = [torch.empty_like(v) for _ in range(WORLD)]
         dist.all_gather(parts, on_device(v.contiguous()))

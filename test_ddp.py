@@ -2,11 +2,13 @@
 make the same updates as one process on the whole batch: the same logged losses step by step and
 the same final weights. The single-process run is the independent reference. Every run checks that
 each tensor handed to a collective is on the rank's device (MINRLHF_CHECK_DEVICES: ddp.collective).
-`python test_ddp.py OUT` (alone or under torchrun) is the PPO-update worker of test_ddp_ppo_update_*."""
+`python test_ddp.py WORKER OUT` (alone or under torchrun) runs one of WORKERS, below: the PPO update of
+test_ddp_ppo_update_*, all_gather_rows' own test."""
 import contextlib
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,10 +23,10 @@ RM = ["--kind=rankings", "--batch_size=4", "--warmup_iters=2", "--max_iters=4", 
       "--log_interval=1", "--norm_samples=4", "--device=cpu"]  # rankings: the two ranks get different pair counts
 
 
-def run(script, *args, nproc=1):
+def run(script, *args, nproc=1, timeout=300):
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     return subprocess.run([sys.executable, *launch, script, *args], cwd=HERE, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=timeout)
 
 
 def losses(path):
@@ -141,7 +143,7 @@ def ppo_update_worker(out):
 def test_ddp_ppo_update_matches_single_process(tmp_path):
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     for out, nproc in ((one, 1), (two, 2)):
-        r = run("test_ddp.py", out, nproc=nproc)
+        r = run("test_ddp.py", "ppo_update", out, nproc=nproc)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     assert (a["advantages"] - b["advantages"]).abs().max() < 1e-6  # whitening and score norm saw the whole batch
@@ -187,6 +189,62 @@ def test_ddp_ppo_runs_and_logs_once(sft_runs, rm_runs, tmp_path):
     assert torch.load(tmp_path / "ppo.pt", weights_only=True)["iter"] == 2 and (tmp_path / "ppo_eval.json").exists()
 
 
+def gather_worker(out):
+    """all_gather_rows on dicts that differ between the ranks (rows, keys, key order, dtype: each rank's
+    dict is valid on its own), then on a valid pair; each rank writes what it raised and gathered."""
+    from ddp import RANK, all_gather_rows, ddp_init
+    ddp_init("cpu")
+    x, y = torch.ones(2, 3), torch.ones(2)
+    cases = dict(rows=dict(x=torch.ones(2 + RANK, 3)), keys=dict(x=x, **({"y": torch.ones(2, 4)} if RANK else {})),
+                 order=dict(x=x, y=y) if RANK else dict(y=y, x=x),
+                 dtype=dict(x=torch.ones(2, 3, dtype=torch.int32 if RANK else torch.float32)))  # same size, both 4 bytes
+    errors = {}
+    for name, b in cases.items():
+        try:
+            all_gather_rows(b)
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    got = all_gather_rows(dict(x=torch.full((2, 1 + RANK), RANK + 1.0), m=torch.tensor([True, RANK == 1])))
+    with open(f"{out}.{RANK}", "w") as f:
+        json.dump(dict(errors=errors, x=got["x"].tolist(), m=got["m"].tolist()), f)
+
+
+def test_all_gather_rows_raises_alike_on_every_rank_where_the_ranks_differ(tmp_path):
+    """Unchecked, 2 rows against 3 aborted both processes in gloo ("Received data size doesn't match
+    expected size"), a key more on one rank hung, an int32 against a float32 gathered
+    garbage. Every rank must raise (a rank that does not waits in the next collective for ever)."""
+    r = run("test_ddp.py", "gather", str(tmp_path / "out"), nproc=2, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.load(open(tmp_path / f"out.{rank}"))
+        assert re.fullmatch(rf"all_gather_rows: the ranks hold 2 to 3 rows \(rank {rank}: b\['x'\] is \({2 + rank}, 3\)\)"
+                            r"; each must hold as many", got["errors"]["rows"]), got["errors"]["rows"]
+        for case in ("keys", "order", "dtype"):
+            assert got["errors"][case].startswith(f"all_gather_rows: the ranks' dicts differ in their keys, order, dtypes "
+                                                  f"or dims; rank {rank} holds [('"), (case, got["errors"][case])
+        assert got["x"] == [[1, 0], [1, 0], [2, 2], [2, 2]] and got["m"] == [True, False, True, True]
+
+
+def test_all_gather_rows_refuses_a_bad_dict_before_any_collective(monkeypatch):
+    """On one rank's own: 1-D or 2-D tensors only (a 3-D tensor's dim 1 was padded as its last; a
+    tensor of other rows was gathered out of step with the rest), checked with one process too."""
+    import ddp
+    for world in (1, 2):
+        monkeypatch.setattr(ddp, "WORLD", world)
+        monkeypatch.setattr(ddp, "all_max", lambda *a: pytest.fail("a collective before the local checks"))
+        x = torch.ones(2, 3)
+        for b, message in ((dict(x=x, v=torch.ones(2, 3, 4)), r"b\['v'\] is \(2, 3, 4\): each value must be a \(B,\) or \(B, T\)"),
+                           (dict(s=torch.tensor(1.0)), r"b\['s'\] is \(\): each value must be"),
+                           (dict(x=x, n=None), r"b\['n'\] is a NoneType: each value must be"),
+                           (dict(x=x, y=torch.ones(3)), r"b\['y'\] is \(3,\) but b\['x'\] \(2, 3\): every value must hold as many rows"),
+                           ({}, "an empty dict")):
+            with pytest.raises(ValueError, match="all_gather_rows: " + message):
+                ddp.all_gather_rows(b)
+
+
+WORKERS = dict(ppo_update=ppo_update_worker, gather=gather_worker)
+
 if __name__ == "__main__":
     from ddp import ddp_main
-    ddp_main(lambda argv: ppo_update_worker(argv[0]))(sys.argv[1:])  # ddp_main leaves the process group cleanly
+    ddp_main(lambda argv: WORKERS[argv[0]](argv[1]))(sys.argv[1:])  # ddp_main leaves the process group cleanly
