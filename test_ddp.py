@@ -3,7 +3,7 @@ make the same updates as one process on the whole batch: the same logged losses 
 the same final weights. The single-process run is the independent reference. Every run checks that
 each tensor handed to a collective is on the rank's device (MINRLHF_CHECK_DEVICES: ddp.collective).
 `python test_ddp.py WORKER OUT` (alone or under torchrun) runs one of WORKERS, below: the PPO update of
-test_ddp_ppo_update_*, all_gather_rows' own test."""
+test_ddp_ppo_update_*, all_gather_rows' and rank0_first's own tests."""
 import contextlib
 import functools
 import json
@@ -243,7 +243,31 @@ def test_all_gather_rows_refuses_a_bad_dict_before_any_collective(monkeypatch):
                 ddp.all_gather_rows(b)
 
 
-WORKERS = dict(ppo_update=ppo_update_worker, gather=gather_worker)
+def rank0_first_worker(out):
+    """rank0_first(f) with f logging its start and end to the file out; rank 0's f takes 0.5 s, so a
+    rank that did not wait for it would start meanwhile."""
+    import time
+    from ddp import RANK, ddp_init, rank0_first
+
+    def f(path):
+        with open(path, "a") as log:  # appends of one short line each: no rank's line splits another's
+            log.write(f"start {RANK}\n")
+            log.flush()
+            time.sleep(0.5 if RANK == 0 else 0.0)
+            log.write(f"end {RANK}\n")
+        return RANK
+    ddp_init("cpu")
+    assert rank0_first(f, out) == RANK
+
+
+def test_rank0_first_runs_rank_0_before_the_others_start(tmp_path):
+    log = tmp_path / "log"
+    r = run("test_ddp.py", "rank0_first", str(log), nproc=2, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert log.read_text().split("\n") == ["start 0", "end 0", "start 1", "end 1", ""], log.read_text()
+
+
+WORKERS = dict(ppo_update=ppo_update_worker, gather=gather_worker, rank0_first=rank0_first_worker)
 
 if __name__ == "__main__":
     from ddp import ddp_main
