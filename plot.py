@@ -19,21 +19,30 @@ from util import UserError, main_guard
 
 
 def read_metrics(run_dir):
-    """The train and eval lines of run_dir/ppo_metrics.jsonl, as two lists of dicts."""
+    """The train and eval lines of run_dir/ppo_metrics.jsonl, as two lists of dicts, each with its "iter".
+    Checked here, before matplotlib is imported, so that a file with nothing to draw is one line naming it
+    (it drew empty axes and exited 0) with or without matplotlib."""
     path = os.path.join(run_dir, "ppo_metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file (a run directory of ppo.py holds one)")
     rows = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    raise UserError(f"{path}:{n}: not a JSON line") from None
-    rows = {(r.get("kind"), r.get("iter")): r for r in rows if isinstance(r, dict)}  # a resumed run's repeats: the last wins
-    rows = sorted(rows.values(), key=lambda r: r.get("iter") if isinstance(r.get("iter"), (int, float)) else -1)
-    return [r for r in rows if r.get("kind") == "train"], [r for r in rows if r.get("kind") == "eval"]
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                raise UserError(f"{path}:{n}: not a JSON line") from None
+            if isinstance(r, dict) and r.get("kind") in ("train", "eval"):
+                if not isinstance(r.get("iter"), (int, float)) or isinstance(r["iter"], bool):
+                    raise UserError(f'{path}:{n}: no number "iter" in this {r["kind"]} line (ppo.py writes one on every line)')
+                rows.append(r)
+    if not rows:
+        raise UserError(f"{path}: no train or eval lines to plot (ppo.py writes one per iteration, the first after its first evaluation)")
+    rows = {(r["kind"], r["iter"]): r for r in rows}  # a resumed run's repeats: the last wins
+    rows = sorted(rows.values(), key=lambda r: r["iter"])
+    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
 
 
 def label(run_dir):

@@ -136,6 +136,26 @@ def test_plot_draws_runs_or_says_what_it_needs(tmp_path):
     assert [r["iter"] for r in train] == list(range(8)) and [r["score"] for r in train] == [0.0] * 3 + [1.0] * 5
 
 
+def test_plot_refuses_a_metrics_file_with_nothing_to_draw(tmp_path):
+    """An empty metrics file (a run before its first evaluation) drew empty axes and exited 0, a line
+    without "iter" failed with a KeyError's traceback: each is one line naming the file, found before
+    matplotlib is needed (so this runs without it)."""
+    import plot
+    from util import UserError
+    path = tmp_path / "ppo_metrics.jsonl"
+    path.write_text("")
+    r = run("plot.py", str(tmp_path), ok=False)
+    assert r.returncode == 2 and r.stderr == f"error: {path}: no train or eval lines to plot (ppo.py writes one per " \
+                                             f"iteration, the first after its first evaluation)\n", r.stderr
+    train = json.dumps(dict(kind="train", iter=0, score=0.5)) + "\n"
+    for text, message in (("\n\n", ": no train or eval lines to plot"), ('{"kind": "sft", "iter": 0}\n', ": no train or eval"),
+                          (train + '{"kind": "eval", "score": 1}\n', ':2: no number "iter" in this eval line'),
+                          ('{"kind": "train", "iter": "3"}\n' + train, ':1: no number "iter" in this train line')):
+        path.write_text(text)
+        with pytest.raises(UserError, match=re.escape(f"{path}{message}")):
+            plot.read_metrics(str(tmp_path))
+
+
 def test_bench_runs_every_workload_and_profiles(tmp_path):
     """bench.py end to end on a tiny model: every row, the real-data SFT row, and --profile's table and
     its split of the step's time by kind."""
