@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 EXERCISES = [  # (file, function, exercises to solve first, what it takes, pytest -k), in solving order
     ("gpt.py", "KVCache.update", (), "writing into a preallocated tensor by slice", "test_kvcache_"),
@@ -164,10 +165,32 @@ def check_table(exercises=EXERCISES):
                 raise ExerciseError(f"EXERCISES: {name} needs {need}, which is not an exercise listed before it")
 
 
+def write_skeleton(repo, dst, texts, exercises=EXERCISES):
+    """The repo's files (but NOT_IN_SKELETON) written under dst, those in `texts` (the stubbed files) with
+    that text, README.md as skeleton_readme makes it; then EXERCISES.md."""
+    for rel in repo_files(repo):
+        if rel in NOT_IN_SKELETON:
+            continue
+        path = os.path.join(dst, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if rel == "README.md":
+            texts[rel] = skeleton_readme(open(os.path.join(repo, rel), newline="").read(), exercises)
+        if rel in texts:
+            with open(path, "w", newline="") as f:
+                f.write(texts[rel])
+        else:
+            shutil.copy2(os.path.join(repo, rel), path)
+    with open(os.path.join(dst, "EXERCISES.md"), "w") as f:
+        f.write(exercises_md(exercises))
+
+
 def make_skeleton(repo, out_dir, exercises=EXERCISES):
-    """Copy the repo to out_dir (which must not exist or be empty), stub every exercise, write EXERCISES.md."""
+    """Copy the repo to out_dir (which must not exist or be empty), stub every exercise, write EXERCISES.md.
+    It is written in a directory beside out_dir and renamed into place at the end: a failure leaves nothing."""
     check_table(exercises)
-    repo, out_dir = os.path.abspath(repo), os.path.abspath(out_dir)
+    if not str(out_dir).strip():  # abspath("") is the current directory, maybe an empty one
+        raise ExerciseError("OUT_DIR is empty: name a new directory beside the repo (e.g. ../minrlhf-exercises)")
+    repo, out_dir = os.path.realpath(repo), os.path.realpath(out_dir)  # a link into the repo is inside it
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ExerciseError(f"{out_dir} exists and is not empty: remove it or pick another directory")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -182,24 +205,26 @@ def make_skeleton(repo, out_dir, exercises=EXERCISES):
                 raise ExerciseError(f"{file}: no such file: update EXERCISES in make_exercises.py")
             texts[file] = open(path, newline="").read()
         texts[file] = stub(texts[file], file, name)
-    try:  # after the stubs: a table that does not fit the code leaves nothing behind
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ExerciseError(f"{out_dir}: cannot create it ({e.strerror})") from None
-    for rel in repo_files(repo):
-        if rel in NOT_IN_SKELETON:
-            continue
-        dst = os.path.join(out_dir, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if rel == "README.md":
-            texts[rel] = skeleton_readme(open(os.path.join(repo, rel), newline="").read(), exercises)
-        if rel in texts:
-            with open(dst, "w", newline="") as f:
-                f.write(texts[rel])
-        else:
-            shutil.copy2(os.path.join(repo, rel), dst)
-    with open(os.path.join(out_dir, "EXERCISES.md"), "w") as f:
-        f.write(exercises_md(exercises))
+    parent, top, staging = os.path.dirname(out_dir), out_dir, None
+    while not os.path.exists(os.path.dirname(top)):  # the highest directory made here, removed on failure
+        top = os.path.dirname(top)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        # beside out_dir, so that the rename stays on one filesystem; the skeleton is a directory made
+        # inside it by os.mkdir, with the umask's mode (mkdtemp's own is 0o700)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".partial", dir=parent)
+        os.mkdir(os.path.join(staging, "skeleton"))
+        write_skeleton(repo, os.path.join(staging, "skeleton"), texts, exercises)
+        os.replace(os.path.join(staging, "skeleton"), out_dir)  # onto an empty directory too (POSIX)
+    except BaseException as e:
+        if top != out_dir:
+            shutil.rmtree(top, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ExerciseError(f"{out_dir}: cannot write the skeleton ({e.strerror or e}); nothing is left") from None
+        raise
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def commands(md):

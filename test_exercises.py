@@ -1,15 +1,11 @@
-"""The course skeleton (make_exercises.py) and the strength of the tests, by running pytest on copies:
-1. in the skeleton, every command of EXERCISES.md runs as written and fails only with
-   NotImplementedError (each `-k` line selects tests, none of which passes yet), `python ppo.py --help`
-   works, and no docstring holds the answer that the reference keeps after its ANSWER line;
-2. putting one reference function back (with the exercises it needs) makes its own tests pass (its
-   `-k` line), and no other exercise's;
-3. each planted bug of planted_bugs.BUGS, a typical student mistake patched into a copy of the
-   reference, makes its exercise's own `-k` line fail (bugs outside the exercises: the suite), with
-   a test that passes on the reference.
-The ~150 pytest runs are forks of one process that has imported torch, run side by side (a few minutes
-on 2 cores). `python test_exercises.py` prints the planted-bug table and the catch rates: by the
-suite, and by each exercise's own line."""
+"""The course skeleton (make_exercises.py) and the strength of the tests, by pytest runs on copies:
+1. in the skeleton every command of EXERCISES.md runs as written and fails only with NotImplementedError
+   (no `-k` line passes yet), `python ppo.py --help` works, no docstring holds its ANSWER lines;
+2. putting one reference function back (and those it needs) passes its own `-k` line and no other's;
+3. each planted bug of planted_bugs.BUGS, a typical student mistake patched into a copy of the reference,
+   fails its exercise's own `-k` line (outside the exercises: the suite) by a test passing on the reference.
+The ~150 runs are forks of one process that has imported torch, side by side (a few minutes on 2 cores).
+`python test_exercises.py` prints the planted-bug table and the catch rates: by the suite, by each line."""
 import ast
 import itertools
 import json
@@ -21,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
+from unittest import mock
 
 import pytest
 
@@ -93,7 +90,6 @@ RUNNER = r"""import json, os, signal, sys, traceback
 import pytest, torch  # loaded once (1.5 s); each job is a fork of this process that imports its copy's modules
 jobs, workers, running, codes = json.load(open(sys.argv[1])), int(sys.argv[2]), {}, {}
 
-
 def job(j):
     os.chdir(j["tree"])
     sys.path.insert(0, j["tree"])
@@ -101,7 +97,6 @@ def job(j):
     if "exec" in j:
         os.execvp(j["exec"][0], j["exec"])
     return pytest.main(j["args"])
-
 
 while jobs or running:
     while jobs and len(running) < workers:
@@ -130,12 +125,9 @@ def run_jobs(tmp, jobs):
     interpreter) -> (exit code, output). Run os.cpu_count() at a time."""
     specs = []
     for name, (tree, kind, args) in jobs.items():
-        spec = dict(tree=tree, log=os.path.join(tmp, f"job{next(JOB_IDS)}.log"), timeout=600)
-        if kind == "pytest":
-            spec["args"] = ["-q", "-p", "no:cacheprovider", "--tb=native", f"--junitxml={spec['log']}.xml", *args]
-        else:
-            spec["exec"] = args
-        specs.append(spec)
+        log = os.path.join(tmp, f"job{next(JOB_IDS)}.log")
+        specs.append(dict(tree=tree, log=log, timeout=600, **({"args": ["-q", "-p", "no:cacheprovider", "--tb=native",
+                          f"--junitxml={log}.xml", *args]} if kind == "pytest" else {"exec": args})))
     with open(os.path.join(tmp, "jobs.json"), "w") as f:
         json.dump(specs, f)
     workers = min(8, max(2, os.cpu_count() or 2))  # each fork holds ~200 MB of its own
@@ -171,9 +163,8 @@ def closure(name):
     out, todo = set(), [name]
     while todo:
         n = todo.pop()
-        if n not in out:
-            out.add(n)
-            todo += needs[n]
+        todo += [] if n in out else needs[n]
+        out.add(n)
     return out
 
 
@@ -256,9 +247,9 @@ def runs():
 # the checks
 
 
-def test_make_exercises_stubs_listed_bodies_and_keeps_every_other_byte(tmp_path):
-    skel = tmp_path / "skeleton"
-    mx.make_skeleton(ROOT, skel)
+def test_make_exercises_stubs_listed_bodies_and_keeps_every_other_byte_but_answers(tmp_path):
+    """Every byte but the exercises' bodies and docstrings' answers, and README lines on files the skeleton lacks."""
+    mx.make_skeleton(ROOT, skel := tmp_path / "skeleton")
     files = {file for file, *_ in mx.EXERCISES}
     for rel in mx.repo_files(ROOT):
         ref = open(os.path.join(ROOT, rel), "rb").read()
@@ -279,18 +270,11 @@ def test_make_exercises_stubs_listed_bodies_and_keeps_every_other_byte(tmp_path)
                     f"{file}:{name}: the skeleton's body is {body}, not the one raise: reference code leaks"
                 text = mx.restore(text, ref, file, name)
                 ref = mx.strip_answer(ref, file, name)
-        assert text == ref, f"{file}: the skeleton with every body put back differs from the reference " \
-                            f"(less the answers of its docstrings)"
+        assert text == ref, f"{file}: the skeleton, every body put back, differs from the reference less its answers"
     md = open(skel / "EXERCISES.md").read()
     for file, name, _, _, k in mx.EXERCISES:
         assert f"`{file}` `{name}`" in md and k_command(k) in mx.commands(md), f"EXERCISES.md lacks {name} or its -k line"
-
-
-def test_skeleton_keeps_no_answer_and_names_only_its_files(tmp_path):
-    """The _grad exercises' docstrings keep the loss and what to derive, not the derivation; the
-    README names no file that the skeleton lacks."""
-    skel = tmp_path / "skeleton"
-    mx.make_skeleton(ROOT, skel)
+    # the _grad exercises' docstrings keep the loss and what to derive, not the derivation
     for file, name, *_ in mx.EXERCISES:
         ref = open(os.path.join(ROOT, file)).read()
         _, doc = mx.function_node(ref, file, name)
@@ -300,33 +284,41 @@ def test_skeleton_keeps_no_answer_and_names_only_its_files(tmp_path):
         assert mx.ANSWER not in skel_doc and len(skel_doc.split()) > 20, f"{file}:{name}: docstring in the skeleton"
         for line in "".join(answer).splitlines():
             assert len(line.strip()) < 12 or line.strip() not in skel_doc, f"{file}:{name}: the answer leaks: {line}"
-    readme = open(skel / "README.md").read()
+    readme = open(skel / "README.md").read()  # it names no file that the skeleton lacks
     for f in sorted(set(re.findall(r"\.?\b[\w/.-]+\.(?:py|md)\b", readme))):  # .ci/x.py too
         assert (skel / f).exists(), f"the skeleton's README.md names {f}, which the skeleton lacks"
     assert "EXERCISES.md" in readme
 
 
-def test_make_exercises_stale_table_is_an_error(tmp_path):
-    bad = mx.EXERCISES + [("ppo.py", "no_such_function", (), "", "x")]
+def test_make_exercises_stale_table_or_bad_out_dir_is_an_error_that_leaves_nothing(tmp_path, monkeypatch):
+    """One line each, nothing left (not even a parent it made): a table that does not fit the code; OUT_DIR a file, not
+    empty, "" (not the current directory), in the repo through a link; a README naming what it lacks; a full disk."""
+    repo, cwd, full = tmp_path / "repo", tmp_path / "cwd", mock.Mock(side_effect=OSError(28, "No space left on device"))
+    (repo / "c").mkdir(parents=True), cwd.mkdir(), (tmp_path / "link").symlink_to(repo), (tmp_path / "f").touch()
+    (repo / "c" / "work.py").write_text("a student's work"), (repo / "A.py").write_text("x = 1\n")  # before README.md
+    (repo / "README.md").write_text("see planted_bugs.py\n")  # which the skeleton lacks
     with pytest.raises(mx.ExerciseError, match=r"ppo.py: no function 'no_such_function': update EXERCISES"):
-        mx.make_skeleton(ROOT, tmp_path / "a", bad)
-    assert not (tmp_path / "a").exists()  # a table that does not fit the code leaves no directory behind
+        mx.make_skeleton(ROOT, tmp_path / "new" / "a", mx.EXERCISES + [("ppo.py", "no_such_function", (), "", "x")])
     with pytest.raises(mx.ExerciseError, match=r"needs gae, which is not an exercise listed before it"):
-        mx.make_skeleton(ROOT, tmp_path / "b", [("ppo.py", "whiten", ("gae",), "", "x")])
-    (tmp_path / "f").write_text("")
-    with pytest.raises(mx.ExerciseError, match="is a file: the skeleton needs a new or empty directory"):
-        mx.make_skeleton(ROOT, tmp_path / "f")
-    text = f'def f():\n    """Spec.\n    {mx.ANSWER} f = 1"""\n    return 1\n'
+        mx.make_skeleton(ROOT, tmp_path / "new" / "b", [("ppo.py", "whiten", ("gae",), "", "x")])
     with pytest.raises(mx.ExerciseError, match="must be a line of its own"):
-        mx.stub(text, "x.py", "f")
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "work.py").write_text("a student's work")
-    r = subprocess.run([sys.executable, "make_exercises.py", str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "exists and is not empty" in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "make_exercises.py"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: usage: python make_exercises.py OUT_DIR"), r.stderr
+        mx.stub(f'def f():\n    """Spec.\n    {mx.ANSWER} f = 1"""\n    return 1\n', "x.py", "f")
+    for args, needle in (([tmp_path / "f"], "is a file: the skeleton needs a new or empty directory"),
+                         ([repo / "c"], "exists and is not empty"), ([""], "OUT_DIR is empty"),
+                         ([], "error: usage: python make_exercises.py OUT_DIR")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "make_exercises.py"), *map(str, args)], cwd=cwd,
+                           capture_output=True, text=True)  # from an empty directory, which "" once filled
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, (args, r.returncode, r.stderr)
     r = subprocess.run([sys.executable, "make_exercises.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "python make_exercises.py ../minrlhf-exercises" in r.stdout and not r.stderr, r
+    for out, match, copy2 in ((tmp_path / "link" / "ex", "is inside the repo", shutil.copy2),
+                              (tmp_path / "new" / "ex", "README.md names planted_bugs.py", shutil.copy2),
+                              (tmp_path / "new" / "ex", r"new.ex: cannot write the skeleton \(No space left on", full)):
+        monkeypatch.setattr(mx.shutil, "copy2", copy2)
+        with pytest.raises(mx.ExerciseError, match=match):
+            mx.make_skeleton(repo, out, [])
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["cwd", "f", "link", "repo", "repo/A.py", "repo/README.md", "repo/c", "repo/c/work.py"], left
 
 
 def test_skeleton_imports_and_ppo_help_works(runs):
