@@ -22,8 +22,9 @@ truth it only sees through noisy labels.
   higher gold on ~82% of pairs whose gold differs (builtin_task(0): 82.1% of pairs, 82.3% of the
   rankings' pairs), so the reward model must learn gold through label noise, as from humans. One slip
   moves gold by 2/n, so for n = 6 the labeler prefers the right answer only w.p. sigmoid(1) = 0.73.
-- The held-out split (task_combos) is fixed, not seeded: 48 of the 240 prompts, never in the training
-  data, on which every run of every seed is evaluated; every n and every a is still trained on.
+- The held-out split (task_combos) is fixed, not seeded: the 48 of the 240 prompts with (a + 2n) % 5 == 0,
+  never in the training data, on which every run of every seed is evaluated; every n and every a is
+  still trained on.
 
 Why this task, and not "list 3 fruits without pear:": every quality feature here is local. Whether
 an item is right depends on the one item before it (or on the prompt's a), a comparison a 4-layer
@@ -63,9 +64,10 @@ def task_prompt(n, a):
 
 
 def task_combos():
-    """All (n, a) -> (train, held out). Held out iff (a + 2n) % 5 == 0: exactly 20%, 8 starts for each
-    n, each start held out for at most 2 of the 6 n, so every n and every a is seen in training.
-    Fixed, not seeded: runs of any seed are evaluated on the same prompts."""
+    """All (n, a) -> (train, held out), two lists of (n, a), each in order of n, then a. Held out iff
+    (a + 2n) % 5 == 0: exactly 20%, 8 starts for each n, each start held out for at most 2 of the 6 n,
+    so every n and every a is seen in training. Fixed, not seeded: runs of any seed are evaluated on
+    the same prompts."""
     split = ([], [])
     for n in range(1, MAX_N + 1):
         for a in range(MAX_START + 1):
@@ -99,10 +101,13 @@ def gold_score(prompt, response):
 
 
 def demonstrate(prompt, rng):
-    """A careless human's demonstration, " a a+1 ...": n-2, n-1, n, n+1, n+2 items w.p. 0.2, 0.3, 0.3,
-    0.1, 0.1 ("" if that is <= 0, a blank answer); each item right (previous + 1, or a first)
-    w.p. 0.8, else a skip (right + 1), a repeat of the previous or a random other number, equally
-    likely (a first item's mistake is always a skip); it counts on from what it said. Mean gold ~0.38."""
+    """A careless human's demonstration of "count n from a:", " a a+1 ...": n-2, n-1, n, n+1, n+2 items
+    w.p. 0.2, 0.3, 0.3, 0.1, 0.1 ("" if that is <= 0, a blank answer). It counts on from what it said:
+    an item's right value is a for the first, the previous item + 1 for the others. Each item is right
+    w.p. 0.8; else, w.p. 0.2 / 3 each, a skip (right + 1), a repeat of the previous item, or a number
+    drawn uniformly from 0..MAX_START + MAX_N - 1 (0..44) but the right one, which may be right + 1 or
+    the previous item. A first item has no previous: its mistake (w.p. 0.2) is always a skip.
+    Mean gold ~0.38."""
     n, a = _parse_prompt(prompt)
     k = max(0, n + rng.choices((-2, -1, 0, 1, 2), (2, 3, 3, 1, 1))[0])
     items, right = [], a

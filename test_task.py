@@ -2,13 +2,16 @@
 independently (a formula, GPT-2's tokenizer), never by the function under test.
 Run: python -m pytest -q test_task.py"""
 import math
+import random
 import re
+from collections import Counter
 
 import pytest
 
 from data import Tokenizer, task_tokenizer
 from records import rankings_to_pairs
-from task import MAX_N, MAX_START, PREFERENCE_BETA, RESPONSE_WORDS, builtin_task, gold_score, task_combos
+from task import (MAX_N, MAX_START, PREFERENCE_BETA, RESPONSE_WORDS, builtin_task, demonstrate, gold_score,
+                  task_combos, task_prompt)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,55 @@ def test_task_combos_held_out_disjoint_and_covered():
     assert {n for n, _ in train} == set(range(1, MAX_N + 1))  # every n and every a still trained on
     assert {a for _, a in train} == set(range(MAX_START + 1))
     assert task_combos() == (train, held)  # fixed, not seeded
+
+
+def test_task_combos_held_out_where_a_plus_2n_is_a_multiple_of_5(task):
+    """(a + 2n) % 5 == 0, each list in order of n, then a: worked out by hand, the held-out starts of
+    n = 1..6 are 3, 1, 4, 2, 0, 3 (mod 5); (a + n) % 5 or (a + 3n) % 5 would give other starts."""
+    first = {1: 3, 2: 1, 3: 4, 4: 2, 5: 0, 6: 3}  # the smallest held-out a for each n
+    train, held = task_combos()
+    assert held == [(n, a) for n in range(1, 7) for a in range(first[n], 40, 5)], held[:10]
+    assert train == [(n, a) for n in range(1, 7) for a in range(40) if (n, a) not in held], train[:10]
+    assert task["eval_prompts"] == [f"count {n} from {a}:" for n, a in held]
+    assert {"count 1 from 3:", "count 5 from 0:", "count 6 from 38:"} <= set(task["eval_prompts"])
+    assert "count 3 from 7:" in task["train_prompts"]  # README's example: 7 + 6 = 13
+
+
+def test_demonstrate_length_mix():
+    """k = n + d items, d = -2, -1, 0, 1, 2 w.p. 0.2, 0.3, 0.3, 0.1, 0.1, and none when k <= 0 (n = 1 and 2):
+    the observed len - n over 30000 draws against its expectation from that table, within 0.01
+    (about 4 standard errors; swapping two of the weights moves one by 0.1)."""
+    rng, got, want = random.Random(1), Counter(), Counter()
+    for _ in range(30000):
+        n = rng.randint(1, MAX_N)
+        got[len(demonstrate(task_prompt(n, rng.randint(0, MAX_START)), rng).split()) - n] += 1
+        for d, p in zip((-2, -1, 0, 1, 2), (0.2, 0.3, 0.3, 0.1, 0.1)):
+            want[max(0, n + d) - n] += p
+    assert set(got) == {-2, -1, 0, 1, 2}
+    for d in want:
+        assert abs(got[d] - want[d]) / 30000 < 0.01, (d, got[d] / 30000, want[d] / 30000)
+
+
+def test_demonstrate_mistake_mix():
+    """Each item right w.p. 0.8; else a skip (right + 1), a repeat of the previous item or a uniform
+    draw from 0..44 but the right one, w.p. 0.2 / 3 each; counting on from what was said; a first
+    item's mistake always a skip. A uniform draw is seen as a skip or a repeat w.p. 1/44 each."""
+    rng, first, later, drawn = random.Random(2), Counter(), Counter(), set()
+    for _ in range(20000):
+        n, a = rng.randint(1, MAX_N), rng.randint(0, MAX_START)
+        items = [int(w) for w in demonstrate(task_prompt(n, a), rng).split()]
+        for i, said in enumerate(items):
+            right = items[i - 1] + 1 if i else a
+            kind = ("right" if said == right else "skip" if said == right + 1 else
+                    "repeat" if i and said == items[i - 1] else "other")
+            (later if i else first)[kind] += 1
+            drawn |= {said} if kind == "other" else set()
+    f, m = sum(first.values()), sum(later.values())
+    assert set(first) == {"right", "skip"} and abs(first["skip"] / f - 0.2) < 0.015, first
+    want = dict(right=0.8, skip=0.2 / 3 * 45 / 44, repeat=0.2 / 3 * 45 / 44, other=0.2 / 3 * 42 / 44)
+    for kind, p in want.items():  # tolerance about 5 standard errors of ~45000 items
+        assert abs(later[kind] / m - p) < 0.006, (kind, later[kind] / m, p)
+    assert min(drawn) == 0 and max(drawn) == MAX_START + MAX_N - 1, (min(drawn), max(drawn))
 
 
 def test_builtin_task_deterministic():
