@@ -1,6 +1,7 @@
 """Robustness as a user meets it: one-line errors with exit code 2, runs that survive SIGKILL and
 Ctrl-C, and resumed runs that match uninterrupted ones step for step."""
 import glob
+import inspect
 import json
 import os
 import re
@@ -8,13 +9,15 @@ import shutil
 import signal
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 
 import bench
 import ddp
-from gpt import TOKEN_ROWS
+import sample
+from gpt import TOKEN_ROWS, generate
 from hf import load_checkpoint
 from util import UserError, get_device, parse_config, resolve_dtype
 from ppo import Config as PPOConfig, check_config
@@ -210,6 +213,24 @@ def test_sample_cli_fits_the_model_context(ckpts):
     one_line_error(run("sample.py", f"--ckpt={ckpts}/reward.pt"), "'reward' checkpoint")  # a scalar head: no text
 
 
+def test_sample_cli_settings_reach_generate(ckpts, monkeypatch, capsys):
+    """--temperature, --top_k, --top_p and --seed reach gpt.generate as given (a spy, in process) and act:
+    temperature=0, top_k=1 or top_p=0.01 gives the greedy text whatever the seed; the defaults sample."""
+    monkeypatch.setattr(sample, "generate", spy := mock.Mock(wraps=generate))
+
+    def text(*flags):
+        sample.main([f"--ckpt={ckpts}/sft.pt", "--prompt=count 3 from 5:", "--n=4", *flags])
+        return capsys.readouterr().out
+    text("--temperature=0.7", "--top_k=5", "--top_p=0.9", "--seed=3")
+    call = inspect.signature(generate).bind(*spy.call_args.args, **spy.call_args.kwargs).arguments  # by name
+    got = [call[k] for k in ("temperature", "top_k", "top_p")] + [call["generator"].initial_seed()]
+    assert got == [0.7, 5, 0.9, 3], f"sample.py gave generate temperature, top_k, top_p and a seed of {got}"
+    greedy = text("--temperature=0")
+    assert len({text("--seed=1"), text("--seed=2"), greedy}) == 3, "seeds 1, 2 and greedy: not 3 texts"
+    for flag in ("--temperature=0", "--top_k=1", "--top_p=0.01"):
+        assert text(flag, "--seed=1") == text(flag, "--seed=2") == greedy, f"{flag}: not the greedy text"
+
+
 def test_ppo_resume_refuses_what_it_cannot_continue(tmp_path, ckpts):
     """A critic-free run resumed as a GAE run, a finished run resumed with fewer iterations: one line
     each. Resumed at its last iteration, a finished run does not evaluate that iteration again (one eval
@@ -286,12 +307,7 @@ def interrupt_when(args, pattern, sig):
 
 def losses(path, key="loss"):
     """iter -> loss, the last entry for each iteration (a resumed run appends)."""
-    out = {}
-    for line in open(path):
-        m = json.loads(line)
-        if m.get("kind", "train") == "train":
-            out[m["iter"]] = m[key]
-    return out
+    return {m["iter"]: m[key] for m in map(json.loads, open(path)) if m.get("kind", "train") == "train"}
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
@@ -309,8 +325,7 @@ def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, ckpts, stage):
     assert 3 < stopped_at < {"sft": 30, "reward": 30, "ppo": 8}[stage]
     r = run(*args, f"--out_dir={b}", "--resume")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
-    name = {"sft": "sft_metrics", "reward": "reward_metrics", "ppo": "ppo_metrics"}[stage]
-    la, lb = losses(f"{a}/{name}.jsonl"), losses(f"{b}/{name}.jsonl")
+    la, lb = losses(f"{a}/{stage}_metrics.jsonl"), losses(f"{b}/{stage}_metrics.jsonl")
     assert la.keys() == lb.keys() and max(lb) > stopped_at
     for it in la:
         assert abs(la[it] - lb[it]) <= 1e-6 * max(1.0, abs(la[it])), f"{stage} step {it}: {la[it]} vs resumed {lb[it]}"
