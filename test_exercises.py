@@ -163,8 +163,9 @@ def closure(name):
     out, todo = set(), [name]
     while todo:
         n = todo.pop()
-        todo += [] if n in out else needs[n]
-        out.add(n)
+        if n not in out:
+            out.add(n)
+            todo += needs[n]
     return out
 
 
@@ -294,9 +295,12 @@ def test_make_exercises_stale_table_or_bad_out_dir_is_an_error_that_leaves_nothi
     """One line each, nothing left (not even a parent it made): a table that does not fit the code; OUT_DIR a file, not
     empty, "" (not the current directory), in the repo through a link; a README naming what it lacks; a full disk."""
     repo, cwd, full = tmp_path / "repo", tmp_path / "cwd", mock.Mock(side_effect=OSError(28, "No space left on device"))
-    (repo / "c").mkdir(parents=True), cwd.mkdir(), (tmp_path / "link").symlink_to(repo), (tmp_path / "f").touch()
-    (repo / "c" / "work.py").write_text("a student's work"), (repo / "A.py").write_text("x = 1\n")  # before README.md
-    (repo / "README.md").write_text("see planted_bugs.py\n")  # which the skeleton lacks
+    for d in (repo / "c", cwd):
+        d.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(repo)
+    for path, text in ((tmp_path / "f", ""), (repo / "c" / "work.py", "a student's work"), (repo / "A.py", "x = 1\n"),
+                       (repo / "README.md", "see planted_bugs.py\n")):  # A.py copied before the README fails
+        path.write_text(text)
     with pytest.raises(mx.ExerciseError, match=r"ppo.py: no function 'no_such_function': update EXERCISES"):
         mx.make_skeleton(ROOT, tmp_path / "new" / "a", mx.EXERCISES + [("ppo.py", "no_such_function", (), "", "x")])
     with pytest.raises(mx.ExerciseError, match=r"needs gae, which is not an exercise listed before it"):
