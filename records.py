@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import zlib
 
 from util import UserError, fetch
 
@@ -36,7 +37,7 @@ def _lines(path):
     try:
         with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # a corrupt or truncated .gz
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
         raise UserError(f"{path}: cannot read ({e})") from None
     codec = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
     try:

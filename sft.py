@@ -112,16 +112,25 @@ def global_loss(step_loss):
     return all_sum(step_loss / WORLD).item()
 
 
+def step_indices(n, it, cfg):
+    """The example indices of step `it`'s grad_accum micro-batches, this rank's share of each: the step's
+    batch_size x grad_accum examples (data.batch_indices) cut in order, so --batch_size=8 --grad_accum=2
+    trains on the data of --batch_size=16 (micro-batches numbered as batches parted ways at an epoch's end)."""
+    step = data.batch_indices(n, it, cfg.batch_size * cfg.grad_accum, cfg.seed)
+    return [step[i:i + cfg.batch_size][RANK::WORLD] for i in range(0, len(step), cfg.batch_size)]
+
+
 @torch.no_grad()
 def evaluate(model, val, cfg, tok, ctx, device):
     model.eval()
     total, n = 0.0, 0  # a mean over tokens, as training's: a short last batch weighs by its tokens
     for idx in data.eval_indices(len(val), cfg.batch_size, cfg.eval_batches, cfg.seed + 1):
         b = data.pad_right([val[j] for j in idx], tok.eot)
-        with ctx:
-            logits = model(b["tokens"].to(device))
+        x = b["tokens"].to(device)
+        with ctx:  # the loss too, as in training: autocast's cross_entropy in fp32, not on bf16 logits (1/128 steps near 1)
+            loss = sft_loss(model(x), x, b["loss_mask"].to(device))
         k = int(b["loss_mask"][:, 1:].sum())
-        total += sft_loss(logits, b["tokens"].to(device), b["loss_mask"].to(device)).item() * k
+        total += loss.item() * k
         n += k
     model.train()
     return total / n
@@ -152,12 +161,16 @@ def main(argv):
     encode = lambda recs, name: data.encode_examples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs],
                                                     cfg.max_len, cfg.max_prompt_len, name)
     train, val = encode(train_rec, "sft train"), encode(val_rec, "sft val")
-    if len(train) < cfg.batch_size:  # batch_indices would hand out short batches, uneven across processes
-        raise UserError(f"--data={cfg.data}: {len(train)} training examples, fewer than --batch_size={cfg.batch_size}")
+    if len(train) < cfg.batch_size * cfg.grad_accum:  # batch_indices would hand out short batches, uneven across processes
+        raise UserError(f"--data={cfg.data}: {len(train)} training examples, fewer than the {cfg.batch_size * cfg.grad_accum} "
+                        f"of a step (--batch_size={cfg.batch_size} x --grad_accum={cfg.grad_accum})")
     last_path, best_path = os.path.join(cfg.out_dir, "sft_last.pt"), os.path.join(cfg.out_dir, "sft.pt")
     if cfg.resume:
         ck = load_checkpoint(last_path, "sft", hint="nothing to resume: run `python sft.py` without --resume")
         model = model_from_checkpoint(ck, last_path)
+        if ck.get("vocab") != tok.vocab:  # other data's token ids: an index error, or wrong tokens silently
+            raise UserError(f"{last_path} was trained on another vocabulary than --data={cfg.data}'s: resume it with "
+                            f"its own --data={ck.get('cfg', {}).get('data', '?')}")
     else:
         model = init_model(cfg, tok)
     if model.config.block_size < cfg.max_len:
@@ -203,8 +216,7 @@ def main(argv):
         for group in opt.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
         micros = []  # this rank's share of the step's grad_accum micro-batches
-        for micro in range(cfg.grad_accum):
-            idx = data.batch_indices(len(train), it * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)[RANK::WORLD]
+        for idx in step_indices(len(train), it, cfg):
             b = data.pad_right([train[j] for j in idx], tok.eot, bucket, cfg.max_len)
             micros.append((b["tokens"].to(device), b["loss_mask"].to(device)))
             tokens_seen += int(b["attn_mask"].sum())

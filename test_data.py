@@ -110,6 +110,11 @@ def test_read_jsonl_empty_or_missing_file_error(tmp_path):
         read_jsonl(str(tmp_path / "missing.jsonl"), "sft")
     with pytest.raises(UserError, match="not-gzip.jsonl.gz: cannot read"):
         read_jsonl(write_lines(tmp_path / "not-gzip.jsonl.gz", ['{"a": 1}']), "sft")
+    raw = bytearray(gzip.compress(b"".join(b'{"prompt": "p%d", "response": "r"}\n' % i for i in range(200))))
+    raw[20] ^= 0xFF  # inside the deflate stream: gzip raises zlib.error, neither OSError nor EOFError
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="corrupt.jsonl.gz: cannot read"):
+        read_jsonl(str(tmp_path / "corrupt.jsonl.gz"), "sft")
 
 
 # Two records as other tools write them: a comma, quotes, a line break, non-ASCII and a raw U+2028

@@ -174,8 +174,8 @@ def test_data_a_run_cannot_use_is_one_line(tmp_path, ckpts):
     sft.write_text("".join(json.dumps(dict(prompt=f"count 3 from {i}:", response=f" {i} {i + 1} {i + 2}")) + "\n" for i in range(10)))
     pairs.write_text("".join(json.dumps(dict(prompt=f"count 3 from {i}:", chosen=f" {i} {i + 1} {i + 2}", rejected=f" {i}")) + "\n"
                              for i in range(10)))
-    one_line_error(run("sft.py", f"--out_dir={tmp_path}", f"--data={sft}", *SFT, "--batch_size=16"),
-                   "9 training examples, fewer than --batch_size=16")
+    one_line_error(run("sft.py", f"--out_dir={tmp_path}", f"--data={sft}", *SFT, "--batch_size=4", "--grad_accum=3"),
+                   "9 training examples, fewer than the 12 of a step (--batch_size=4 x --grad_accum=3)")
     one_line_error(run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--data={pairs}", *RM,
                        "--batch_size=16"), "9 training pairs, fewer than --batch_size=16")
     one_line_error(run("ppo.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", f"--reward_ckpt={ckpts}/reward.pt",
@@ -340,6 +340,10 @@ def test_resume_past_a_smaller_max_iters_is_one_line(tmp_path, ckpts):
                    "sft_last.pt is at step 4: nothing to resume with --max_iters=2")
     one_line_error(run("reward.py", f"--out_dir={tmp_path}", f"--sft_ckpt={ckpts}/sft.pt", *RM, "--max_iters=2", "--resume"),
                    "reward_last.pt is at step 4: nothing to resume with --max_iters=2")
+    other = tmp_path / "other.jsonl"  # GPT-2's vocabulary, not the built-in task's: an IndexError deep in a forward
+    other.write_text("".join(json.dumps(dict(prompt=f"count 3 from {i}:", response=f" {i}")) + "\n" for i in range(40)))
+    one_line_error(run("sft.py", f"--out_dir={tmp_path}", *SFT, "--max_iters=5", f"--data={other}", "--resume"),
+                   "sft_last.pt was trained on another vocabulary than --data=", "--data=builtin")
     r = run("sft.py", f"--out_dir={tmp_path}", *SFT, "--max_iters=5", "--seed=3", "--resume")
     assert r.returncode == 0 and "at step 4; settings changed:" in r.stdout, r.stdout + r.stderr
     assert "--max_iters=5 (was 4)" in r.stdout and "--seed=3 (was 0)" in r.stdout and "--resume" not in r.stdout, r.stdout

@@ -5,7 +5,7 @@ import torch
 
 from checks import assert_close, call
 from data import batch_indices, eval_indices
-from sft import sft_loss
+from sft import Config, sft_loss, step_indices
 
 
 def naive_sft_loss(logits, tokens, loss_mask):
@@ -120,3 +120,33 @@ def test_eval_indices_see_each_example_once():
     assert eval_indices(100, 8, 3, 5) == [batch_indices(100, it, 8, 5) for it in range(3)]
     small = eval_indices(20, 8, 16, 5)
     assert [len(b) for b in small] == [8, 8, 4] and sorted(i for b in small for i in b) == list(range(20))
+
+
+def test_step_indices_cut_the_steps_batch_into_micro_batches():
+    """--batch_size=8 --grad_accum=2 trains on the data of --batch_size=16 at every step, across epoch ends:
+    40 examples are 5 batches of 8 an epoch, 2 of 16; micro-batches drawn as batches it * 2 + micro of 8
+    part ways with them at step 2."""
+    small, big = Config(batch_size=8, grad_accum=2), Config(batch_size=16, grad_accum=1)
+    for it in range(12):
+        micros, (whole,) = step_indices(40, it, small), step_indices(40, it, big)
+        assert [len(m) for m in micros] == [8, 8] and len(set(whole)) == 16, (micros, whole)
+        assert micros[0] + micros[1] == whole, f"step {it}: the micro-batches {micros} are not the step's batch {whole}"
+
+
+def test_evaluate_takes_the_loss_in_float32_under_bf16_autocast():
+    """sft.evaluate under bf16 autocast gives the fp32 evaluation's loss to ~1e-3 (the trunk in bf16),
+    not a bf16-rounded one: the cross entropy of bf16 logits outside autocast is in bf16, spaced 1/32
+    near 4 (a random model's loss), 1/128 near 1 (a trained one's), and picks the best checkpoint."""
+    import data
+    import sft
+    from gpt import GPT, GPTConfig
+    from util import autocast
+    torch.manual_seed(0)
+    tok = data.task_tokenizer()
+    recs = data.load_records("builtin", "sft")[1][:64]
+    val = data.encode_examples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs], 24, 12, "val")
+    model = GPT(GPTConfig(block_size=24, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64))
+    cfg = Config(batch_size=64, eval_batches=1, seed=0)
+    fp32, bf16 = (sft.evaluate(model, val, cfg, tok, autocast("cpu", d), "cpu") for d in ("float32", "bfloat16"))
+    assert abs(bf16 - fp32) < 2e-3, f"sft.evaluate: {bf16} under bf16 autocast, {fp32} in fp32: is the loss taken " \
+                                    f"outside autocast, on bf16 logits?"

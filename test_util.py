@@ -56,6 +56,9 @@ def test_save_checkpoint_failing_halfway_keeps_the_old_file(tmp_path, monkeypatc
                              f"place (a plain torch.save(obj, path)), not into a temp file renamed over it: {e}") from None
     assert ck["iter"] == 1 and all(torch.equal(v, ck["model"][k]) for k, v in old.state_dict().items()), \
         "the checkpoint holds something other than the old save: a failed save must change nothing"
+    os.mkdir(tmp_path / "a_folder.pt")  # os.replace's IsADirectoryError came after the whole write
+    with pytest.raises(UserError, match="a_folder.pt: a folder, not a file: cannot write there"):
+        save_checkpoint(str(tmp_path / "a_folder.pt"), new, "sft", iter=2)
 
 
 def test_lr_at_warmup_then_cosine_known_values():

@@ -166,6 +166,8 @@ def atomic_write(path, write):
     """Call write(f) on a temp file beside `path`, fsync it, then rename it over `path`: a reader
     (or a run killed at any moment, SIGKILL included) sees the old file or the new one, never half."""
     path = os.path.abspath(path)
+    if os.path.isdir(path):  # else os.replace's IsADirectoryError, after the whole write
+        raise UserError(f"{path}: a folder, not a file: cannot write there")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-" + os.path.basename(path))
