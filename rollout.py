@@ -32,9 +32,10 @@ def load_models(cfg, device):
     rm = rm.to(device).eval().requires_grad_(False)
     if rm_ck.get("vocab") != sft_ck.get("vocab"):
         raise UserError(f"{cfg.reward_ckpt} and {cfg.sft_ckpt} use different vocabularies")
-    if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
-        raise UserError(f"--max_prompt_len + --max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} "
-                        f"exceeds the model's block_size {policy.config.block_size}")
+    for model, path in ((policy, cfg.sft_ckpt), (rm, cfg.reward_ckpt)):  # the critic is a copy of the reward model
+        if cfg.max_prompt_len + cfg.max_new_tokens > model.config.block_size:
+            raise UserError(f"--max_prompt_len + --max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} "
+                            f"exceeds the block_size {model.config.block_size} of {path}")
     if not rm_ck.get("normalized") and RANK == 0:  # reward.py marks the checkpoint it finished and centred
         print(f"warning: {cfg.reward_ckpt} is from an unfinished reward.py run: its scores are not centred on the "
               "SFT policy's samples (a finished run's is its reward.pt; finish an interrupted one with --resume)")
@@ -149,7 +150,7 @@ def add_advantages(b, cfg, kl_coef, moments):
     scores = b["scores"]
     if cfg.score_norm:
         moments.update(scores)
-        scores = (scores - moments.mean) / moments.std
+        scores = (scores - moments.mean) / max(moments.std, 1e-8)  # a first batch of equal scores has std 0
     cut = ~b["ended"]  # (B,)
     if math.isnan(cfg.truncated_score):
         scores = scores - cfg.missing_eos_penalty * cut.float()

@@ -13,11 +13,12 @@ import torch
 import ppo
 from checks import assert_close
 from gpt import GPT, GPTConfig
+from hf import save_checkpoint
 from ppo import policy_logprobs
 from reward import RewardModel
 from test_gpt import CUDA
-from rollout import (AdaptiveKLController, RunningMoments, add_advantages, evaluate, explained_variance, kl_stats, make_sampler,
-                     rollout, seeded)
+from rollout import (AdaptiveKLController, RunningMoments, add_advantages, evaluate, explained_variance, kl_stats, load_models,
+                     make_sampler, rollout, seeded)
 from util import UserError, autocast, make_optimizer
 
 # two rows of different lengths: row 0 is left-padded and ends early, row 1 runs to the end
@@ -159,6 +160,24 @@ def test_add_advantages_truncated_score_known_values():
             b = add_advantages(scored_batch([scale * x for x in scores], ended), ppo.Config(**kw), 0.0, RunningMoments())
             got = b["rewards"].sum(1)  # each row's only nonzero reward, at its last token
             assert torch.allclose(got, torch.tensor(want), atol=1e-6), f"{kw}, scores x{scale}: {got.tolist()} != {want}"
+    b = add_advantages(scored_batch([0.3] * 4, [True] * 4), ppo.Config(score_norm=True), 0.1, RunningMoments())
+    assert (b["rewards"].sum(1) == 0).all() and b["advantages"].isfinite().all(), \
+        f"score_norm on a first batch of equal scores (std 0): rewards {b['rewards'].sum(1).tolist()}"
+
+
+def test_load_models_checks_the_context_of_policy_and_reward_model(tmp_path):
+    """--max_prompt_len + --max_new_tokens past the block_size of the policy or of the reward model (the
+    critic is its copy) is one line naming the checkpoint, before any rollout: the reward model's went
+    unchecked, a ValueError at its first forward, after an evaluation's work."""
+    for stage, block in (("sft", 16), ("reward", 12)):
+        gpt = GPT(GPTConfig(block_size=block, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
+        extra = dict(head=RewardModel(gpt).head.state_dict(), normalized=True) if stage == "reward" else {}
+        save_checkpoint(str(tmp_path / f"{stage}.pt"), gpt, stage, vocab=list(range(10)) + [50256], **extra)
+    paths = dict(sft_ckpt=str(tmp_path / "sft.pt"), reward_ckpt=str(tmp_path / "reward.pt"))
+    for P, N, culprit in ((8, 6, "reward.pt"), (10, 8, "sft.pt")):
+        with pytest.raises(UserError, match=f"= {P + N} exceeds the block_size .* of .*{culprit}"):
+            load_models(ppo.Config(max_prompt_len=P, max_new_tokens=N, **paths), "cpu")
+    assert load_models(ppo.Config(max_prompt_len=6, max_new_tokens=6, **paths), "cpu")[3] is not None  # fits both
 
 
 def test_ppo_update_stops_before_a_nonfinite_step():

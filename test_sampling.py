@@ -24,6 +24,14 @@ def test_sample_token_temperature_top_k_top_p():
         freq = torch.bincount(sample_token(logits, temperature, top_k, generator=g), minlength=4) / 4000
         assert torch.allclose(freq, want, atol=0.03), \
             f"temperature={temperature}, top_k={top_k}: frequencies {freq.tolist()}, want softmax(logits / T) {want.tolist()}"
+    # the order: temperature, then top_k, then top_p over what top_k kept, renormalised (as transformers' warpers)
+    tempered = p.sqrt() / p.sqrt().sum()  # T = 2: [0.379, 0.294, 0.207, 0.120]; 0.673 < 0.7 <= 0.880
+    freq = torch.bincount(sample_token(logits, 2.0, top_p=0.7, generator=g), minlength=4) / 4000
+    want = tempered * (torch.arange(4) < 3) / tempered[:3].sum()
+    assert torch.allclose(freq, want, atol=0.03), f"temperature=2, top_p=0.7: frequencies {freq.tolist()}, want " \
+        f"{want.tolist()} (the nucleus of softmax(logits / T); of the untempered p it would be the first 2 tokens)"
+    assert set(sample_token(logits, top_k=2, top_p=0.6, generator=g).tolist()) == {0}, \
+        "top_k=2, top_p=0.6: top_p cuts what top_k kept, renormalised (0.625 >= 0.6: the first token alone)"
     assert sample_token(logits[:1], temperature=0).item() == 0
     for top_p in (0.0, -1.0, 0.3):  # top_p below the top token's 0.5: that token alone, not every token dropped
         assert set(sample_token(logits, top_p=top_p, generator=g).tolist()) == {0}, f"top_p={top_p}"
