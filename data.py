@@ -92,7 +92,9 @@ def load_records(data, kind, seed=0):
     """(train, val) records of `kind` ("sft", "pairs", "rankings", or "prompts": list[str]) from `data`:
     "builtin" (builtin_task(seed); its prompts are train_prompts, eval_prompts), "hh-rlhf" (helpful-base
     train, downloaded once) or a data file (records.py) of any record kind or HH-RLHF's. Val is the last 5%
-    of the records (at least 1), split before converting: a ranking's pairs stay on one side."""
+    of the records (at least 1), split before converting: a ranking's pairs stay on one side. Outside the
+    built-in task (whose evaluation prompts are held out apart), training drops the records whose prompt
+    is a val record's: val's preferences and PPO's held-out prompts are never trained on."""
     if kind not in ("sft", "pairs", "rankings", "prompts"):
         raise UserError(f"unknown record kind {kind!r}; valid: sft, pairs, rankings, prompts")
     if data == "builtin":
@@ -114,7 +116,13 @@ def load_records(data, kind, seed=0):
     if have == "rankings" and kind == "pairs":  # the file's kind is known here: no second read to say so
         print(f"data: {data} holds rankings, read as pairs, each scored apart: --kind=rankings scores each "
               "response once and batches a ranking's pairs together (InstructGPT)")
-    return convert(records[:-n_val], have, kind, data), convert(records[-n_val:], have, kind, data)
+    train, val = records[:-n_val], records[-n_val:]
+    if data != "builtin":
+        held = {r["prompt"] for r in val}
+        train = [r for r in train if r["prompt"] not in held]
+        if len(train) < len(records) - n_val:
+            print(f"data: {data}: {len(records) - n_val - len(train)} training records share a prompt with val: left out")
+    return convert(train, have, kind, data), convert(val, have, kind, data)
 
 
 # -----------------------------------------------------------------------------

@@ -299,6 +299,19 @@ def test_load_records_rankings_file_as_pairs(tmp_path):
         load_records(sft_file, "rankings")
 
 
+def test_load_records_file_trains_on_no_val_prompt(tmp_path, capsys):
+    """A data file's records of one prompt stay on one side: 7 prompts x 3 pairs, the last record (p6's b > c)
+    is val, so p6's other two pairs leave training (a > b and a > c imply b > c), and PPO's held-out
+    prompt p6 is never a training prompt."""
+    pairs = [{"prompt": f"p{i}", "chosen": c, "rejected": r} for i in range(7) for c, r in ("ab", "ac", "bc")]
+    path = write_lines(tmp_path / "p.jsonl", map(json.dumps, pairs))
+    train, val = load_records(path, "pairs")
+    assert val == [pairs[-1]] and train == pairs[:18], f"val {val}, train's prompts {sorted({r['prompt'] for r in train})}"
+    assert "2 training records share a prompt with val: left out" in capsys.readouterr().out
+    train, val = load_records(path, "prompts")
+    assert val == ["p6"] and "p6" not in train, (train, val)
+
+
 @needs_hh
 def test_load_records_hh_format_file():
     train, val = load_records(HH_FILE, "pairs")
