@@ -53,16 +53,12 @@ def test_preference_loss_stable_for_large_differences():
                  hint="-log sigmoid(-1000) = 1000: logsigmoid computes it without sigmoid's underflow to 0")
 
 
-def test_group_batch_k_way_pairs_and_single_division():
+def test_group_batch_scores_each_response_once_and_lists_k_way_pairs():
     ex = lambda n: ([1, 2], [3] * n + [0])
     groups = [[ex(1), ex(2), ex(3), ex(4)], [ex(2), ex(1)]]  # K=4 then K=2
     b, ci, ri = group_batch(groups, [0, 1], pad_id=0)
     assert b["tokens"].shape == (6, 7)  # each response scored once
     assert list(zip(ci.tolist(), ri.tolist())) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3), (4, 5)]
-    r = torch.tensor([3.0, 1.0, 0.5, -2.0, 0.2, 0.1])
-    loss = preference_loss(r[ci], r[ri]).item()
-    want = sum(math.log(1 + math.exp(-(r[i] - r[j]).item())) for i, j in zip(ci.tolist(), ri.tolist())) / 7
-    assert abs(loss - want) < 1e-6, "the K-way loss is one mean over all K(K-1)/2 pairs (InstructGPT divides once)"
 
 
 def test_batch_loss_one_mean_over_all_k_way_pairs():
