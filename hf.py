@@ -228,10 +228,14 @@ def model_from_checkpoint(ck, path="checkpoint"):
 
 def load_hf(src):
     """A GPT from a Hugging Face GPT-2 checkpoint (see read_hf); every key of the file must be
-    used and every shape must match, or it is a one-line error naming the key."""
+    used and every shape must match (wte's rows: config.json's vocab_size exactly, unpadded), or it is a
+    one-line error naming the key."""
     path, cfg, sd = read_hf(src)
     model = GPT(GPTConfig(**cfg))
     own = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    want = (cfg["vocab_size"], cfg["n_embd"])  # as HF writes them: a padded (50304, C) wte fits ours and passes below
+    for k in (k for k in TOKEN_ROWS if k in sd and sd[k].shape != want):
+        raise UserError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, config.json implies {want}")
     sd = pad_vocab(sd, own, cfg["vocab_size"])
     for k in sorted(set(own) - set(sd)):
         raise UserError(f"{path}: key {k!r} missing (truncated or not a GPT-2 checkpoint?)")

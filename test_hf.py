@@ -13,7 +13,7 @@ import torch
 
 import hf
 from data import Tokenizer
-from gpt import GPT, generate
+from gpt import GPT, generate, pad_rows
 from hf import load_hf
 from test_gpt import tiny
 from util import UserError
@@ -50,6 +50,12 @@ def test_convert_cli_then_load_matches_hf_logits(tmp_path):
 def test_export_convert_round_trip_exact(tmp_path):
     model = load_hf(TINY)
     hf.export_hf(model, str(tmp_path))
+    # the files themselves, as HF's library wrote them (no transformers here to load the export): V rows, not 50304
+    ours, theirs = (hf.read_safetensors(os.path.join(d, "model.safetensors")) for d in (str(tmp_path), TINY))
+    assert ours.keys() == theirs.keys(), sorted(ours.keys() ^ theirs.keys())
+    for k, t in theirs.items():
+        assert (ours[k].dtype, ours[k].shape) == (t.dtype, t.shape) and torch.equal(ours[k], t), \
+            f"{k}: exported {ours[k].dtype} {tuple(ours[k].shape)}, HF's file {t.dtype} {tuple(t.shape)}"
     back = load_hf(str(tmp_path))
     for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
@@ -220,6 +226,10 @@ def test_load_hf_bad_files_name_the_key(tmp_path):
     sd = hf.read_safetensors(os.path.join(TINY, "model.safetensors"))
     hf.write_safetensors({k: v for k, v in sd.items() if "h.1.mlp.c_fc.bias" not in k}, str(d / "model.safetensors"))
     with pytest.raises(UserError, match=r"key 'transformer\.h\.1\.mlp\.c_fc\.bias' missing"):
+        load_hf(str(d))
+    padded = {**sd, "transformer.wte.weight": pad_rows(sd["transformer.wte.weight"], 50304)}  # our rows, not HF's
+    hf.write_safetensors(padded, str(d / "model.safetensors"))
+    with pytest.raises(UserError, match=r"'transformer\.wte\.weight' has shape \(50304, 64\), config.json implies \(50257, "):
         load_hf(str(d))
     sd["transformer.h.0.ln_1.weight"] = torch.ones(65)
     hf.write_safetensors(sd, str(d / "model.safetensors"))
