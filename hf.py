@@ -25,6 +25,9 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 # HF's GPT-2 uses Conv1D, whose weight is stored (in, out): the transpose of nn.Linear's (out, in)
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
+# config.json settings that change what the model computes, and the one value of each that gpt.py does
+GPT2_ONLY = dict(activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
+                 scale_attn_by_inverse_layer_idx=False)
 
 
 def read_safetensors(path):
@@ -108,11 +111,10 @@ def read_hf(src):
                    n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
         raise UserError(f"{cfg_path}: not a GPT-2 config.json ({type(e).__name__}: {str(e)[:100]})") from None
-    # anything else in it that changes what the model computes, gpt.py does not do
-    if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5 or \
-            not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
-        raise UserError(f"{cfg_path}: only GPT-2's gelu_new, layer_norm_epsilon=1e-5 and attention scaled by "
-                        "1/sqrt(head size) alone are supported")
+    for key, want in GPT2_ONLY.items():  # absent: HF's default, which is GPT-2's
+        if hf.get(key, want) != want:
+            raise UserError(f"{cfg_path}: {key}={json.dumps(hf[key])}; gpt.py computes only GPT-2's "
+                            f"{key}={json.dumps(want)}")
     if path.endswith(".safetensors"):
         sd = read_safetensors(path)
     else:

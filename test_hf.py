@@ -238,11 +238,42 @@ def test_load_hf_bad_files_name_the_key(tmp_path):
     with pytest.raises(UserError, match="no model.safetensors"):
         load_hf(str(tmp_path))
     good = open(d / "config.json").read()
-    for text, needle in ((good[:40], "JSONDecodeError"), (good.replace('"n_positions"', '"n_pos"'), "KeyError: 'n_positions'"),
-                         (json.dumps({**json.loads(good), "scale_attn_by_inverse_layer_idx": True}), "attention scaled by")):
+    for text, needle in ((good[:40], "JSONDecodeError"), (good.replace('"n_positions"', '"n_pos"'), "KeyError: 'n_positions'")):
         open(d / "config.json", "w").write(text)
         with pytest.raises(UserError, match=re.escape(f"{d / 'config.json'}: ") + ".*" + re.escape(needle)):
             load_hf(str(d))
+
+
+def tiny_copy(tmp_path, config=(), tensors=None):
+    """tmp_path/m: TINY's config.json updated with `config`, and its model.safetensors or `tensors`."""
+    d = tmp_path / "m"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({**json.load(open(os.path.join(TINY, "config.json"))), **dict(config)}))
+    if tensors is None:
+        shutil.copyfile(os.path.join(TINY, "model.safetensors"), d / "model.safetensors")  # not its read-only mode
+    else:
+        hf.write_safetensors(tensors, str(d / "model.safetensors"))
+    return str(d)
+
+
+def test_read_hf_refuses_what_gpt_py_does_not_compute(tmp_path):
+    """A config.json asking for another activation, LayerNorm epsilon or attention scaling, or a file with
+    an lm_head of its own (a fine-tuned output layer: gpt.py ties it to wte, so it would load silently with
+    wte's head), is one line naming the file and the setting. An lm_head equal to wte loads."""
+    for key, value in (("activation_function", "gelu"), ("activation_function", "relu"), ("layer_norm_epsilon", 1e-6),
+                       ("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True)):
+        d = tiny_copy(tmp_path, {key: value})
+        with pytest.raises(UserError, match=re.escape(f"{os.path.join(d, 'config.json')}: {key}={json.dumps(value)};")) as e:
+            hf.read_hf(d)
+        assert "\n" not in str(e.value)
+    sd = hf.read_safetensors(os.path.join(TINY, "model.safetensors"))
+    head = sd["transformer.wte.weight"].clone()
+    head[7, 3] += 1e-3  # one weight of 3.2M
+    d = tiny_copy(tmp_path, tensors={**sd, "lm_head.weight": head})
+    with pytest.raises(UserError, match=re.escape(f"{d}{os.sep}model.safetensors: lm_head.weight differs from wte")) as e:
+        hf.read_hf(d)
+    assert "\n" not in str(e.value)
+    check_expected(load_hf(tiny_copy(tmp_path, tensors={**sd, "lm_head.weight": sd["transformer.wte.weight"]})), TINY)
 
 
 def test_read_safetensors_malformed_header_is_one_line(tmp_path):
