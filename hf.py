@@ -25,6 +25,8 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 # HF's GPT-2 uses Conv1D, whose weight is stored (in, out): the transpose of nn.Linear's (out, in)
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
+HF_FIELDS = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer", n_head="n_head",
+                 n_embd="n_embd")  # GPTConfig's fields -> config.json's keys
 # config.json settings that change what the model computes, and the one value of each that gpt.py does
 GPT2_ONLY = dict(activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
                  scale_attn_by_inverse_layer_idx=False)
@@ -107,10 +109,15 @@ def read_hf(src):
     try:
         with open(cfg_path, encoding="utf-8") as f:
             hf = json.load(f)
-        cfg = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        cfg = {ours: hf[theirs] for ours, theirs in HF_FIELDS.items()}
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
         raise UserError(f"{cfg_path}: not a GPT-2 config.json ({type(e).__name__}: {str(e)[:100]})") from None
+    for ours, theirs in HF_FIELDS.items():  # JSON's 2.0, "2", true or -1 would fail deep inside torch or gpt.py
+        if type(cfg[ours]) is not int or cfg[ours] < 1:
+            raise UserError(f"{cfg_path}: {theirs}={json.dumps(cfg[ours])}, expected a positive integer")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"{cfg_path}: n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']} (each head "
+                        "takes n_embd / n_head channels)")
     for key, want in GPT2_ONLY.items():  # absent: HF's default, which is GPT-2's
         if hf.get(key, want) != want:
             raise UserError(f"{cfg_path}: {key}={json.dumps(hf[key])}; gpt.py computes only GPT-2's "

@@ -276,6 +276,18 @@ def test_read_hf_refuses_what_gpt_py_does_not_compute(tmp_path):
     check_expected(load_hf(tiny_copy(tmp_path, tensors={**sd, "lm_head.weight": sd["transformer.wte.weight"]})), TINY)
 
 
+def test_read_hf_config_fields_are_positive_ints(tmp_path):
+    """config.json is anyone's JSON: a size that is no positive int (a float, a string, a bool, <= 0) or
+    heads that do not divide n_embd is one line naming the file and the key, not torch's TypeError."""
+    for key, value in (("n_layer", "2"), ("vocab_size", 50257.0), ("n_positions", -1), ("n_embd", 0), ("n_layer", True),
+                       ("n_head", None), ("n_head", 5)):
+        d = tiny_copy(tmp_path, {key: value})
+        why = f"{key}={json.dumps(value)}, expected a positive integer" if value != 5 else "n_embd=64 is not a multiple of"
+        with pytest.raises(UserError, match=re.escape(f"{d}{os.sep}config.json: {why}")) as e:
+            load_hf(d)
+        assert "\n" not in str(e.value)
+
+
 def test_read_safetensors_malformed_header_is_one_line(tmp_path):
     """A header that does not describe its bytes is a UserError naming the file and the tensor: a shape
     of another size than data_offsets, offsets reversed or missing, an unknown or missing dtype."""
