@@ -6,7 +6,7 @@ Face GPT-2 directory.
 
 --ckpt=PATH (required), --prompt (default none: the samples start from <|endoftext|>), --n=3 samples,
 --max_new_tokens=0 (0: as many as the model's context leaves after the prompt, at most 64),
---temperature=1.0, --top_k=0 (0: off), --top_p=1.0 (1: off), --seed=0.
+--temperature=1.0, --top_k=0 (0: off), --top_p=1.0 (1: off), --seed=0 (0..2**32-1).
 """
 import os
 
@@ -32,7 +32,8 @@ def main(argv):
     if not opts["ckpt"]:
         raise UserError("--ckpt=PATH is required (a .pt from sft.py, ppo.py or hf.py convert, or an HF dir)")
     for k, ok, rule in (("n", opts["n"] >= 1, ">= 1"), ("temperature", opts["temperature"] >= 0, ">= 0 (0: greedy)"),
-                        ("top_k", opts["top_k"] >= 0, ">= 0"), ("top_p", 0 < opts["top_p"] <= 1, "in (0, 1]")):
+                        ("top_k", opts["top_k"] >= 0, ">= 0"), ("top_p", 0 < opts["top_p"] <= 1, "in (0, 1]"),
+                        ("seed", 0 <= opts["seed"] < 2 ** 32, "in 0..2**32-1")):  # util.check_common's: one --seed rule
         if not ok:
             raise UserError(f"--{k}={opts[k]}: must be {rule}")
     ck = load_checkpoint(opts["ckpt"], ("pretrained", "sft", "ppo")) if opts["ckpt"].endswith(".pt") else None  # an LM

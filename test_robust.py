@@ -208,7 +208,8 @@ def test_sample_cli_fits_the_model_context(ckpts):
     assert r.returncode == 0 and r.stdout.count("-" * 40) == 1, r.stderr
     one_line_error(run("sample.py", f"--ckpt={ckpts}/sft.pt", "--prompt=count 3 from 5:", "--max_new_tokens=24"),
                    "--max_new_tokens=24: must be in 1..23")
-    for bad, rule in (("--top_p=0", "in (0, 1]"), ("--temperature=-1", ">= 0"), ("--n=0", ">= 1")):
+    for bad, rule in (("--top_p=0", "in (0, 1]"), ("--temperature=-1", ">= 0"), ("--n=0", ">= 1"),
+                      ("--seed=99999999999999999999999", "in 0..2**32-1"), ("--seed=-1", "in 0..2**32-1")):
         one_line_error(run("sample.py", f"--ckpt={ckpts}/sft.pt", bad), f"{bad}", rule)
     one_line_error(run("sample.py", f"--ckpt={ckpts}/reward.pt"), "'reward' checkpoint")  # a scalar head: no text
 
