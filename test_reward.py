@@ -7,6 +7,7 @@ import torch
 import data
 from gpt import GPT, GPTConfig
 from data import last_index
+from reward import evaluate as reward_evaluate
 from reward import (RewardModel, batch_loss, centring_prompts, encode_groups, group_batch, normalize, pair_rewards,
                     preference_loss)
 from checks import assert_close, call
@@ -191,3 +192,25 @@ def test_encode_groups_drops_responses_truncation_made_the_same(capsys):
     out = capsys.readouterr().out
     assert "rm: 3 responses dropped" in out and "1 of 3 records" in out, out
     assert len(enc) == 2 and enc[0][0] != enc[0][1] and enc[1] == encode_groups([kept[1]], tok, cfg, "rm")[0][0]
+
+
+def test_evaluate_means_over_pairs_ties_wrong_gold_on_pairs_it_separates():
+    """reward.evaluate by hand, with a reward that is the sum of a sequence's tokens: the loss one mean over
+    every pair of every batch (a short last batch weighs by its pairs, not as a whole batch), a tie ranked
+    wrong (rc > rr, not >=), and gold agreement over the pairs whose gold differs only."""
+    class SumOfTokens(torch.nn.Module):
+        def forward(self, tokens):
+            return tokens.float().cumsum(1)  # (B, T): read at each row's last real token, the sum of the row
+    ex = lambda *resp: ([1, 2], list(resp) + [0])  # (prompt, response + eot 0)
+    val = [[ex(5), ex(3)], [ex(2), ex(2, 0)], [ex(9), ex(1), ex(4)], [ex(1), ex(7)], [ex(6), ex(6, 1), ex(3)]]
+    gold = [[1.0, 0.0], [1.0, 0.5], [0.2, 0.2, 0.1], [0.9, 0.1], [0.0, 1.0, 0.5]]
+    r = [[sum(p) + sum(x) for p, x in g] for g in val]  # what SumOfTokens reads
+    pairs = [(g, i, j) for g in range(5) for i in range(len(val[g])) for j in range(i + 1, len(val[g]))]
+    nll = [math.log1p(math.exp(-(r[g][i] - r[g][j]))) for g, i, j in pairs]
+    right = [r[g][i] > r[g][j] for g, i, j in pairs]
+    sep = [(rt, gold[g][i] > gold[g][j]) for rt, (g, i, j) in zip(right, pairs) if gold[g][i] != gold[g][j]]
+    cfg = SimpleNamespace(batch_size=2, eval_batches=10, seed=0)  # batches of 2, 2 and 1 groups: 4, 2 and 3 pairs
+    loss, acc, agree = reward_evaluate(SumOfTokens(), val, gold, cfg, torch.no_grad(), "cpu", 0)
+    assert abs(loss - sum(nll) / len(nll)) < 1e-6, f"loss {loss}, want {sum(nll) / len(nll)}: one mean over all pairs"
+    assert acc == sum(right) / len(right) == 5 / 9, f"accuracy {acc}, want 5/9: the tie of group 1 counts as wrong"
+    assert agree == sum(a == b for a, b in sep) / len(sep), f"gold agreement {agree} over the {len(sep)} pairs gold separates"
