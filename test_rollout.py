@@ -359,3 +359,75 @@ def test_evaluate_win_rate_counts_ties_half_and_kl_is_k1(monkeypatch):
     evaluate(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, [[0]], ["p"], SimpleNamespace(eot=10), samples=1, batch=3,
              max_new_tokens=3, temperature=1.0, seed=0, ctx=contextlib.nullcontext(), builtin=False, samplers=("pol", "sft"))
     assert seen == [(False, "pol"), (True, "sft")], f"evaluate's rollouts got samplers {seen}: policy's, then ref's"
+
+
+def test_add_advantages_gae_reads_gamma_and_lam():
+    """--advantage=gae: the advantages are whiten(gae(rewards, values, mask, cfg.gamma, cfg.lam)) and the returns
+    gae's own (advantages before whitening, plus the values), by hand on a batch with values off 0 and gamma = 0.9
+    != lam = 0.5, so gamma and lam swapped, either one ignored, or returns taken from the whitened advantages
+    move them (checked against each)."""
+    from ppo import gae, whiten
+    mask = torch.tensor([[1., 1., 1., 0.], [1., 1., 1., 1.], [1., 0., 0., 0.]])
+    values = torch.tensor([[0.5, -0.3, 0.8, 0.0], [1.0, 0.2, -0.6, 0.4], [-0.7, 0.0, 0.0, 0.0]])
+    b = dict(scores=torch.tensor([1.0, -2.0, 0.5]), ended=torch.ones(3, dtype=torch.bool), mask=mask,
+             logprobs=torch.tensor([[-1., -2., -0.5, 0.], [-0.5, -1., -3., -1.], [-2., 0., 0., 0.]]),
+             ref_logprobs=torch.tensor([[-1.5, -1., -1., 0.], [-0.5, -2., -1., -2.], [-1., 0., 0., 0.]]), values=values)
+    cfg = SimpleNamespace(missing_eos_penalty=0.0, truncated_score=-1.0, score_norm=False, advantage="gae", gamma=0.9, lam=0.5)
+    add_advantages(b, cfg, 0.2, None)
+    adv, ret = gae(b["rewards"], values, mask, 0.9, 0.5)
+    for name, (g, l) in (("gamma and lam swapped", (0.5, 0.9)), ("gamma ignored (1)", (1.0, 0.5)), ("lam ignored (1)", (0.9, 1.0))):
+        other = whiten(gae(b["rewards"], values, mask, g, l)[0], mask)
+        assert not torch.allclose(other, whiten(adv, mask), atol=1e-3), f"{name} gives the same advantages: a weak test"
+        assert not torch.allclose(b["advantages"], other, atol=1e-4), \
+            f"add_advantages: advantages of gae(..., {g}, {l}): {name}; pass gae(..., cfg.gamma, cfg.lam)"
+    assert torch.allclose(b["advantages"], whiten(adv, mask), atol=1e-5), \
+        f"add_advantages: advantages {b['advantages']}, want whiten(gae(rewards, values, mask, cfg.gamma, cfg.lam))"
+    assert torch.allclose(b["returns"], ret, atol=1e-5), \
+        f"add_advantages: returns {b['returns']}, want gae's (unwhitened advantages + values), the critic's targets"
+
+
+def test_demo_loss_draws_its_demonstrations_with_g():
+    """PPO-ptx's demo_loss draws its n demonstrations with the generator it is given (seeded by (seed, 2, it) in
+    train(): a resumed run, and every rank, draw the same ones), not torch's global stream; one process: it is
+    sft_loss on those n, right-padded. Checked against the draw by hand, with the global stream moved between calls."""
+    import data
+    import rollout as R
+    from sft import sft_loss
+    policy = tiny_models(3)[0]
+    g = torch.Generator().manual_seed(7)
+    demos = [(torch.randint(10, (p,), generator=g).tolist(), torch.randint(10, (r,), generator=g).tolist() + [10])
+             for p, r in [(1, 2), (3, 1), (2, 4), (1, 1), (4, 3), (2, 2)]]
+    got = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        with torch.no_grad():
+            got.append(R.demo_loss(policy, demos, 3, 10, torch.Generator().manual_seed(5)).item())
+    picks = torch.randint(len(demos), (3,), generator=torch.Generator().manual_seed(5)).tolist()
+    p = data.pad_right([demos[j] for j in picks], 10)
+    with torch.no_grad():
+        want = sft_loss(policy(p["tokens"], padded=True), p["tokens"], p["loss_mask"]).item()
+    assert got[0] == got[1], f"demo_loss {got}: the global random stream chose the demonstrations; draw them with g"
+    assert abs(got[0] - want) < 1e-5, f"demo_loss {got[0]}, want {want}: sft_loss on demos[j] for j in randint(len, (n,), g)"
+
+
+def test_evaluate_batches_draw_with_their_own_seeds(monkeypatch):
+    """evaluate's rollouts: the policy and the SFT policy draw with the same seed on the same batch (at iteration 0
+    the same responses: win rate 0.5), and each batch with another (eval_samples copies of the prompts in one
+    batch must be different samples, not one sample repeated). 4 prompts x 2 samples, 4 at a time: 2 batches."""
+    import rollout as R
+    seeds = []
+
+    def stub(model, ref, rm, critic, prompt_ids, pad_id, max_new_tokens, temperature, ctx, gen, **k):
+        seeds.append((ref is None, gen.initial_seed()))
+        mask = torch.ones(len(prompt_ids), 2)
+        return dict(scores=torch.zeros(len(prompt_ids)), mask=mask, logprobs=0 * mask, ref_logprobs=0 * mask)
+    monkeypatch.setattr(R, "rollout", stub)
+    res = evaluate(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, [[i] for i in range(4)], ["p"] * 4,
+                   SimpleNamespace(eot=10), samples=2, batch=4, max_new_tokens=2, temperature=1.0, seed=3,
+                   ctx=contextlib.nullcontext(), builtin=False)
+    assert res["n"] == 8, f"evaluate: n = {res['n']} responses of 4 prompts at samples=2: each prompt samples times"
+    assert [s[0] for s in seeds] == [False, True, False, True], f"evaluate: (sft side, seed) per rollout {seeds}"
+    assert seeds[0][1] == seeds[1][1] and seeds[2][1] == seeds[3][1], \
+        f"evaluate: (sft side, seed) per rollout {seeds}: the policy and the SFT policy must draw alike on a batch"
+    assert seeds[0][1] != seeds[2][1], \
+        f"evaluate: (sft side, seed) per rollout {seeds}: every batch drew with one seed (seed + i, i the batch's start)"
