@@ -3,6 +3,7 @@ two epochs of plain SGD beside a naive update written out row by row (the same s
 minibatches, the clipped loss in plain ops), and train()'s rewards under the adaptive KL controller
 beside Ziegler et al.'s update by hand. The losses themselves: test_ppo.py; the rollout: test_rollout.py."""
 import contextlib
+import functools
 import copy
 import signal
 from types import SimpleNamespace
@@ -157,3 +158,203 @@ def test_train_rewards_use_the_adaptive_kl_coefficient(monkeypatch, tmp_path):
                          ("the start --kl_coef reached the rewards: add_advantages must get the adaptive controller's "
                           "current value (kl_ctl.value), the one that is logged", -cfg.kl_coef * d)],
                      "r_t = -beta * (log p - log q), beta the controller's current value")
+
+
+def test_ppo_update_statistics_by_hand():
+    """ppo_update's returned statistics, at lr 0 (every step sees the same weights) with one minibatch of the whole
+    batch and 2 epochs (2 steps): each is the step's value, and their mean over the steps is that value again.
+    clipfrac = masked mean of |rho - 1| > clip_eps, approx_kl = masked mean of (log rho)^2 / 2, value_loss the
+    clipped value loss against the rollout's values (here off the critic's), loss the whole objective; rho = exp(log p - the rollout's)."""
+    policy, critic = tiny_policy_and_critic(0)
+    cfg = ppo.Config(rollout_batch=8, minibatch=8, ppo_epochs=2, temperature=0.7, clip_eps=0.2, vf_clip=0.2, vf_coef=0.5,
+                     ent_coef=0.0, grad_clip=0.0)
+    b = update_batch(policy, critic, cfg.temperature)
+    b["values"] = (b["values"] + 0.5 * torch.randn(b["values"].shape, generator=torch.Generator().manual_seed(2))) * b["mask"]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (policy, critic)]
+    stats = ppo.ppo_update(policy.train(), critic.train(), opts, b, cfg, contextlib.nullcontext(), torch.Generator().manual_seed(0))
+    P, m = b["tokens"].size(1) - b["mask"].size(1), b["mask"]
+    with torch.no_grad():
+        lp = ppo.policy_logprobs(policy, b["tokens"], b["attn"], cfg.temperature, P - 1)[0]
+        v = critic(b["tokens"], b["attn"], first=P - 1)[:, :-1]
+    lr_ = torch.where(m.bool(), lp - b["logprobs"], 0)
+    mean = lambda x: (x * m).sum() / m.sum()
+    vl = ppo.value_loss(v, b["values"], b["returns"], m, cfg.vf_clip)
+    want = dict(clipfrac=mean(((lr_.exp() - 1).abs() > 0.2).float()), approx_kl=mean(0.5 * lr_ ** 2), value_loss=vl,
+                loss=ppo.ppo_policy_loss(lp, b["logprobs"], b["advantages"], m, 0.2) + 0.5 * vl)
+    assert 0.1 < want["clipfrac"] < 0.9 and vl > 0.1 * ppo.value_loss(v, v, b["returns"], m, 1e9), "a weak test: see want"
+    wrong = dict(clipfrac=[("|log rho| > clip_eps: the clip is on rho - 1", mean((lr_.abs() > 0.2).float()))],
+                 approx_kl=[("log rho's mean (k1), not (log rho)^2 / 2", mean(lr_))],
+                 value_loss=[("the value loss clipped around the new values, not the rollout's b['values']",
+                              ppo.value_loss(v, v, b["returns"], m, cfg.vf_clip))])
+    for key, value in want.items():
+        assert_close(f"ppo_update's {key}", stats[key], value.item(), 1e-5,
+                     [(mistake, x.item()) for mistake, x in wrong.get(key, [])] +
+                     [("summed over the steps (2 here), not their mean", 2 * value.item())], "see the docstring")
+
+
+def one_sgd_step(cfg, lr, ptx=None):
+    """The change of every policy parameter after ppo_update's one step (minibatch = the batch, 1 epoch) of SGD."""
+    policy, critic = tiny_policy_and_critic(0)
+    b = update_batch(policy, critic, cfg.temperature)
+    before = [p.detach().clone() for p in policy.parameters()]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in (policy, critic)]
+    stats = ppo.ppo_update(policy.train(), critic.train(), opts, b, cfg, contextlib.nullcontext(), torch.Generator().manual_seed(0),
+                           ptx and (lambda: ptx(policy)))
+    return [p.detach() - q for p, q in zip(policy.parameters(), before)], stats
+
+
+def test_ppo_update_clips_the_gradient_norm_at_grad_clip():
+    """--grad_clip: one SGD step (lr 1) moves the policy by its gradient clipped to norm grad_clip = 1e-3, while the
+    norm logged is the one before the clip (far above it here); grad_clip = 0 leaves the gradient alone."""
+    kw = dict(rollout_batch=8, minibatch=8, ppo_epochs=1, temperature=0.7, ent_coef=0.0)
+    step, stats = one_sgd_step(ppo.Config(grad_clip=1e-3, **kw), 1.0)
+    moved = torch.cat([d.flatten() for d in step]).norm().item()
+    assert stats["grad_norm"] > 0.01, f"a weak test: the policy's gradient norm {stats['grad_norm']} is near the clip"
+    assert abs(moved - 1e-3) < 1e-6, \
+        f"ppo_update: the policy moved by {moved:.3g} at lr 1, grad norm {stats['grad_norm']:.3g}: clip it to --grad_clip=1e-3"
+    step, stats = one_sgd_step(ppo.Config(grad_clip=0.0, **kw), 1.0)
+    moved = torch.cat([d.flatten() for d in step]).norm().item()
+    assert abs(moved - stats["grad_norm"]) < 1e-4 * moved, f"--grad_clip=0: moved {moved}, grad norm {stats['grad_norm']}: no clip"
+
+
+def test_ppo_update_weighs_the_ptx_loss_by_ptx_coef():
+    """PPO-ptx: the loss ptx() returns enters the step times --ptx_coef. With ptx() = the sum of the token
+    embeddings (gradient 1 on each), one SGD step at lr 0.1 moves wte by -0.1 * ptx_coef = -0.025 more than the
+    step without it, every other weight alike."""
+    kw = dict(rollout_batch=8, minibatch=8, ppo_epochs=1, temperature=0.7, ent_coef=0.0, grad_clip=0.0)
+    base, _ = one_sgd_step(ppo.Config(**kw), 0.1)
+    step, _ = one_sgd_step(ppo.Config(ptx_coef=0.25, **kw), 0.1, ptx=lambda policy: policy.transformer.wte.weight.sum())
+    names = [n for n, _ in tiny_policy_and_critic(0)[0].named_parameters()]
+    for name, d, d0 in zip(names, step, base):
+        want = d0 - 0.025 if name == "transformer.wte.weight" else d0
+        assert torch.allclose(d, want, atol=1e-6), \
+            f"ppo_update with ptx: {name} moved {(d - d0).mean().item():+.4f} off the step without it; want " \
+            f"{(want - d0).mean().item():+.4f}: the ptx loss weighs cfg.ptx_coef (times the ptx loss, once)"
+
+
+def run_train(monkeypatch, tmp_path, prompts, spy_rollout=None, spy_update=None, texts=None, **kw):
+    """train() on tiny models and stub prompts (load_models, load_prompts replaced); evaluate records its iterations.
+    Returns (the logs, the iterations evaluated)."""
+    import rollout as R
+    policy, critic = tiny_policy_and_critic(1)
+    ref, rm = tiny_policy_and_critic(2)
+    with torch.no_grad():
+        ref.transformer.wte.weight.mul_(10)  # a reference away from the policy: log-ratios of order 1
+    monkeypatch.setattr(R, "load_models", lambda cfg, device: (policy, ref, rm, critic, SimpleNamespace(eot=EOS, vocab=None)))
+    monkeypatch.setattr(R, "load_prompts", lambda cfg, tok: (texts or ["p"] * len(prompts), prompts, [], [], None))
+    evals = []
+    monkeypatch.setattr(R, "evaluate", lambda *a, **k: evals.append(len(evals)) or dict(score=0.0))
+    for module, name, spy in ((R, "rollout", spy_rollout), (ppo, "ppo_update", spy_update)):
+        if spy:
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, functools.partial(spy, real))
+    logs = []
+    cfg = ppo.Config(**{**dict(data="stub", out_dir=str(tmp_path), rollout_batch=4, minibatch=2, ppo_epochs=1,
+                               max_new_tokens=5, device="cpu"), **kw})
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ppo.train(cfg, log=logs.append)
+    finally:  # train's GracefulStop took Ctrl-C: pytest's own handling back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return logs, [m["iter"] for m in logs if m["kind"] == "eval"]
+
+
+def test_train_iterations_draw_their_own_prompts_and_seeds_and_sample_with_the_current_policy(monkeypatch, tmp_path):
+    """train() over 3 iterations, --eval_interval=2: iteration it rolls out the prompts data.batch_indices(n, it, ...)
+    with a generator of its own, updates with another generator of its own, and samples (--rollout_dtype=bfloat16:
+    a copy) with the policy's current weights, not iteration 0's; evaluations at 0, 2 and the last, 3."""
+    import data
+    prompts = [[i + 1] for i in range(8)]
+    seen = []
+
+    def spy_rollout(real, policy, ref, rm, critic, prompt_ids, pad_id, max_new_tokens, temperature, ctx, gen, sampler=None, **k):
+        w = policy.transformer.wte.weight.detach()
+        stale = (sampler.transformer.wte.weight.float() - w.bfloat16().float()).abs().max().item()
+        seen.append(dict(prompts=[p[0] - 1 for p in prompt_ids], gen=gen.initial_seed(), stale=stale))
+        return real(policy, ref, rm, critic, prompt_ids, pad_id, max_new_tokens, temperature, ctx, gen, sampler=sampler, **k)
+
+    def spy_update(real, policy, critic, opts, b, cfg, ctx, g, *a, **k):
+        seen[-1]["update_gen"] = g.initial_seed()
+        return real(policy, critic, opts, b, cfg, ctx, g, *a, **k)
+    _, evals = run_train(monkeypatch, tmp_path, prompts, spy_rollout, spy_update, iters=3, eval_interval=2,
+                         rollout_dtype="bfloat16", lr=1e-2)
+    assert evals == [0, 2, 3], f"train evaluated at iterations {evals}: every --eval_interval and at the end (--iters=3)"
+    assert [s["prompts"] for s in seen] == [data.batch_indices(8, it, 4, 0) for it in range(3)], \
+        f"train's rollouts saw prompts {[s['prompts'] for s in seen]}: iteration it's are batch_indices(n, it, ...)"
+    for key, what in (("gen", "rollout's"), ("update_gen", "ppo_update's")):
+        assert len({s[key] for s in seen}) == 3, f"train: the {what} generator seeds per iteration {[s[key] for s in seen]}: " \
+                                                 "each iteration needs its own (seeded(seed, ..., it))"
+    assert all(s["stale"] == 0 for s in seen), f"train: the sampler's wte off the policy's (bf16) by {[s['stale'] for s in seen]}: " \
+                                               "copy the policy's weights into the sampler before each rollout"
+
+
+def test_train_kl_controller_targets_the_kl_per_response_and_logs_the_sampled_entropy(monkeypatch, tmp_path):
+    """--adaptive_kl steers the mean KL per response (kl_seq), not the per-token mean: with --kl_target 10% above
+    iteration 0's kl_seq (measured by a first run: the same seeds) the clip does not act, and beta after it is
+    kl_coef * (1 + (kl_seq / target - 1) * n / horizon) by hand. The logged entropy is the mean of -log p over the
+    valid response tokens of the batch ppo_update receives."""
+    from ppo import masked_mean
+    first, _ = run_train(monkeypatch, tmp_path / "a", [[1, 2], [3], [4, 5, 6], [7, 8]], iters=1, eval_interval=100)
+    first = [m for m in first if m["kind"] == "train"]
+    kl_seq, k1 = first[0]["kl_seq"], first[0]["kl"]
+    target = 1.1 * kl_seq
+    assert abs(k1 / target - 1) > 0.25 and kl_seq > 0.5, f"a weak test: kl_seq {kl_seq}, k1 {k1}"
+    ent = []
+
+    def spy_update(real, policy, critic, opts, b, *a, **k):
+        ent.append(masked_mean(-b["logprobs"], b["mask"]).item())
+        return real(policy, critic, opts, b, *a, **k)
+    logs, _ = run_train(monkeypatch, tmp_path / "b", [[1, 2], [3], [4, 5, 6], [7, 8]], spy_update=spy_update, iters=2,
+                        eval_interval=100, kl_coef=0.5, adaptive_kl=True, kl_target=target, kl_horizon=10)
+    train = [m for m in logs if m["kind"] == "train"]
+    assert abs(train[0]["kl_seq"] - kl_seq) < 1e-6, "a weak test: the second run's iteration 0 is not the first's"
+    beta = 0.5 * (1 + (kl_seq / target - 1) * 4 / 10)
+    assert_close("train: beta after iteration 0", train[1]["kl_coef"], beta, 1e-6,
+                 [("the controller fed the per-token KL (kl), not the mean KL per response (kl_seq)",
+                   0.5 * (1 + max(-0.2, min(0.2, k1 / target - 1)) * 4 / 10))], "Ziegler et al.'s update on kl_seq")
+    assert all(abs(m["entropy"] - e) < 1e-6 for m, e in zip(train, ent)), \
+        f"train logged entropy {[m['entropy'] for m in train]}, want {ent}: the mean of -log p over valid tokens (mask)"
+
+
+def test_train_resume_restores_the_kl_controller_and_the_score_moments(monkeypatch, tmp_path):
+    """--resume continues Ziegler et al.'s controller from the beta the checkpoint holds, and --score_norm from the
+    running moments of the scores seen: a run of 1 iteration, resumed to 2, logs iteration 1's beta as 0.46 =
+    0.5 * (1 - 0.2 * 4 / 10) (KL far below the target), not the start --kl_coef 0.5, and its moments count 8 scores.
+    The evaluation of the iteration it resumes at (--eval_interval=1) came with the checkpoint: not run again."""
+    import rollout as R
+    moments = []
+    real_add = R.add_advantages
+    monkeypatch.setattr(R, "add_advantages", lambda b, cfg, kl_coef, m: moments.append(m) or real_add(b, cfg, kl_coef, m))
+    kw = dict(eval_interval=1, kl_coef=0.5, adaptive_kl=True, kl_target=1000.0, kl_horizon=10, score_norm=True)
+    prompts = [[1, 2], [3], [4, 5, 6], [7, 8]]
+    first, evals = run_train(monkeypatch, tmp_path, prompts, iters=1, **kw)
+    assert evals == [0, 1], f"a weak test: the first run evaluated at {evals}"
+    logs, evals = run_train(monkeypatch, tmp_path, prompts, iters=2, resume=True, **kw)
+    assert evals == [2], f"resumed train evaluated at iterations {evals}: iteration 1's evaluation is in the checkpoint " \
+                         "(save(it, eval=ev)), not to be run again"
+    assert [m["iter"] for m in logs if m["kind"] == "train"] == [1], f"a weak test: the resumed run logged {logs}"
+    beta = [m["kl_coef"] for m in logs if m["kind"] == "train"][0]
+    assert abs(beta - 0.46) < 1e-9, f"resumed train: iteration 1's beta {beta}, want 0.46, the controller's value saved " \
+                                    "after iteration 0 (ck['kl_coef'] into kl_ctl.value), not the start --kl_coef"
+    assert moments[-1].n == 8, f"resumed train: the score moments count {moments[-1].n} scores after iteration 1, want 8 " \
+                               "(4 per iteration): restore them from the checkpoint's 'moments'"
+
+
+def test_train_gold_pairs_each_response_with_its_own_prompt(monkeypatch, tmp_path):
+    """The built-in task's logged gold score is the mean gold_score(prompt, response) over the rollouts, each response
+    with the prompt it answers, also with --samples_per_prompt=2 (RLOO: each prompt rolled out twice). gold_score and
+    the decoding are replaced: a response scores 1 when paired with its own prompt, else 0, so the gold is 1."""
+    import data
+    import rollout as R
+    monkeypatch.setattr(data, "gold_score", lambda p, r: float(p == r))
+
+    def responses(b, tok):  # a prompt is one token, its text the token's id: the response "is" its prompt
+        return [str(t) for t in b["tokens"][:, b["tokens"].size(1) - b["mask"].size(1) - 1].tolist()]
+    monkeypatch.setattr(R, "responses", responses)
+    prompts = [[i + 1] for i in range(4)]
+    logs, _ = run_train(monkeypatch, tmp_path, prompts, texts=[str(p[0]) for p in prompts], data="builtin", iters=2,
+                        eval_interval=100, advantage="rloo", samples_per_prompt=2)
+    gold = [m["gold"] for m in logs if m["kind"] == "train"]
+    assert gold == [1.0, 1.0], f"train logged gold {gold}, want 1 at each iteration: each of the rollout's rows (k per " \
+                               "prompt) scored against its own prompt ([train_prompts[j] for j in mine])"
