@@ -431,3 +431,29 @@ def test_evaluate_batches_draw_with_their_own_seeds(monkeypatch):
         f"evaluate: (sft side, seed) per rollout {seeds}: the policy and the SFT policy must draw alike on a batch"
     assert seeds[0][1] != seeds[2][1], \
         f"evaluate: (sft side, seed) per rollout {seeds}: every batch drew with one seed (seed + i, i the batch's start)"
+
+
+def test_evaluate_gold_scores_each_sides_responses_and_decodes_only_the_response(monkeypatch):
+    """On the built-in task evaluate adds the gold labeler's view: gold, the policy's mean gold score; sft_gold, the
+    SFT policy's; gold_win_rate, the policy's wins over the SFT policy by gold (ties half). A response is decoded from
+    its own tokens (mask 1, the eos dropped), not the prompt's. gold_score stubbed: the response's token count."""
+    import data
+    import rollout as R
+    monkeypatch.setattr(data, "gold_score", lambda p, r: float(len(r.split(","))) if r else 0.0)
+    lengths = dict(policy=[3, 1, 2], sft=[1, 1, 1])  # response tokens (the last one the eos 10) per prompt
+
+    def stub(model, ref, rm, critic, prompt_ids, *a, **k):
+        n = torch.tensor(lengths["sft" if ref is None else "policy"])
+        mask = (torch.arange(4)[None] < n[:, None]).float()
+        tokens = torch.cat([torch.tensor([[5, 6]] * 3), torch.where(mask.bool(), 7, 10)], 1)
+        tokens[torch.arange(3), 1 + n] = 10  # each response ends with the eos
+        return dict(scores=torch.zeros(3), mask=mask, logprobs=0 * mask, ref_logprobs=0 * mask, tokens=tokens)
+    monkeypatch.setattr(R, "rollout", stub)
+    tok = SimpleNamespace(eot=10, decode=lambda ids: ",".join(map(str, ids)))
+    assert R.responses(stub(None, 1, None, None, [[0]] * 3), tok) == ["7,7", "", "7"], \
+        "responses: each row's response tokens only (mask 1), without the eos"
+    res = evaluate(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, [[i] for i in range(3)], ["p"] * 3, tok, samples=1,
+                   batch=3, max_new_tokens=4, temperature=1.0, seed=0, ctx=contextlib.nullcontext(), builtin=True)
+    got = [res["gold"], res["sft_gold"], res["gold_win_rate"]]
+    assert torch.allclose(torch.tensor(got), torch.tensor([(2 + 0 + 1) / 3, 0.0, (1 + 0.5 + 1) / 3])), \
+        f"evaluate's (gold, sft_gold, gold_win_rate) {got}: the gold of each side's own responses, the policy's wins"
