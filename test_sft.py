@@ -1,5 +1,6 @@
 """sft.py: the response-only loss against hand-computed values, and the resumable data order."""
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -116,6 +117,17 @@ def test_batch_indices_cover_each_epoch_and_are_reproducible():
     assert [batch_indices(n, it, bs, 5) for it in range(3)] != [batch_indices(n, it, bs, 5) for it in range(3, 6)]
 
 
+def test_batch_indices_cover_every_epoch_not_only_the_first():
+    """Each epoch walks its own permutation through to the end: 10 examples in batches of 3 are 3 batches an epoch,
+    9 distinct examples in every epoch (epochs 1 and 4 here), not its first batch repeated (the batch's position
+    in its epoch is it % batches per epoch, in every epoch)."""
+    n, bs = 10, 3
+    for epoch in (1, 4):
+        seen = [batch_indices(n, it, bs, 5) for it in range(3 * epoch, 3 * epoch + 3)]
+        assert len({i for b in seen for i in b}) == 9, \
+            f"epoch {epoch}: batches {seen}: each batch must come from its place it % (n // batch_size) in the epoch"
+
+
 def test_eval_indices_see_each_example_once():
     """Validation batches: batch_indices' first epoch where the set is large enough; a set smaller than
     the batches asked for is seen once (batch_indices would wrap into a second epoch and count some twice)."""
@@ -152,3 +164,32 @@ def test_evaluate_takes_the_loss_in_float32_under_bf16_autocast():
     fp32, bf16 = (sft.evaluate(model, val, cfg, tok, autocast("cpu", d), "cpu") for d in ("float32", "bfloat16"))
     assert abs(bf16 - fp32) < 2e-3, f"sft.evaluate: {bf16} under bf16 autocast, {fp32} in fp32: is the loss taken " \
                                     f"outside autocast, on bf16 logits?"
+
+
+def test_step_indices_at_batch_size_1_keeps_every_micro_batch():
+    """--batch_size=1 --grad_accum=3: three micro-batches of one example each, the step's 3 (the last one too)."""
+    micros = step_indices(10, 0, Config(batch_size=1, grad_accum=3))
+    assert [len(m) for m in micros] == [1, 1, 1] and sum(micros, []) == batch_indices(10, 0, 3, 0), \
+        f"step_indices at batch_size 1, grad_accum 3: {micros}, want the step's batch {batch_indices(10, 0, 3, 0)} cut in 3"
+
+
+def test_evaluate_is_one_mean_over_every_token_of_the_batches_it_sees():
+    """sft.evaluate over 7 validation examples of different response lengths, 3 at a time, --eval_batches=10 (more
+    than there are): every example once, the loss one mean over all their response tokens (a short last batch weighs
+    by its tokens, not as much as a full one, nor by its examples): sft_loss on the 7 in one batch, by hand."""
+    import contextlib
+    import data
+    import sft
+    from gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
+    g = torch.Generator().manual_seed(3)
+    val = [(torch.randint(10, (p,), generator=g).tolist(), torch.randint(10, (r,), generator=g).tolist() + [10])
+           for p, r in [(2, 1), (1, 6), (3, 2), (2, 8), (1, 1), (4, 3), (2, 0)]]
+    got = sft.evaluate(model, val, Config(batch_size=3, eval_batches=10, seed=0), SimpleNamespace(eot=10),
+                       contextlib.nullcontext(), "cpu")
+    b = data.pad_right(val, 10)
+    with torch.no_grad():
+        want = sft_loss(model(b["tokens"]), b["tokens"], b["loss_mask"]).item()
+    assert abs(got - want) < 1e-5, f"sft.evaluate {got}, want {want}: every example once (all --eval_batches), each " \
+                                   "batch's mean weighed by its response tokens"
