@@ -214,3 +214,28 @@ def test_evaluate_means_over_pairs_ties_wrong_gold_on_pairs_it_separates():
     assert abs(loss - sum(nll) / len(nll)) < 1e-6, f"loss {loss}, want {sum(nll) / len(nll)}: one mean over all pairs"
     assert acc == sum(right) / len(right) == 5 / 9, f"accuracy {acc}, want 5/9: the tie of group 1 counts as wrong"
     assert agree == sum(a == b for a, b in sep) / len(sep), f"gold agreement {agree} over the {len(sep)} pairs gold separates"
+
+
+def test_normalize_scores_its_samples_with_the_prompts_padding_masked_and_draws_them_with_its_seed():
+    """normalize scores each sample with the mask generate saw: 0 on the left padding of the shorter prompts, 1 on
+    their tokens and the response's; and draws the samples from a generator seeded by --seed, not torch's global
+    stream: two calls with the global stream moved between them score the same tokens."""
+    config = GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    policy, rm = GPT(config).eval(), RewardModel(GPT(config)).eval()
+    tok = SimpleNamespace(encode=lambda text: [1 + ord(c) % 9 for c in text], eot=10)
+    cfg = SimpleNamespace(seed=0, norm_samples=3, batch_size=3, max_prompt_len=4, max_len=10)
+    runs = []
+    for global_seed in (1, 2):
+        seen = []
+        rm.score = lambda tokens, mask: seen.append((tokens, mask)) or torch.zeros(len(tokens))
+        torch.manual_seed(global_seed)
+        normalize(rm, policy, ["ab", "cdef", "g"], tok, cfg, "cpu")
+        runs.append(seen)
+    (tokens, mask), = runs[0]
+    P = 4  # the longest prompt
+    prompts = [tok.encode(p) for p in centring_prompts(["ab", "cdef", "g"], 3, 0)]
+    assert mask[:, :P].tolist() == data.pad_left(prompts, 10)[1].tolist(), \
+        f"normalize scored the prompts with mask {mask[:, :P].tolist()}: their left padding must be 0 (the prompt's mask)"
+    assert torch.equal(runs[1][0][0], tokens), "normalize's samples followed torch's global generator: draw them with " \
+                                               "its own, seeded by --seed"
