@@ -97,3 +97,36 @@ def test_decode_graphs_kept_are_the_last_used(monkeypatch):
     gpt.decode_graph(model, 2, 256, torch.float32, torch.device("cpu"))  # a fourth: the least recently used (128) goes
     kept = gpt._graphs[model][1]
     assert [k[1] for k in kept] == [192, 64, 256], f"graphs kept for widths {[k[1] for k in kept]}, want the 3 last used"
+
+
+def test_generate_pads_every_column_past_a_rows_end_and_trims_after_the_last_row_ends():
+    """Sampled (temperature 0.3): after a row's eos every later column holds eos (padding, mask 0), not the tokens a
+    finished row keeps drawing; and with one row that stops at once the output ends there (P + 1 columns), not
+    at P + max_new_tokens."""
+    model = tiny(2)
+    prompt = torch.randint(0, 97, (32, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eos = int(torch.softmax(model(prompt)[:, -1], -1).mean(0).argmax())  # the likeliest first token
+    out, gen = generate(model, prompt, torch.ones_like(prompt), 8, temperature=0.3, eos_id=eos,
+                        generator=torch.Generator().manual_seed(0))
+    ended = 0
+    for row, g in zip(out, gen):
+        ends = (row[3:] == eos).nonzero()
+        if len(ends) and 3 + ends[0].item() < out.size(1) - 1:
+            e, ended = 3 + ends[0].item(), ended + 1
+            assert (row[e:] == eos).all() and not g[e + 1:].any(), \
+                f"tokens {row[3:].tolist()}, mask {g[3:].tolist()}: eos as padding after the first eos, not further samples"
+    assert ended >= 1, "a weak test: no row ends before the last column"
+    first = int(model(prompt[:1])[0, -1].argmax())
+    out, gen = generate(model, prompt[:1], torch.ones_like(prompt[:1]), 10, temperature=0, eos_id=first)
+    assert out.shape == gen.shape == (1, 4), f"generate: {tuple(out.shape)} for a row that stops at its first token: " \
+                                             "cut after the last generated column"
+
+
+def test_sample_token_never_draws_a_token_of_probability_0(monkeypatch):
+    """Inverse-CDF sampling with a uniform u in (0, 1]: at the extreme draw (torch.rand returns 0) sample_token
+    still picks a token of the top_k, not token 0 whose probability top_k set to 0 (u in [0, 1) would)."""
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(*a[:2]) if len(a) > 1 else torch.zeros(a[0]))
+    assert sample_token(logits, 1.0, top_k=1).tolist() == [2], \
+        "sample_token at torch.rand = 0 picked a token top_k removed: draw u = 1 - rand, in (0, 1]"
