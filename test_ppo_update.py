@@ -116,6 +116,16 @@ def test_ppo_update_matches_naive_sgd_reference():
                  "valid tokens, one optimizer step per minibatch")
 
 
+def train(cfg, log):
+    """ppo.train(cfg, log), then pytest's own Ctrl-C handling back (train's GracefulStop takes SIGINT and SIGTERM)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ppo.train(cfg, log=log)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def test_train_rewards_use_the_adaptive_kl_coefficient(monkeypatch, tmp_path):
     """--adaptive_kl: the per-token KL penalty of iteration 1's rewards is -beta_1 * (log p - log q), with beta_1 the
     controller's value after iteration 0, by hand kl_coef * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) =
@@ -140,12 +150,7 @@ def test_train_rewards_use_the_adaptive_kl_coefficient(monkeypatch, tmp_path):
     logs = []
     cfg = ppo.Config(data="stub", out_dir=str(tmp_path), iters=2, rollout_batch=4, minibatch=2, ppo_epochs=1, max_new_tokens=5,
                      eval_interval=100, kl_coef=0.5, adaptive_kl=True, kl_target=1000.0, kl_horizon=10, device="cpu")
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        ppo.train(cfg, log=logs.append)
-    finally:  # train's GracefulStop took Ctrl-C: pytest's own handling back
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    train(cfg, logs.append)
     assert len(batches) == 2 and [m["kl_coef"] for m in logs if m["kind"] == "train"] == [0.5, 0.46], logs
     for it, beta in enumerate((0.5, 0.5 * (1 - 0.2 * 4 / 10))):
         b = batches[it]
@@ -251,12 +256,7 @@ def run_train(monkeypatch, tmp_path, prompts, spy_rollout=None, spy_update=None,
     logs = []
     cfg = ppo.Config(**{**dict(data="stub", out_dir=str(tmp_path), rollout_batch=4, minibatch=2, ppo_epochs=1,
                                max_new_tokens=5, device="cpu"), **kw})
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        ppo.train(cfg, log=logs.append)
-    finally:  # train's GracefulStop took Ctrl-C: pytest's own handling back
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    train(cfg, logs.append)
     return logs, [m["iter"] for m in logs if m["kind"] == "eval"]
 
 
