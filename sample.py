@@ -9,13 +9,14 @@ Face GPT-2 directory.
 --temperature=1.0, --top_k=0 (0: off), --top_p=1.0 (1: off), --seed=0 (0..2**32-1).
 """
 import os
+from types import SimpleNamespace
 
 import torch
 
 from data import Tokenizer
 from gpt import generate
 from hf import load_checkpoint, load_hf, model_from_checkpoint
-from util import UserError, main_guard
+from util import UserError, check_common, main_guard
 
 
 def main(argv):
@@ -32,10 +33,10 @@ def main(argv):
     if not opts["ckpt"]:
         raise UserError("--ckpt=PATH is required (a .pt from sft.py, ppo.py or hf.py convert, or an HF dir)")
     for k, ok, rule in (("n", opts["n"] >= 1, ">= 1"), ("temperature", opts["temperature"] >= 0, ">= 0 (0: greedy)"),
-                        ("top_k", opts["top_k"] >= 0, ">= 0"), ("top_p", 0 < opts["top_p"] <= 1, "in (0, 1]"),
-                        ("seed", 0 <= opts["seed"] < 2 ** 32, "in 0..2**32-1")):  # util.check_common's: one --seed rule
+                        ("top_k", opts["top_k"] >= 0, ">= 0"), ("top_p", 0 < opts["top_p"] <= 1, "in (0, 1]")):
         if not ok:
             raise UserError(f"--{k}={opts[k]}: must be {rule}")
+    check_common(SimpleNamespace(**opts))  # --seed: the three stages' rule
     ck = load_checkpoint(opts["ckpt"], ("pretrained", "sft", "ppo")) if opts["ckpt"].endswith(".pt") else None  # an LM
     model = model_from_checkpoint(ck, opts["ckpt"]) if ck else load_hf(opts["ckpt"])
     tok = Tokenizer(ck.get("vocab") if ck else None, opts["ckpt"])

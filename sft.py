@@ -115,7 +115,8 @@ def global_loss(step_loss):
 def step_indices(n, it, cfg):
     """The example indices of step `it`'s grad_accum micro-batches, this rank's share of each: the step's
     batch_size x grad_accum examples (data.batch_indices) cut in order, so --batch_size=8 --grad_accum=2
-    trains on the data of --batch_size=16 (micro-batches numbered as batches parted ways at an epoch's end)."""
+    trains on the data of --batch_size=16 (micro-batch m drawn as batch it * grad_accum + m of batch_size
+    would leave those data at the first epoch's end, whose batches are counted in batch_size)."""
     step = data.batch_indices(n, it, cfg.batch_size * cfg.grad_accum, cfg.seed)
     return [step[i:i + cfg.batch_size][RANK::WORLD] for i in range(0, len(step), cfg.batch_size)]
 
