@@ -67,8 +67,8 @@ class KVCache:
 
 class StaticKVCache(KVCache):
     """A KVCache whose decode steps have the same shapes at every token, so that a CUDA graph can
-    replay them: the prefill writes as KVCache does; then GPT.decode_step writes one column, at
-    `index` (a (1,) tensor), and attends over all T_max columns, the unwritten ones masked."""
+    replay them: the prefill writes as KVCache does (index None); then the caller sets `index`, a (1,)
+    long tensor, and GPT.decode_step writes one column there and attends over all T_max columns."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -86,7 +86,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0
+        if cfg.n_embd % cfg.n_head:  # not an assert: python -O would drop it
+            raise ValueError(f"n_embd={cfg.n_embd} must be a multiple of n_head={cfg.n_head}")
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.n_head = cfg.n_head
@@ -102,7 +103,7 @@ class CausalSelfAttention(nn.Module):
         instead: query i attends exactly where mask[:, :, i] is True (GPT.hidden builds it, with
         causality in it, whenever a cache holds earlier positions or there is padding).
         y = att @ v: (B, nh, T, hs), heads concatenated back to (B, T, C), then c_proj(y).
-        The result has x's dtype and device."""
+        The result is on x's device, in x's dtype (under autocast, the autocast dtype)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -159,8 +160,9 @@ def attention_mask_4d(attention_mask, T):
 
 
 def position_ids(attention_mask):
-    """(B, S) mask -> (B, S) positions that start at 0 at each row's first real token. GPT-2 does not
-    derive positions from the mask: after left padding, arange(S) would shift every prompt."""
+    """(B, S) mask -> (B, S) positions that start at 0 at each row's first real token (left padding gets 0,
+    a masked position later repeats the one before). GPT-2 does not derive positions from the mask:
+    after left padding, arange(S) would shift every prompt."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -205,9 +207,12 @@ class GPT(nn.Module):
         """Final hidden states (B, T - first, C) after ln_f at positions first..T-1 (all by default):
         the trunk that the LM head, the reward head and the value head sit on. tokens: (B, T).
         attention_mask: None (no padding, or right padding only) or (B, S) over every position so
-        far, S = cache.pos + T (just T without a cache)."""
+        far, S = cache.pos + T (just T without a cache); a cache holds B rows and is advanced by T.
+        Token ids must be < vocab_size: ids up to the padded row count would embed as zeros, unchecked."""
         B, T = tokens.size()
         start = cache.pos if cache is not None else 0
+        if cache is not None and cache.k.size(1) != B:  # else the write broadcasts and a reshape fails later
+            raise ValueError(f"a KV cache of {cache.k.size(1)} rows for a batch of {B}")
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         given = attention_mask is not None
@@ -235,7 +240,8 @@ class GPT(nn.Module):
     def head(self, h, padded=False):
         """Hidden states (..., C) -> logits (..., V) over the real vocabulary (not the padding rows), or
         with padded=True (..., n_rows), the padding columns -inf: for a loss, whose softmax is then the
-        same, and the backward has no slice to undo (a copy of the whole gradient: 4% of a GPU SFT step)."""
+        same, and the backward has no slice to undo (a copy of the whole gradient: 4% of a GPU SFT step).
+        An entropy or a KL from padded logits must leave those columns out: p log p there is 0 x -inf = nan."""
         z = self.lm_head(h)
         if not padded:
             return z[..., :self.config.vocab_size]
@@ -258,26 +264,31 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
         """A GPT from one of our .pt files ({"config": GPTConfig fields, "model": state dict}, as sft.py,
-        ppo.py and `python hf.py convert` write them). Token rows stored unpadded (V rows) are padded."""
+        ppo.py and `python hf.py convert` write them), on the device map_location, in float32 whatever the
+        file holds, in train mode (no dropout: it computes what eval mode does). Unpadded token rows are padded."""
         ck = torch.load(path, map_location=map_location, weights_only=True)  # never unpickles code
         model = cls(GPTConfig(**ck["config"]))
         model.load_state_dict({k: pad_rows(v, model.n_rows) if k in TOKEN_ROWS and v.size(0) == model.config.vocab_size
                                else v for k, v in ck["model"].items()})
-        return model
+        return model.to(map_location)  # load_state_dict copies into the model where it was built
 
 # -----------------------------------------------------------------------------
 # sampling
 
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Draw one token per row from logits (B, V) -> (B,). temperature 0 means greedy (argmax).
-    Otherwise p = softmax(logits / temperature), restricted to the top_k most likely tokens
-    (0 = all) and then to the smallest set whose probability reaches top_p (1.0 = all)."""
+    Otherwise p = softmax(logits / temperature) in float32 at least (bf16 would round most small
+    probabilities to 0), restricted to the top_k most likely tokens (0 = all; every token tied with the
+    k-th is kept) and then, renormalised, to the smallest set whose probability reaches top_p (1.0 = all;
+    the most likely token is always kept)."""
     for name, value in (("temperature", temperature), ("top_k", top_k)):
-        if value < 0:  # a temperature < 0 would sample the inverted distribution, a top_k < 0 mean all
+        if not value >= 0:  # a temperature < 0 would sample the inverted distribution, a top_k < 0 mean all; nan too
             raise ValueError(f"sample_token: {name}={value}: must be >= 0")
+    if top_p != top_p:  # nan: no cut at all, silently
+        raise ValueError("sample_token: top_p=nan: must be a number")
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -355,22 +366,31 @@ def decode_graph(model, B, T_max, dtype, device):
 @torch.no_grad()
 def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
              eos_id=None, generator=None, use_cache=True, return_logprobs=False, static=False):
-    """Sample continuations of a left-padded batch of prompts: prompt (B, P), prompt_mask (B, P)
-    1 on real tokens. A row stops after it emits eos_id; later positions hold eos_id as padding.
+    """Sample continuations of a left-padded batch of prompts: prompt (B, P) of ids < vocab_size,
+    prompt_mask (B, P) 1 on real tokens, each row 0s then 1s, its last column 1 (else a ValueError);
+    P + max_new_tokens - 1 <= block_size. temperature, top_k, top_p: as sample_token's.
+    A row stops after it emits eos_id; later positions hold eos_id as padding.
     Returns tokens (B, P + N) and gen_mask (B, P + N), 1 on generated tokens (each row's eos
     included), N <= max_new_tokens (fewer when every row stopped early); with return_logprobs
     also (B, P + N) float32 log-probs of the generated tokens under softmax(logits / temperature)
-    (before top_k / top_p; 0 when greedy), 0 elsewhere. static=True decodes with GPT.decode_step, the same shapes
-    at every step; on CUDA that step is a CUDA graph (DecodeGraph), replayed at every token."""
+    (before top_k / top_p; 0 when greedy), 0 elsewhere. use_cache=False runs the whole sequence at every
+    step (a reference for tests). static=True (whatever use_cache) decodes with GPT.decode_step, the same
+    shapes at every step; on CUDA that step is a CUDA graph (DecodeGraph), replayed at every token."""
     B, P = prompt.shape
-    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k)):
-        if value < 0:  # checked before the prefill's cost (sample_token checks the last two again)
-            raise ValueError(f"generate: {name}={value}: must be >= 0")
-    if P + max_new_tokens - 1 > model.config.block_size:  # the last token is sampled, never fed back
-        raise ValueError(f"{P} prompt + {max_new_tokens} new tokens exceed block_size={model.config.block_size} + 1")
     device, cfg, T, pad = prompt.device, model.config, P + max_new_tokens, 0 if eos_id is None else eos_id
-    dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-             else next(model.parameters()).dtype)
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k)):
+        if not value >= 0:  # checked before the prefill's cost (sample_token checks the last two again)
+            raise ValueError(f"generate: {name}={value}: must be >= 0")
+    if P + max_new_tokens - 1 > cfg.block_size:  # the last token is sampled, never fed back
+        raise ValueError(f"{P} prompt + {max_new_tokens} new tokens exceed block_size={cfg.block_size} + 1")
+    m = prompt_mask.long()
+    if B and not (P and (m[:, -1] == 1).all() and (m.diff(dim=1) >= 0).all()):  # else a row samples from padding
+        raise ValueError("generate: prompt_mask must be left padding: in every row 0s, then 1s to the last column")
+    if B and P and not ((prompt >= 0) & (prompt < cfg.vocab_size)).all():  # ids past V would embed as zeros
+        raise ValueError(f"generate: prompt ids must be in 0..{cfg.vocab_size - 1}")
+    dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(device.type) and dtype != torch.float64:  # autocast leaves float64 alone
+        dtype = torch.get_autocast_dtype(device.type)
     graph = None
     if static and device.type == "cuda":
         graph = decode_graph(model, B, -(-T // 64) * 64, dtype, device)  # a few cache widths, a few graphs
@@ -383,7 +403,7 @@ def generate(model, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=
         mask = torch.zeros(B, T, dtype=torch.long, device=device)
     tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
     tokens[:, :P], mask[:, :P] = prompt, prompt_mask
-    done, logprobs = torch.zeros(B, dtype=torch.bool, device=device), torch.zeros(B, T, device=device)
+    done, logprobs = torch.zeros(B, dtype=torch.bool, device=device), torch.zeros(B, T, dtype=torch.float32, device=device)
     sync_every = 1 if device.type == "cpu" else 8  # `done.all()` waits for the GPU: not at every token there
     for t in range(P, T):
         if t == P or cache is None:  # the prefill (and every step without a cache)

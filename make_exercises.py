@@ -51,7 +51,7 @@ EXERCISES = [  # (file, function, exercises to solve first, what it takes, pytes
     ("grads.py", "ppo_policy_loss_grad", ("ppo_policy_loss",), "which branch of the max is active",
      "test_ppo_policy_loss_grad_"),
 ]
-TESTS = {"ppo.py": "test_advantages.py test_ppo.py"}  # a file's tests, where not test_<file> alone
+TESTS = {"gpt.py": "test_gpt.py test_sampling.py", "ppo.py": "test_advantages.py test_ppo.py"}  # where not test_<file> alone
 NOT_IN_SKELETON = {"make_exercises.py", "planted_bugs.py", "test_exercises.py",  # they quote reference code
                    ".ci/sft_variants.py"}  # its GPU variants of the SFT loss hold sft_loss and its gradient
 ANSWER = "Answer (stripped from the skeleton):"  # a docstring line: it and the lines after it stay in the reference

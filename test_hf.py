@@ -171,6 +171,20 @@ def test_gpt_py_copied_alone_loads_and_generates_as_the_repo(tmp_path):
     assert json.loads(r.stdout) == out.tolist()
 
 
+def test_from_checkpoint_builds_a_float32_model_on_map_location(tmp_path, monkeypatch):
+    """A bf16 file loads as float32 (load_state_dict copies into the model's own weights), and the model
+    is moved to map_location: it was left on the default device, map_location moving only the file's copy."""
+    model, path = tiny(), str(tmp_path / "bf16.pt")
+    torch.save({"config": dict(n_layer=2, n_head=4, n_embd=32, block_size=48, vocab_size=97),
+                "model": {k: v.bfloat16() for k, v in model.state_dict().items()}}, path)
+    moved, to = [], GPT.to
+    monkeypatch.setattr(GPT, "to", lambda self, *a, **k: moved.append(a) or to(self, *a, **k))
+    loaded = GPT.from_checkpoint(path, map_location=torch.device("cpu"))
+    assert moved == [(torch.device("cpu"),)], f"from_checkpoint moved the model with {moved}: want map_location"
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.bfloat16().float())
+
+
 def test_vocab_padding_rows_zero_cut_off_and_loadable():
     """97 tokens are held in 128 zero rows: logits have 97 columns, sampling never leaves them even
     when the padding logits would win, and an unpadded (V, C) state dict (HF, older checkpoints) loads."""

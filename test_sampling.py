@@ -99,6 +99,42 @@ def test_decode_graphs_kept_are_the_last_used(monkeypatch):
     assert [k[1] for k in kept] == [192, 64, 256], f"graphs kept for widths {[k[1] for k in kept]}, want the 3 last used"
 
 
+def test_generate_stops_at_eos_and_masks():
+    model = tiny(2)
+    with torch.no_grad():
+        model.lm_head.weight[7].zero_()
+        model.transformer.wte.weight[7].fill_(0.0)
+    prompt = torch.randint(0, 97, (4, 3))
+    eos = int(model(prompt)[0, -1].argmax())  # row 0's greedy first token is eos: it stops at once
+    out, gen = generate(model, prompt, torch.ones_like(prompt), 10, temperature=0, eos_id=eos)
+    assert out[0, 3] == eos and gen[0].tolist() == [0, 0, 0, 1] + [0] * (out.size(1) - 4), \
+        f"row 0's greedy first token is eos ({eos}): it stops there; got {out[0, 3:].tolist()}, mask {gen[0].tolist()}"
+    for row, g in zip(out, gen):
+        ends = (row[3:] == eos).nonzero()
+        if len(ends):  # mask covers up to and including the first eos, padding after it
+            e = 3 + ends[0].item()
+            assert g[3:e + 1].all() and not g[e + 1:].any() and (row[e:] == eos).all(), \
+                f"tokens {row[3:].tolist()}, mask {g[3:].tolist()}: 1 up to the first eos, then 0, eos as padding"
+
+
+def test_generate_reproducible_with_generator():
+    model = tiny()
+    prompt = torch.randint(0, 97, (2, 4))
+    runs = [generate(model, prompt, torch.ones_like(prompt), 10, generator=torch.Generator().manual_seed(s))[0]
+            for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]), "the same generator seed sampled different tokens"
+    assert not torch.equal(runs[0], runs[2]), "two generator seeds sampled the same tokens"
+
+
+def test_generate_past_block_size_is_a_clear_error():
+    """Every path, the static one included (on CUDA an out-of-range position is a device-side assert)."""
+    model, prompt = tiny(3), torch.randint(0, 96, (2, 40))
+    for static, use_cache in ((False, True), (False, False), (True, True)):
+        with pytest.raises(ValueError, match="exceed block_size=48"):
+            generate(model, prompt, torch.ones_like(prompt), 10, static=static, use_cache=use_cache)
+    assert generate(model, prompt, torch.ones_like(prompt), 9, static=True)[0].shape == (2, 49)  # 48 fed, 1 sampled
+
+
 def test_generate_pads_every_column_past_a_rows_end_and_trims_after_the_last_row_ends():
     """Sampled (temperature 0.3): after a row's eos every later column holds eos (padding, mask 0), not the tokens a
     finished row keeps drawing; and with one row that stops at once the output ends there (P + 1 columns), not
@@ -130,3 +166,57 @@ def test_sample_token_never_draws_a_token_of_probability_0(monkeypatch):
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(*a[:2]) if len(a) > 1 else torch.zeros(a[0]))
     assert sample_token(logits, 1.0, top_k=1).tolist() == [2], \
         "sample_token at torch.rand = 0 picked a token top_k removed: draw u = 1 - rand, in (0, 1]"
+
+
+def test_sample_token_draws_low_precision_logits_in_float32():
+    """bf16 logits are sampled as their float32 values: a bf16 softmax and running total round most small
+    probabilities to 0 (1000 tokens of p = 0.0005 beside one of 0.5: 872 of them never drawn)."""
+    logits = torch.log(torch.tensor([0.5] + [0.0005] * 1000)).repeat(2000, 1).bfloat16()
+    draw = lambda z: sample_token(z, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    assert torch.equal(draw(logits), draw(logits.float())), "sample_token on bf16 logits: softmax in float32"
+
+
+def test_sample_token_and_generate_refuse_nan_arguments():
+    """A nan temperature returned the last id of every row, a nan top_p meant no cut: both passed `< 0`."""
+    model, prompt = tiny(), torch.randint(0, 97, (2, 3))
+    for name in ("temperature", "top_k"):
+        with pytest.raises(ValueError, match=f"generate: {name}=nan: must be >= 0"):
+            generate(model, prompt, torch.ones_like(prompt), 2, **{name: float("nan")})
+    for name in ("temperature", "top_p"):
+        with pytest.raises(ValueError, match=f"sample_token: {name}=nan"):
+            sample_token(torch.zeros(2, 5), **{name: float("nan")})
+
+
+def test_generate_refuses_prompts_that_are_not_left_padded_or_out_of_vocabulary():
+    """A row with no real token was sampled from its padding query's output (it followed the pad id's
+    value), a right-padded row went on after its padding, an id >= vocab_size embedded as a zero row
+    (the model's rows are padded to 128): each is one ValueError, before the prefill."""
+    model = tiny()
+    prompt = torch.randint(0, 97, (2, 3))
+    for mask in ([[1, 1, 1], [0, 0, 0]], [[1, 1, 1], [1, 1, 0]], [[1, 1, 1], [0, 1, 0]], [[1, 0, 1], [1, 1, 1]]):
+        with pytest.raises(ValueError, match="left padding"):
+            generate(model, prompt, torch.tensor(mask), 2)
+    with pytest.raises(ValueError, match="left padding"):
+        generate(model, prompt[:, :0], prompt[:, :0], 2)
+    with pytest.raises(ValueError, match=re.escape("prompt ids must be in 0..96")):
+        generate(model, torch.tensor([[5, 100]]), torch.ones(1, 2, dtype=torch.long), 2)
+    out, gen = generate(model, prompt, torch.tensor([[0, 1, 1], [1, 1, 1]]), 2, temperature=0)
+    assert out.shape == (2, 5) and gen[:, 3:].all()
+    assert generate(model, prompt[:0], prompt[:0], 2)[0].shape == (0, 3)  # no rows: nothing to check
+
+
+def test_generate_float64_model_under_autocast_and_logprobs_in_float32():
+    """Autocast leaves float64 alone, so a float64 model's KV cache is float64 under it (a bf16 cache was
+    a dtype error in attention); the log-probs are float32 whatever torch's default dtype."""
+    model, prompt = tiny().double(), torch.randint(0, 97, (2, 3))
+    want = generate(model, prompt, torch.ones_like(prompt), 4, temperature=0)[0]
+    for static in (False, True):
+        with torch.autocast("cpu", torch.bfloat16):
+            assert torch.equal(generate(model, prompt, torch.ones_like(prompt), 4, temperature=0, static=static)[0], want)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        lp = generate(model, prompt, torch.ones_like(prompt), 4, return_logprobs=True)[2]
+    finally:
+        torch.set_default_dtype(default)
+    assert lp.dtype == torch.float32, f"log-probs in {lp.dtype}: the docstring promises float32"
