@@ -144,6 +144,39 @@ def test_rollout_logprobs_and_values_are_zero_past_the_end(dtype):
         assert (b[key][pad] == 0).all(), f"{dtype}: {key} past the end: {b[key][pad]}"
 
 
+def test_rollout_zeroes_nonfinite_logprobs_and_values_past_the_end(monkeypatch):
+    """A scoring forward's numbers past a response's end are anything, -inf and nan included: rollout zeroes the
+    log-probs, the reference's and the values there with torch.where, not by multiplying them by the mask
+    (-inf * 0 = nan, which then reaches the KL, the rewards and GAE), and leaves the valid tokens' alone. bf16:
+    the policy's log-probs too come from a scoring forward. Here the forwards write -inf and nan past the end."""
+    import rollout as R
+    policy, ref, rm = tiny_models(2)
+    sampler = make_sampler(policy, ppo.Config(dtype="bfloat16"), "cpu")
+    real_logprobs = R.policy_logprobs
+
+    def dirty_logprobs(model, tokens, attn, temperature, start=0):
+        lp, logits = real_logprobs(model, tokens, attn, temperature, start)
+        return torch.where(attn[:, start + 1:].bool(), lp, -math.inf), logits
+
+    class DirtyCritic(torch.nn.Module):
+        def __init__(self, rm):
+            super().__init__()
+            self.rm = rm
+
+        def forward(self, tokens, attn, first=0):
+            return torch.where(attn[:, first:].bool(), self.rm(tokens, attn, first), math.nan)
+    args = ([[1, 2], [3], [4, 5, 6], [7, 8]] * 4, 10, 8, 1.0, autocast("cpu", "bfloat16"))
+    clean = rollout(policy, ref, rm, rm, *args, torch.Generator().manual_seed(0), sampler)
+    monkeypatch.setattr(R, "policy_logprobs", dirty_logprobs)
+    b = rollout(policy, ref, rm, DirtyCritic(rm), *args, torch.Generator().manual_seed(0), sampler)
+    pad = b["mask"] == 0
+    assert pad.any() and torch.equal(b["tokens"], clean["tokens"]), "a weak test: no response ends early"
+    for key in ("logprobs", "ref_logprobs", "values"):
+        assert (b[key][pad] == 0).all(), f"{key} past the end: {b[key][pad].unique().tolist()}, not 0: -inf or nan there " \
+                                         "times the mask's 0 is nan; zero them with torch.where(mask, x, 0)"
+        assert torch.equal(b[key][~pad], clean[key][~pad]), f"{key} on the valid tokens changed"
+
+
 def test_add_advantages_truncated_score_known_values():
     """A response cut at max_new_tokens (ended False) scores truncated_score, set after score normalisation,
     so it is -1 whatever the scores' scale; with truncated_score=nan it keeps its own score, less
