@@ -232,20 +232,22 @@ def test_ppo_update_stops_before_a_nonfinite_step():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-@pytest.mark.parametrize("dtype,rollout_dtype,tol", [("float32", "auto", 1e-6), ("bfloat16", "auto", 0.0),
-                                                     ("bfloat16", "float32", 0.0)])  # fp32: decode step vs a full forward
+@pytest.mark.parametrize("dtype,rollout_dtype,tol", [("float32", "auto", 1e-6),  # fp32: decode step vs a full forward
+                                                     ("bfloat16", "auto", 0.0), ("bfloat16", "float32", 0.0),
+                                                     ("float32", "bfloat16", 1e-6)])  # fp32 forwards: the batch's vs a minibatch's
 def test_iteration_zero_kl_is_zero_and_ratio_is_one(dtype, rollout_dtype, tol, device):
     """With the policy equal to the reference, the rollout's KL is 0 per token and the update's first
     ratio is 1, in fp32 and under bf16 autocast (where ppo.py samples with a bf16 copy and takes the
-    log-probs from a scoring forward over fp32 logits, the update's computation), for a minibatch of
-    another size than the rollout's, its rows at other places (on a GPU, kernels may be chosen by shape,
-    and a row's sum ordered by its address: policy_logprobs). Full vocabulary, an odd width."""
+    log-probs from a scoring forward over fp32 logits, the update's computation), and in fp32 with a bf16
+    sampler (--rollout_dtype=bfloat16: the bf16 sampling step's own log-probs put KL and ratio ~1e-4 off
+    here), for a minibatch of another size than the rollout's, its rows at other places (on a GPU, kernels
+    may be chosen by shape, and a row's sum ordered by its address: policy_logprobs). Full vocabulary, an odd width."""
     torch.manual_seed(0)
     policy = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).to(device)
     ref, rm = copy.deepcopy(policy).eval(), RewardModel(copy.deepcopy(policy)).eval()
     ctx = autocast(device, dtype)
     sampler = make_sampler(policy, ppo.Config(dtype=dtype, rollout_dtype=rollout_dtype), device)
-    assert (sampler is None) == (dtype == "float32" or rollout_dtype == "float32")
+    assert (sampler is None) == (rollout_dtype == "float32" or rollout_dtype == "auto" and dtype == "float32")
     prompts = torch.randint(0, 50256, (8, 6)).tolist()
     b = rollout(policy, ref, rm, rm, prompts, 50256, 10, 0.7, ctx, seeded(0, device=device), sampler, static=device == "cuda")
     k1, k3, _ = kl_stats(b)
