@@ -177,6 +177,30 @@ def test_ddp_collectives_refuse_a_tensor_off_the_ranks_device(monkeypatch):
         ddp.all_sum(torch.zeros(1, device="meta"))
 
 
+def test_ddp_tensors_built_for_a_collective_name_their_device():
+    """Issue 19's mistake at a call site: all_sum(torch.tensor(n)) builds a CPU tensor before the collective
+    runs, where MINRLHF_CHECK_DEVICES cannot see it (the DDP runs above are on the CPU, whose gloo takes it;
+    nccl refuses it at the first run on 2+ GPUs). Every tensor a script builds in the arguments of a collective
+    helper names its device=, as all_sum(torch.tensor(len(ci), device=device)) in reward.py does."""
+    import ast
+    import glob
+    helpers = {"all_sum", "all_max", "any_rank", "all_gather_rows"}
+    factories = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "rand", "randn", "randint"}
+    bad = []
+    for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+        if os.path.basename(path).startswith("test_"):
+            continue
+        for call in ast.walk(ast.parse(open(path).read())):
+            name = getattr(call, "func", None)
+            if not (isinstance(call, ast.Call) and getattr(name, "id", getattr(name, "attr", None)) in helpers):
+                continue
+            for node in (n for arg in call.args + [k.value for k in call.keywords] for n in ast.walk(arg)):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in factories
+                        and getattr(node.func.value, "id", None) == "torch" and "device" not in {k.arg for k in node.keywords}):
+                    bad.append(f"{os.path.basename(path)}:{node.lineno}: {ast.unparse(call)}")
+    assert not bad, "a tensor handed to a collective without device= (a CPU tensor, which nccl refuses):\n" + "\n".join(bad)
+
+
 def test_ddp_ppo_runs_and_logs_once(sft_runs, rm_runs, tmp_path):
     r = run("ppo.py", f"--sft_ckpt={sft_runs[0]}/sft.pt", f"--reward_ckpt={rm_runs[0]}/reward.pt", f"--out_dir={tmp_path}",
             "--iters=2", "--rollout_batch=4", "--minibatch=2", "--ppo_epochs=1", "--max_new_tokens=4", "--eval_interval=2",
