@@ -341,6 +341,27 @@ def test_train_resume_restores_the_kl_controller_and_the_score_moments(monkeypat
                                "(4 per iteration): restore them from the checkpoint's 'moments'"
 
 
+def test_train_resume_takes_this_runs_learning_rates_and_the_saved_moments(monkeypatch, tmp_path):
+    """--resume with another --lr and --vf_lr: PPO's learning rates are constant, set once by make_optimizer and
+    never again, so an optimizer resumed with opt.load_state_dict (not util.load_optimizer) trains on at the saved
+    run's rates, silently. The resumed update steps with this run's rates and the Adam moments of the first run's
+    2 steps (1 iteration of 2 minibatches)."""
+    seen = []
+
+    def spy_update(real, policy, critic, opts, *a, **k):
+        first = [o.state.get(o.param_groups[0]["params"][0], {}) for o in opts]  # each optimizer's first parameter's
+        seen.append(([g["lr"] for o in opts for g in o.param_groups], [float(state.get("step", 0)) for state in first]))
+        return real(policy, critic, opts, *a, **k)
+    prompts = [[1, 2], [3], [4, 5, 6], [7, 8]]
+    run_train(monkeypatch, tmp_path, prompts, iters=1, eval_interval=1, lr=1e-3, vf_lr=2e-3)
+    run_train(monkeypatch, tmp_path, prompts, spy_update=spy_update, iters=2, eval_interval=1, lr=1e-4, vf_lr=3e-4, resume=True)
+    assert len(seen) == 1, f"a weak test: the resumed run updated {len(seen)} times"
+    lrs, steps = seen[0]
+    assert lrs == [1e-4, 1e-4, 3e-4, 3e-4], f"resumed train steps with learning rates {lrs} (policy's groups, critic's), " \
+        "want this run's --lr=1e-4 and --vf_lr=3e-4: load_state_dict put the saved 1e-3 and 2e-3 back (util.load_optimizer)"
+    assert steps == [2.0, 2.0], f"resumed train: Adam's step counts {steps}, want the first run's 2: the moments not resumed"
+
+
 def test_train_gold_pairs_each_response_with_its_own_prompt(monkeypatch, tmp_path):
     """The built-in task's logged gold score is the mean gold_score(prompt, response) over the rollouts, each response
     with the prompt it answers, also with --samples_per_prompt=2 (RLOO: each prompt rolled out twice). gold_score and
