@@ -78,12 +78,16 @@ def plain_twin(model):
 def test_fast_path_never_serves_stale_weights(write):
     """New weights written through .data (which leaves _version alone), load_state_dict, a fused AdamW
     step or a hand-written SGD step: every no-grad forward afterwards, inside or outside a packed
-    scope entered after the write, matches a plain nn.Linear model holding the same weights."""
+    scope entered after the write, matches a plain nn.Linear model holding the same weights. Before
+    the write, no-grad forwards outside and inside a packed scope: a copy that either kept (a lazy
+    cache, or one keyed on _version) must not be served after it."""
     model = tiny()
     onednn.enable(model)
     ids = torch.randint(0, 97, (2, 7))
-    with torch.no_grad(), onednn.packed(model):
-        before = model(ids)
+    with torch.no_grad():
+        model(ids)
+        with onednn.packed(model):
+            before = model(ids)
     if write == "data":
         for p in model.parameters():
             p.data = p.data + 0.05 * torch.randn_like(p)
