@@ -5,15 +5,18 @@ beside Ziegler et al.'s update by hand. The losses themselves: test_ppo.py; the 
 import contextlib
 import functools
 import copy
+import math
 import signal
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import ppo
 from checks import assert_close
 from gpt import GPT, GPTConfig
 from reward import RewardModel
+from util import UserError, make_optimizer
 
 EOS = 10
 
@@ -206,6 +209,22 @@ def one_sgd_step(cfg, lr, ptx=None):
     stats = ppo.ppo_update(policy.train(), critic.train(), opts, b, cfg, contextlib.nullcontext(), torch.Generator().manual_seed(0),
                            ptx and (lambda: ptx(policy)))
     return [p.detach() - q for p, q in zip(policy.parameters(), before)], stats
+
+
+def test_ppo_update_stops_before_a_nonfinite_step():
+    """A nan advantage makes a nan policy gradient: ppo_update raises a UserError naming the iteration and
+    the quantity before any optimizer step, so the weights stay those of the last good iteration."""
+    policy, critic = tiny_policy_and_critic(3)
+    b = update_batch(policy, critic, 1.0)
+    b["advantages"][:, 0] = math.nan  # every row's first response token is valid
+    before = [copy.deepcopy(m.state_dict()) for m in (policy, critic)]
+    opts = [make_optimizer(m.parameters(), 1e-2, 0.0) for m in (policy, critic)]
+    cfg = ppo.Config(rollout_batch=8, minibatch=4, ppo_epochs=1)
+    with pytest.raises(UserError, match=r"ppo iteration 7: non-finite grad_norm; last good: x"):
+        ppo.ppo_update(policy, critic, opts, b, cfg, contextlib.nullcontext(), torch.Generator().manual_seed(0), it=7,
+                       hint="; last good: x")
+    for model, state in zip((policy, critic), before):
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "a nan step reached the weights"
 
 
 def test_ppo_update_clips_the_gradient_norm_at_grad_clip():
