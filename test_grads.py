@@ -1,5 +1,5 @@
-"""Gradients against float64 central finite differences: what backward() computes for each loss,
-the closed forms of grads.py, and end to end through a tiny GPT (+ value head).
+"""Gradients against float64 central finite differences: what backward() computes for each loss, and
+the closed forms of grads.py (end to end through a tiny GPT: test_grads_gpt.py).
 Central differences are O(h^2)-exact only where the function is smooth, so every point below sits
 away from the kinks of the clips (ratio = 1 +- eps, V - V_old = +-eps, the two terms of a max
 equal): each check is well-posed, and where the objective is clipped the gradient is exactly 0."""
@@ -11,11 +11,10 @@ import torch
 from torch.nn import functional as F
 
 import grads
-from checks import TOL, assert_close, autograd_grads, call, gradcheck, numerical_grad
-from gpt import GPT, GPTConfig
+from checks import assert_close, autograd_grads, call, gradcheck, numerical_grad
 from ppo import entropy, ppo_loss, ppo_policy_loss, value_loss
-from ppo import policy_logprobs, token_logprobs
-from reward import RewardModel, preference_loss
+from ppo import token_logprobs
+from reward import preference_loss
 from sft import sft_loss
 
 CLIP, VCLIP = 0.2, 0.4  # the ratio clip, the value clip: a loss that swaps them must show
@@ -23,14 +22,23 @@ CLIP, VCLIP = 0.2, 0.4  # the ratio clip, the value clip: a loss that swaps them
 
 # the losses written here from their docstrings: the known values beside each gradient check (a
 # gradient test alone cannot see a wrong forward), and the wrong answers of typical mistakes
+def ref_nll(logits, targets, w):
+    """-log softmax(logits)[targets], a mean weighted by w: the SFT loss shifted by one, mistakes otherwise"""
+    w = w.to(logits.dtype)
+    return -(logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1) * w).sum() / w.sum()
+
+
 def ref_sft_loss(logits, tokens, mask):
-    m = mask[:, 1:].to(logits.dtype)
-    return -(logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1) * m).sum() / m.sum()
+    return ref_nll(logits[:, :-1], tokens[:, 1:], mask[:, 1:])
 
 
-def ref_policy_loss(logprobs, old, adv, mask, eps, pick=torch.max):
+def ref_preference_loss(r_chosen, r_rejected):
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def ref_policy_loss(logprobs, old, adv, mask, eps, pick=torch.max, clip=lambda rho, eps: rho.clamp(1 - eps, 1 + eps)):
     rho = (logprobs - old).exp()
-    return (pick(-adv * rho, -adv * rho.clamp(1 - eps, 1 + eps)) * mask).sum() / mask.sum()
+    return (pick(-adv * rho, -adv * clip(rho, eps)) * mask).sum() / mask.sum()
 
 
 def ref_value_loss(values, old, returns, mask, eps, centre=None, pick=torch.max):
@@ -107,7 +115,7 @@ def test_sft_loss_autograd_matches_finite_differences():
 
 def test_preference_loss_autograd_matches_finite_differences():
     rc, rr = preference_example()
-    assert_close("preference_loss on float64 rewards", preference_loss(rc, rr), -F.logsigmoid(rc - rr).mean(), 1e-12,
+    assert_close("preference_loss on float64 rewards", preference_loss(rc, rr), ref_preference_loss(rc, rr), 1e-12,
                  hint=FORWARD)
     got_c, got_r = autograd_grads(preference_loss, rc, rr)
     xc, xr = rc.clone(), rr.clone()
@@ -145,9 +153,7 @@ def test_ppo_policy_loss_autograd_matches_finite_differences(point):
     labels = {(0, 0): f"(the {point} point)"}
     assert_close(f"{what}: autograd d/d logprobs vs finite differences", got, numerical_grad(lambda: f(x), x),
                  labels=labels)
-    rho = (logprobs - old).exp()
-    want = -advantages * rho * mask / mask.sum()  # d(-A rho)/d logprobs = -A rho, the mean's 1/M
-    want[0, 0] *= not clipped  # the max picks the constant clipped term: exactly 0, not merely small
+    want = autograd_grads(lambda lp: ref_policy_loss(lp, old, advantages, mask, CLIP), logprobs)[0]
     assert_close(f"{what}: autograd d/d logprobs", got, want, labels=labels,
                  hint="rho must stay in the graph (no .detach()); the clipped term is constant past the clip")
     if clipped:
@@ -247,27 +253,21 @@ def test_sft_loss_grad_matches_finite_differences():
     x = logits.clone()
     want = numerical_grad(lambda: sft_loss(x, tokens, mask), x)
     got = closed_form(grads.sft_loss_grad, logits, tokens, mask)
-    (B, T, V), p, M = logits.shape, logits.softmax(-1), mask[:, 1:].sum()
-    onehot = F.one_hot(tokens, V).double()
-    shifted = torch.zeros_like(logits)
-    shifted[:, :-1] = p[:, :-1] - onehot[:, 1:]
-    unshifted = (p - onehot) * mask[..., None] / mask.sum()
-    mask_not_shifted = torch.zeros_like(logits)
-    mask_not_shifted[:, :-1] = shifted[:, :-1] * mask[:, :-1, None] / mask[:, :-1].sum()
-    mistakes = [("the logits/labels shift is missing (logits[:, t] scored against tokens[:, t])", unshifted),
-                ("the mask is not shifted with the labels: position s is weighted by loss_mask[:, s+1]",
-                 mask_not_shifted),
+    (B, T, _), M = logits.shape, mask[:, 1:].sum()
+    grad_of = lambda loss: autograd_grads(loss, logits)[0]  # float64 autograd of a mistaken loss
+    mistakes = [("the logits/labels shift is missing (logits[:, t] scored against tokens[:, t])",
+                 grad_of(lambda l: ref_nll(l, tokens, mask))),
+                ("the mask is not shifted with the labels (logit position s weighted by loss_mask[:, s])",
+                 grad_of(lambda l: ref_nll(l[:, :-1], tokens[:, 1:], mask[:, :-1]))),
                 ("divided by every position B*(T-1), not by the number of response tokens", want * M / (B * (T - 1))),
                 ("no division by the number of response tokens (a sum, not a mean)", want * M),
-                ("the mask is ignored: prompt and padding positions get a gradient", shifted / (B * (T - 1))),
-                ("sign flipped: d(-log p_y)/dz = softmax(z) - onehot(y)", -want)]
-    rolled = torch.roll(mask, -1, 1).double()  # the last position weighted by loss_mask[:, 0], 1 in row 2
-    mistakes.append(("torch.roll wrapped token 0 onto the last position, which predicts nothing: its gradient is 0",
-                     (p - F.one_hot(torch.roll(tokens, -1, 1), V).double()) * (rolled / rolled.sum())[..., None]))
-    wrong_way = torch.zeros_like(logits)
-    wrong_way[:, 1:] = want[:, :-1]
-    mistakes.append(("shifted the wrong way: logit position s predicts token s + 1, so the last position gets 0",
-                     wrong_way))
+                ("the mask is ignored: prompt and padding positions get a gradient",
+                 grad_of(lambda l: ref_nll(l[:, :-1], tokens[:, 1:], torch.ones_like(mask[:, 1:])))),
+                ("sign flipped", -want),
+                ("torch.roll wrapped token 0 onto the last position (scored against tokens[:, 0], weighted by "
+                 "loss_mask[:, 0])", grad_of(lambda l: ref_nll(l, torch.roll(tokens, -1, 1), torch.roll(mask, -1, 1)))),
+                ("shifted the wrong way: the gradient of logit position s written at position s + 1",
+                 torch.cat([torch.zeros_like(want[:, :1]), want[:, :-1]], 1))]
     assert_close("grads.sft_loss_grad", got, want, mistakes=mistakes, hint=DERIVE)
     autograd = autograd_grads(lambda l: sft_loss(l, tokens, mask), logits)[0]
     assert_close("grads.sft_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12)
@@ -287,12 +287,13 @@ def test_preference_loss_grad_matches_finite_differences():
     want_c = numerical_grad(lambda: preference_loss(xc, xr), xc)
     want_r = numerical_grad(lambda: preference_loss(xc, xr), xr)
     N = rc.numel()
-    mistakes = [("sign flipped: raising r_chosen lowers the loss, so d/d r_chosen < 0", -want_c),
-                ("sigmoid(r_c - r_r) where it is sigmoid(r_r - r_c) = 1 - sigmoid(r_c - r_r)", -torch.sigmoid(rc - rr) / N),
+    mistakes = [("sign flipped", -want_c),
+                ("the rewards' difference the wrong way round inside the sigmoid: d/d r_chosen at the rewards swapped",
+                 autograd_grads(ref_preference_loss, rr, rc)[0]),  # float64 autograd of the loss
                 ("the 1/N of the mean is missing", want_c * N)]
     assert_close("grads.preference_loss_grad d/d r_chosen", got_c, want_c, mistakes=mistakes, hint=DERIVE)
     assert_close("grads.preference_loss_grad d/d r_rejected", got_r, want_r,
-                 mistakes=[("d/d r_rejected = -(d/d r_chosen): only the difference enters the loss", want_c)])
+                 mistakes=[("the same sign as d/d r_chosen", want_c)])
     for what, g, a in zip(("r_chosen", "r_rejected"), (got_c, got_r), autograd_grads(preference_loss, rc, rr)):
         assert_close(f"grads.preference_loss_grad d/d {what} vs autograd, to float64 precision", g, a, 1e-12)
 
@@ -305,10 +306,12 @@ def test_preference_loss_grad_stable_for_large_differences():
     assert_close("grads.preference_loss_grad d/d r_rejected at differences +-1000", got_r, -want_c)
     for dtype, d in ((torch.float32, 17.0), (torch.float64, 40.0)):  # ranked right by far: a tiny push, yet not 0
         got = torch.stack(grads.preference_loss_grad(torch.tensor([d], dtype=dtype), torch.zeros(1, dtype=dtype)))
-        want = torch.tensor([[-1.0], [1.0]], dtype=dtype) / (1 + math.exp(d))  # -+sigmoid(-d) / N, N = 1
+        x = torch.tensor([d, 0.0], dtype=torch.float64)  # float64 autograd: logsigmoid's backward does not cancel
+        want = torch.stack(autograd_grads(ref_preference_loss, x[:1], x[1:])).to(dtype)
         assert_close(f"grads.preference_loss_grad (d/d r_chosen, d/d r_rejected) at a difference of {d:g} ({dtype}), to "
-                     f"1e-6 relative", got, want, 1e-6 * want[1].item(), [("1 - sigmoid(r_c - r_r): equal on paper, but "
-                     "1 - sigmoid(d) cancels to 0 once sigmoid(d) rounds to 1: use sigmoid(-d)", torch.zeros(2, 1))])
+                     f"1e-6 relative", got, want, 1e-6 * want[1].item(),
+                     [("a difference that cancels to 0 once a sigmoid rounds to 1 (1 - sigmoid(x) at a large x): write "
+                       "it without the subtraction", torch.zeros(2, 1))])
 
 
 def test_ppo_policy_loss_grad_matches_finite_differences():
@@ -316,30 +319,30 @@ def test_ppo_policy_loss_grad_matches_finite_differences():
     x = logprobs.clone()
     want = numerical_grad(lambda: ppo_policy_loss(x, old, adv, mask, CLIP), x)
     got = closed_form(grads.ppo_policy_loss_grad, logprobs, old, adv, mask, CLIP)
+
+    def grad_of(eps=CLIP, m=mask, **kw):  # float64 autograd of ref_policy_loss, or of a mistake's variant of it
+        return autograd_grads(lambda lp: ref_policy_loss(lp, old, adv, m, eps, **kw), logprobs)[0]
     rho = (logprobs - old).exp()
-    unclipped = -adv * rho * mask / mask.sum()
-    clipped = ((adv > 0) & (rho > 1 + CLIP)) | ((adv < 0) & (rho < 1 - CLIP))
-    mistakes = [("the clip is ignored: the gradient is 0 where A > 0 and ratio > 1+eps, or A < 0 and ratio < 1-eps",
-                 unclipped),
-                ("zero whenever the ratio is outside [1-eps, 1+eps]; past the clip on the side the advantage "
-                 "does not reward, the loss is not clipped", unclipped * ((rho - 1).abs() <= CLIP)),
-                ("the factor ratio is missing: d ratio / d logprobs = ratio", -adv * mask / mask.sum() * ~clipped),
+    mistakes = [("the clip is ignored: the gradient of -A * ratio everywhere", grad_of(pick=lambda a, b: a)),
+                ("zero whenever the ratio is outside [1-eps, 1+eps]: the gradient of -A * clip(ratio, 1-eps, 1+eps) "
+                 "alone, without the max", grad_of(pick=lambda a, b: b)),
+                ("the chain rule stops at the ratio: d L / d ratio, not d L / d logprobs",
+                 autograd_grads(lambda r: ref_policy_loss(r.log(), 0 * old, adv, mask, CLIP), rho)[0]),
                 ("divided by every entry, not by sum(mask)", want * mask.sum() / mask.numel()),
-                ("padding entries get a gradient: 0 where mask = 0 (torch.where)", -adv * rho / mask.sum() * ~clipped),
-                ("sign flipped: the loss is -A * ratio (a loss, minimised)", -want)]
+                ("padding entries get a gradient: 0 where mask = 0 (torch.where)",  # every entry summed, / sum(mask)
+                 grad_of(m=torch.ones_like(mask)) * mask.numel() / mask.sum()),
+                ("sign flipped", -want),
+                ("the clip ignored where A < 0: the gradient of -A * ratio there",
+                 grad_of(pick=lambda a, b: torch.where(adv > 0, torch.max(a, b), a))),
+                ("the clip tested on the log-ratio against +-eps: it is on the ratio, clip(ratio, 1-eps, 1+eps)",
+                 grad_of(clip=lambda rho, eps: rho.log().clamp(-eps, eps).exp()))]
     labels = {(0, i): f"({name})" for i, name in enumerate(POLICY_POINTS)}
-    mistakes.append(("the clip for A < 0 ignored: there the max picks the clipped term once rho < 1 - eps",
-                     unclipped * ~((adv > 0) & (rho > 1 + CLIP))))
-    lr = logprobs - old
-    mistakes.append(("the clip tested on the log-ratio against +-eps: it is on the ratio, 1 - eps < rho < 1 + eps",
-                     unclipped * ~(((adv > 0) & (lr > CLIP)) | ((adv < 0) & (lr < -CLIP)))))
     assert_close("grads.ppo_policy_loss_grad", got, want, mistakes=mistakes, labels=labels, hint=DERIVE)
     autograd = autograd_grads(lambda lp: ppo_policy_loss(lp, old, adv, mask, CLIP), logprobs)[0]
     assert_close("grads.ppo_policy_loss_grad vs autograd, to float64 precision", got, autograd, 1e-12, labels=labels)
-    grad_at = lambda eps: autograd_grads(lambda lp: ref_policy_loss(lp, old, adv, mask, eps), logprobs)[0]
     assert_close("grads.ppo_policy_loss_grad at clip_eps 0.3 (the ratios 1.21 and 0.81 inside the clip)",
-                 closed_form(grads.ppo_policy_loss_grad, logprobs, old, adv, mask, 0.3), grad_at(0.3), 1e-12,
-                 [("the clip fixed at 0.2: it is 1 +- clip_eps", grad_at(0.2))], labels=labels)
+                 closed_form(grads.ppo_policy_loss_grad, logprobs, old, adv, mask, 0.3), grad_of(0.3), 1e-12,
+                 [("the clip fixed at 0.2: it is 1 +- clip_eps", grad_of(0.2))], labels=labels)
 
 
 def test_ppo_policy_loss_grad_zero_where_masked_whatever_the_inputs_hold():
@@ -358,61 +361,3 @@ def test_ppo_policy_loss_grad_zero_where_masked_whatever_the_inputs_hold():
         assert_close(f"grads.ppo_policy_loss_grad with log-probs {new_lp} (new) and {old_lp} (old) and advantage {a} "
                      "where masked", grads.ppo_policy_loss_grad(lp, o, A, mask, CLIP), want,
                      hint="inf or nan times the mask's 0 is nan: set the masked entries to 0 with torch.where")
-
-
-# -----------------------------------------------------------------------------
-# end to end: the parameters of a tiny float64 GPT (+ value head), every entry
-
-def tiny_gpt():
-    """2 layers, 2 heads of size 2, 11 tokens: ~600 parameters, each checked. Weights and biases
-    are drawn at scale 0.5, so that attention, LayerNorms and residual branches all matter."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=4)).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "ln" in name and name.endswith("weight") else 0.0) + 0.5 * torch.randn_like(p))
-    return model
-
-
-def check_parameters(what, loss_fn, params):
-    """loss_fn() -> scalar; backward() against finite differences at every entry of every parameter."""
-    for p in params.values():
-        p.grad = None
-    loss_fn().backward()
-    for name, p in params.items():
-        got = torch.zeros_like(p) if p.grad is None else p.grad
-        want = numerical_grad(loss_fn, p.data)
-        tol = TOL * max(1.0, want.abs().max().item())  # the reference's scale: an inf in got would make any tol pass
-        assert_close(f"{what}: d/d {name}", got, want, tol=tol)
-
-
-def test_end_to_end_sft_gpt_grads_match_finite_differences():
-    model = tiny_gpt()
-    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 0, 0, 0, 0]])
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0, 0]])  # right padding, as sft.py trains
-    check_parameters("sft_loss(tiny GPT)", lambda: sft_loss(model(tokens), tokens, mask), dict(model.named_parameters()))
-
-
-def test_end_to_end_ppo_gpt_grads_match_finite_differences():
-    policy = tiny_gpt()
-    critic = RewardModel(policy).double()  # a value head on the policy's trunk: both losses reach it
-    with torch.no_grad():
-        critic.head.weight.normal_(0, 0.5), critic.head.bias.fill_(0.3)
-    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2], [0, 6, 5, 3, 5, 8, 9]])
-    attn = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]])  # row 1 left-padded, row 0 ends early
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.float64)  # actions: response tokens
-    with torch.no_grad():
-        logprobs, _ = policy_logprobs(policy, tokens, attn, 0.7)
-        values = critic(tokens, attn)[:, :-1]
-    # old log-probs and values place the ratio and the value in each regime, away from the kinks
-    ratio = torch.tensor([[1.0, 1.0, 1.1, 1.5, 0.5, 1.0], [1.0, 1.0, 0.9, 0.5, 1.5, 1.05]], dtype=torch.float64)
-    adv = torch.tensor([[0.0, 0.0, 1.2, 0.8, -0.9, 0.0], [0.0, 0.0, -0.6, 1.1, -1.3, 0.7]], dtype=torch.float64)
-    old_logprobs = logprobs - ratio.log()
-    old_values = values - torch.tensor([[0, 0, 0.1, 0.5, -0.5, 0], [0, 0, -0.05, 0.5, -0.5, 0.15]], dtype=torch.float64)
-    returns = old_values + torch.tensor([[0, 0, 0.4, -0.5, 1.0, 0], [0, 0, 0.3, 1.0, -1.0, -0.2]], dtype=torch.float64)
-
-    def loss_fn():
-        lp, logits = policy_logprobs(policy, tokens, attn, 0.7)
-        v = critic(tokens, attn)[:, :-1]
-        return ppo_loss(lp, old_logprobs, adv, v, old_values, returns, logits, mask, CLIP, CLIP, 0.5, 0.05)
-    check_parameters("ppo_loss(tiny GPT, value head)", loss_fn, dict(critic.named_parameters()))
