@@ -186,7 +186,8 @@ def pad_left(prompt_ids_list, pad_id, width=None):
 
 
 def last_index(mask):
-    """(B, T) 0/1 mask -> (B,) index of each row's last 1 (left or right padding alike)."""
+    """(B, T) 0/1 mask -> (B,) index of each row's last 1 (left or right padding alike); T - 1 for a row
+    without a 1."""
     T = mask.size(1)
     return T - 1 - mask.flip(1).long().argmax(1)
 

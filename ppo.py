@@ -81,7 +81,8 @@ def token_logprobs(logits, tokens):
     logits: (B, T, V), tokens: (B, T) -> (B, T), of logits' dtype and device, finite for large logits
     (+-1000) and with -inf columns: policy_logprobs passes gpt.GPT.head's padded=True logits, -inf past
     the vocabulary, where no token is (a one-hot product would read 0 * -inf = nan in them). No shift
-    inside: the caller aligns them (logits[:, :-1] with tokens[:, 1:])."""
+    inside: the caller aligns them (logits[:, :-1] with tokens[:, 1:]). Give it float32 logits: a bf16
+    log-softmax over 50257 columns is off by up to ~0.07 nats (policy_logprobs upcasts)."""
     return torch.gather(F.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -94,6 +95,8 @@ def policy_logprobs(model, tokens, attn, temperature, start=0):
     runs over the head's padded columns (gpt.GPT.head), each row 16-byte aligned: over 50257 columns an
     H200 gave a row other bits at another place in the batch (a GPU reads a row in vectors from its first
     aligned address), and the first PPO ratio came out 1 ulp off 1."""
+    if not temperature > 0:  # 0 (greedy) has no log-probs: a nan from every row, silently
+        raise ValueError(f"policy_logprobs: temperature={temperature}: must be > 0")
     logits = model(tokens, attn, first=start, padded=True)[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     V = getattr(model, "module", model).config.vocab_size  # DDP's model is its .module
@@ -102,7 +105,8 @@ def policy_logprobs(model, tokens, attn, temperature, start=0):
 
 def masked_mean(x, mask):
     """sum(x * mask) / sum(mask) over every entry, mask 0/1. x, mask: same shape. Returns a scalar.
-    Entries where mask = 0 are dropped, not multiplied by 0: inf * 0 = nan, and nothing there counts."""
+    Entries where mask = 0 are dropped, not multiplied by 0: inf * 0 = nan, and nothing there counts.
+    Every entry masked: 0 / 0 = nan."""
     return torch.where(mask.bool(), x, 0).sum() / mask.sum()
 
 
@@ -191,11 +195,14 @@ def value_loss(values, old_values, returns, mask, clip_eps):
 def entropy(logits, mask):
     """Masked mean over tokens of the entropy H = -sum_v p_v log p_v, p = softmax(logits).
     logits: (B, T, V), mask: (B, T). Returns a scalar of the inputs' dtype and device, finite for large
-    logits (+-1000); positions where mask = 0 count for nothing, in the value and in the gradient, even
-    if their logits are inf or nan (the log-softmax of a nan row has a nan gradient, even times 0)."""
+    logits (+-1000) and, with its gradient, for -inf logits (a padded head's columns, a top-k cut):
+    p log p = 0 where p = 0, not 0 * -inf = nan. Positions where mask = 0 count for nothing, in the value
+    and in the gradient, even if their logits are inf or nan (the log-softmax of a nan row has a nan
+    gradient, even times 0)."""
     logits = torch.where(mask.bool()[..., None], logits, 0.0)
     logp = F.log_softmax(logits, -1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+    p = logp.exp()
+    return masked_mean(-(p * torch.where(p > 0, logp, 0)).sum(-1), mask)
 
 
 def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, logits, mask,

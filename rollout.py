@@ -198,7 +198,8 @@ def kl_stats(b):
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over valid tokens: 1 = a perfect critic, 0 = no better than a constant."""
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 = a perfect critic, 0 = no better than a constant;
+    nan when the returns are constant over the valid tokens (0 / 0)."""
     var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     d = returns - values
     return (1 - masked_mean((d - masked_mean(d, mask)) ** 2, mask) / var_r).item()

@@ -60,8 +60,9 @@ def sft_loss(logits, tokens, loss_mask):
     stays finite); tokens: (B, T) long; loss_mask: (B, T), 1 on response tokens.
     Position t-1 predicts token t, so the loss is the mean, over positions t >= 1 with
     loss_mask[:, t] = 1 (there is at least one), of -log softmax(logits[:, t-1])[tokens[:, t]]. Prompt and padding
-    tokens contribute nothing, whatever the logits that predict them hold (nan * 0 would be nan). Returns a
-    scalar of logits' dtype and device (float64 logits: a float64 loss)."""
+    tokens contribute nothing to the value, whatever the logits that predict them hold (nan * 0 would be nan);
+    finite logits there get a 0 gradient (a nan logit a nan one). Returns a scalar of logits' dtype and
+    device (float64 logits: a float64 loss)."""
     V = logits.size(-1)
     # shift the labels, not the logits: logits[:, :-1] would copy (B, T, V), 200 MB for GPT-2 at 4x256
     targets = torch.roll(tokens, -1, dims=1)  # (B, T): targets[:, t] = tokens[:, t+1]

@@ -244,6 +244,13 @@ def test_entropy_stable_for_large_logits():
         f"entropy: d/d logits at logits +-1000 is {logits.grad.tolist()}, want 0: a probability that underflows to 0 " \
         f"gives p log p a nan gradient even where the value is patched (xlogy, special.entr, nan_to_num): take log p " \
         f"from log_softmax and p = exp(log p)"
+    logits = torch.tensor([[[0.0, 0.0, -math.inf], [1.0, -math.inf, -math.inf]]], requires_grad=True)  # top-k cut
+    got = entropy(logits, torch.ones(1, 2))
+    assert_close("entropy with -inf logits (a padded head's columns, a top-k cut)", got, torch.tensor(math.log(2) / 2), 1e-6,
+                 hint="p log p where p = 0 is 0, not 0 * -inf = nan: torch.where(p > 0, log p, 0)")
+    got.backward()
+    assert torch.isfinite(logits.grad).all(), f"entropy: d/d logits with -inf logits is {logits.grad.tolist()}: " \
+        "keep the -inf entries out of the product p * log p (torch.where on log p), or its gradient is nan"
 
 
 def test_ppo_loss_combines_its_terms():

@@ -50,6 +50,9 @@ def test_policy_logprobs_use_the_sampling_temperature():
         at_one = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
     assert not torch.allclose(want, at_one, atol=1e-3)
     assert torch.allclose(got, want, atol=1e-6), "log-probs must be taken at the sampling temperature"
+    for t in (0.0, -1.0, math.nan):  # greedy has no log-probs: nan rows, silently
+        with pytest.raises(ValueError, match=f"policy_logprobs: temperature={t}: must be > 0"):
+            policy_logprobs(model, tokens, attn, temperature=t)
 
 
 def test_policy_logprobs_softmax_rows_start_aligned(monkeypatch):
