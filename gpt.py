@@ -241,7 +241,7 @@ class GPT(nn.Module):
         """Hidden states (..., C) -> logits (..., V) over the real vocabulary (not the padding rows), or
         with padded=True (..., n_rows), the padding columns -inf: for a loss, whose softmax is then the
         same, and the backward has no slice to undo (a copy of the whole gradient: 4% of a GPU SFT step).
-        An entropy or a KL from padded logits must leave those columns out: p log p there is 0 x -inf = nan."""
+        An entropy or a KL over padded logits must take p log p = 0 where p = 0 (0 x -inf is nan)."""
         z = self.lm_head(h)
         if not padded:
             return z[..., :self.config.vocab_size]
