@@ -311,8 +311,8 @@ def train(cfg, log=None):
                          explained_variance, kl_stats, load_models, load_prompts, make_sampler, responses, rollout,
                          seeded)  # it imports this math
     check_config(cfg)
-    check_out_dir(cfg.out_dir)
     device = ddp_init(get_device(cfg.device, cfg.dtype))
+    check_out_dir(cfg.out_dir)  # after: a device or precision refused makes no --out_dir
     torch.manual_seed(cfg.seed)
     policy, ref, rm, critic, tok = load_models(cfg, device)
     onednn.enable(*(m for m in (policy, ref, rm, critic) if m is not None))  # the CPU fast path: fp32 matmuls via oneDNN

@@ -228,8 +228,8 @@ def check_config(cfg):
 def main(argv):
     cfg = parse_config(Config, argv)
     check_config(cfg)
-    check_out_dir(cfg.out_dir)
     device = ddp_init(get_device(cfg.device, cfg.dtype))
+    check_out_dir(cfg.out_dir)  # after: a device or precision refused makes no --out_dir
     torch.manual_seed(cfg.seed)
     last_path, best_path = os.path.join(cfg.out_dir, "reward_last.pt"), os.path.join(cfg.out_dir, "reward.pt")
     if cfg.resume:

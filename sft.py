@@ -155,8 +155,8 @@ def print_samples(model, prompts, tok, cfg, device, n=3):
 def main(argv):
     cfg = parse_config(Config, argv)
     check_config(cfg)
-    check_out_dir(cfg.out_dir)
     device = ddp_init(get_device(cfg.device, cfg.dtype))
+    check_out_dir(cfg.out_dir)  # after: a device or precision refused makes no --out_dir
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.data)
     train_rec, val_rec = rank0_first(data.load_records, cfg.data, "sft", cfg.seed)

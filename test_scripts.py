@@ -97,6 +97,14 @@ def test_scripts_help_lists_settings():
             assert f"python {script}" in r.stdout and needle in r.stdout and not r.stderr, (script, flag, r.stdout, r.stderr)
 
 
+def test_scripts_refused_precision_makes_no_out_dir(tmp_path):
+    """A setting refused before anything loads leaves nothing behind: --out_dir was made before get_device."""
+    for script in ("sft.py", "reward.py", "ppo.py"):
+        r = run(script, f"--out_dir={tmp_path / script}", "--dtype=float16", ok=False)
+        assert r.returncode == 2 and "--dtype=float16: training in float16 needs loss scaling" in r.stderr, r.stderr
+        assert not (tmp_path / script).exists(), f"{script} --dtype=float16 made an empty --out_dir before refusing it"
+
+
 def test_scripts_gpt2_path_on_fixture_and_hh(tmp_path):
     out = str(tmp_path)
     run("hf.py", "convert", os.path.join(SHARED, "fixtures", "hf-gpt2-tiny"), f"{out}/gpt2-tiny.pt")
