@@ -1,5 +1,6 @@
 """Weights in and out (hf.py, sample.py, GPT.from_checkpoint): Hugging Face's files and
 recorded logits, our checkpoints, the command lines."""
+import dataclasses
 import json
 import os
 import re
@@ -175,7 +176,7 @@ def test_from_checkpoint_builds_a_float32_model_on_map_location(tmp_path, monkey
     """A bf16 file loads as float32 (load_state_dict copies into the model's own weights), and the model
     is moved to map_location: it was left on the default device, map_location moving only the file's copy."""
     model, path = tiny(), str(tmp_path / "bf16.pt")
-    torch.save({"config": dict(n_layer=2, n_head=4, n_embd=32, block_size=48, vocab_size=97),
+    torch.save({"config": dataclasses.asdict(model.config),
                 "model": {k: v.bfloat16() for k, v in model.state_dict().items()}}, path)
     moved, to = [], GPT.to
     monkeypatch.setattr(GPT, "to", lambda self, *a, **k: moved.append(a) or to(self, *a, **k))

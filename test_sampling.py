@@ -37,16 +37,19 @@ def test_sample_token_temperature_top_k_top_p():
         assert set(sample_token(logits, top_p=top_p, generator=g).tolist()) == {0}, f"top_p={top_p}"
 
 
-def test_sample_token_and_generate_refuse_negative_arguments():
+def test_sample_token_and_generate_refuse_negative_and_nan_arguments():
     """A temperature < 0 would sample the inverted distribution and a top_k < 0 mean all tokens, silently;
-    a max_new_tokens < 0 failed on a tensor's shape. Each is one line naming the argument; 0 stays valid."""
-    model, prompt = tiny(), torch.randint(0, 97, (2, 3))
-    for name, value in (("max_new_tokens", -1), ("temperature", -0.5), ("top_k", -1)):
+    a max_new_tokens < 0 failed on a tensor's shape; a nan temperature returned the last id of every row,
+    a nan top_p meant no cut (nan passed `< 0`). Each is one line naming the argument; 0 stays valid."""
+    model, prompt, nan = tiny(), torch.randint(0, 97, (2, 3)), float("nan")
+    for name, value in (("max_new_tokens", -1), ("temperature", -0.5), ("top_k", -1), ("temperature", nan), ("top_k", nan)):
         with pytest.raises(ValueError, match=re.escape(f"generate: {name}={value}: must be >= 0")):
             generate(model, prompt, torch.ones_like(prompt), **{"max_new_tokens": 4, name: value})
-    for name, value in (("temperature", -1.0), ("top_k", -3)):
+    for name, value in (("temperature", -1.0), ("top_k", -3), ("temperature", nan)):
         with pytest.raises(ValueError, match=re.escape(f"sample_token: {name}={value}: must be >= 0")):
             sample_token(torch.zeros(2, 5), **{name: value})
+    with pytest.raises(ValueError, match="sample_token: top_p=nan"):
+        sample_token(torch.zeros(2, 5), top_p=nan)
     assert generate(model, prompt, torch.ones_like(prompt), 0)[0].shape == (2, 3)
     assert generate(model, prompt, torch.ones_like(prompt), 2, temperature=0, top_k=0)[0].shape == (2, 5)
 
@@ -174,17 +177,6 @@ def test_sample_token_draws_low_precision_logits_in_float32():
     logits = torch.log(torch.tensor([0.5] + [0.0005] * 1000)).repeat(2000, 1).bfloat16()
     draw = lambda z: sample_token(z, generator=torch.Generator().manual_seed(0))  # noqa: E731
     assert torch.equal(draw(logits), draw(logits.float())), "sample_token on bf16 logits: softmax in float32"
-
-
-def test_sample_token_and_generate_refuse_nan_arguments():
-    """A nan temperature returned the last id of every row, a nan top_p meant no cut: both passed `< 0`."""
-    model, prompt = tiny(), torch.randint(0, 97, (2, 3))
-    for name in ("temperature", "top_k"):
-        with pytest.raises(ValueError, match=f"generate: {name}=nan: must be >= 0"):
-            generate(model, prompt, torch.ones_like(prompt), 2, **{name: float("nan")})
-    for name in ("temperature", "top_p"):
-        with pytest.raises(ValueError, match=f"sample_token: {name}=nan"):
-            sample_token(torch.zeros(2, 5), **{name: float("nan")})
 
 
 def test_generate_refuses_prompts_that_are_not_left_padded_or_out_of_vocabulary():

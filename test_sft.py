@@ -1,12 +1,17 @@
 """sft.py: the response-only loss against hand-computed values, and the resumable data order."""
+import contextlib
 import math
 from types import SimpleNamespace
 
 import torch
 
+import data
+import sft
 from checks import assert_close, call
 from data import batch_indices, eval_indices
+from gpt import GPT, GPTConfig
 from sft import Config, sft_loss, step_indices
+from util import autocast
 
 
 def naive_sft_loss(logits, tokens, loss_mask):
@@ -151,10 +156,6 @@ def test_evaluate_takes_the_loss_in_float32_under_bf16_autocast():
     """sft.evaluate under bf16 autocast gives the fp32 evaluation's loss to ~1e-3 (the trunk in bf16),
     not a bf16-rounded one: the cross entropy of bf16 logits outside autocast is in bf16, spaced 1/32
     near 4 (a random model's loss), 1/128 near 1 (a trained one's), and picks the best checkpoint."""
-    import data
-    import sft
-    from gpt import GPT, GPTConfig
-    from util import autocast
     torch.manual_seed(0)
     tok = data.task_tokenizer()
     recs = data.load_records("builtin", "sft")[1][:64]
@@ -177,10 +178,6 @@ def test_evaluate_is_one_mean_over_every_token_of_the_batches_it_sees():
     """sft.evaluate over 7 validation examples of different response lengths, 3 at a time, --eval_batches=10 (more
     than there are): every example once, the loss one mean over all their response tokens (a short last batch weighs
     by its tokens, not as much as a full one, nor by its examples): sft_loss on the 7 in one batch, by hand."""
-    import contextlib
-    import data
-    import sft
-    from gpt import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
     g = torch.Generator().manual_seed(3)
